@@ -1,0 +1,130 @@
+"""The EMA Scaling Rule as plain functions on floats.
+
+Nothing here imports Lightning: every function can be checked on its own, and the callbacks only call
+them. References: *How to Scale Your EMA* (Busbridge et al., NeurIPS 2023) for the rule, and
+Morales-Brotons et al. (TMLR 2024) for the EMA warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "half_life_from_momentum",
+    "momentum_from_half_life",
+    "scale_ema_momentum",
+    "warmup_momentum",
+]
+
+
+def _check_momentum(momentum: float, name: str = "momentum") -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"`{name}` must be a real number in [0, 1), got {momentum!r}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {momentum}")
+    return momentum
+
+
+def _check_positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a positive real number, got {value!r}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value}")
+    return value
+
+
+def scale_ema_momentum(momentum: float, kappa: float) -> float:
+    r"""Apply the EMA Scaling Rule: the momentum to use when the batch is ``kappa`` times the base batch.
+
+    .. math:: \hat\rho = \rho^\kappa
+
+    With a constant target, one update at :math:`\rho^\kappa` equals :math:`\kappa` updates at :math:`\rho`,
+    so the EMA's horizon measured in samples does not depend on the batch size. ``kappa`` may be any
+    positive real number (a short last batch gives a fractional one).
+
+    Args:
+        momentum: the momentum :math:`\rho \in [0, 1)` tuned at the base batch size.
+        kappa: the ratio :math:`\kappa > 0` of the batch size to the base batch size.
+
+    Returns:
+        The scaled momentum :math:`\rho^\kappa`, in :math:`[0, 1)`.
+
+    Raises:
+        ValueError: ``momentum`` is outside :math:`[0, 1)` or ``kappa`` is not a positive finite number.
+
+    Example:
+        >>> round(scale_ema_momentum(0.996, 4), 6)
+        0.984095
+        >>> round(scale_ema_momentum(0.9999, 256), 6)
+        0.974721
+    """
+    momentum = _check_momentum(momentum)
+    kappa = _check_positive(kappa, "kappa")
+    return momentum**kappa
+
+
+def momentum_from_half_life(half_life_samples: float, batch_size: float) -> float:
+    r"""The per-step momentum whose EMA halves the weight of old samples every ``half_life_samples``.
+
+    .. math:: \rho = 0.5^{B / H}
+
+    Parametrising the EMA by a half-life in samples :math:`H` makes it batch-size invariant by
+    construction: at batch size :math:`\kappa B` this gives :math:`\rho^\kappa`.
+
+    Args:
+        half_life_samples: the half-life :math:`H > 0`, counted in training samples.
+        batch_size: the number of samples per optimizer step :math:`B > 0`.
+
+    Example:
+        >>> momentum_from_half_life(half_life_samples=64, batch_size=64)
+        0.5
+        >>> round(momentum_from_half_life(half_life_samples=22_145, batch_size=256), 4)
+        0.992
+    """
+    half_life_samples = _check_positive(half_life_samples, "half_life_samples")
+    batch_size = _check_positive(batch_size, "batch_size")
+    return 0.5 ** (batch_size / half_life_samples)
+
+
+def half_life_from_momentum(momentum: float, batch_size: float) -> float:
+    r"""The half-life in samples of an EMA with momentum ``momentum`` at ``batch_size`` samples per step.
+
+    .. math:: H = B \, \frac{\ln 0.5}{\ln \rho}
+
+    The inverse of :func:`momentum_from_half_life`. A momentum of 0 keeps no history: its half-life is 0.
+
+    Example:
+        >>> round(half_life_from_momentum(0.999, batch_size=1))
+        693
+        >>> half_life_from_momentum(0.5, batch_size=128)
+        128.0
+    """
+    momentum = _check_momentum(momentum)
+    batch_size = _check_positive(batch_size, "batch_size")
+    if momentum == 0.0:
+        return 0.0
+    return batch_size * math.log(0.5) / math.log(momentum)
+
+
+def warmup_momentum(momentum: float, base_steps: float) -> float:
+    r"""The EMA warm-up of Morales-Brotons et al.: :math:`\rho_t = \min(\rho, (1 + t) / (10 + t))`.
+
+    Early in training the raw weights move fast and a long EMA would average in the random initialisation;
+    the warm-up shortens the horizon at first. ``base_steps`` is :math:`t` counted in **base-batch steps**
+    (samples seen divided by the base batch size), not in optimizer steps, so the warm-up spans the same
+    number of samples at any batch size. Raise the result to :math:`\kappa` afterwards.
+
+    Example:
+        >>> warmup_momentum(0.999, base_steps=0)
+        0.1
+        >>> warmup_momentum(0.999, base_steps=90)
+        0.91
+        >>> warmup_momentum(0.9, base_steps=10_000)
+        0.9
+    """
+    momentum = _check_momentum(momentum)
+    if isinstance(base_steps, bool) or not isinstance(base_steps, (int, float)) or not base_steps >= 0:
+        raise ValueError(f"`base_steps` must be a number >= 0, got {base_steps!r}")
+    return min(momentum, (1.0 + base_steps) / (10.0 + base_steps))

@@ -1,0 +1,167 @@
+"""Optimizer scaling rules: how an optimizer's hyperparameters change when the batch grows by ``kappa``.
+
+A rule is a small object with two methods: :meth:`OptimizerRule.supports` says whether it fits an optimizer,
+and :meth:`OptimizerRule.scale` maps one param group's hyperparameters and ``kappa`` to the values the
+optimizer step should use. Rules are pure: they read a param-group mapping and return a new dict of the
+changed keys, never mutating their input. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Union
+
+import torch
+
+__all__ = ["AdamScalingRule", "NoScalingRule", "OptimizerRule", "SGDScalingRule", "resolve_rule"]
+
+
+class OptimizerRule:
+    """Base class of optimizer scaling rules. Subclass it to support another optimizer.
+
+    Override :meth:`scale` (and :attr:`optimizer_types` or :meth:`supports`). The callback calls
+    :meth:`scale` right before every optimizer step with the step's ``kappa`` and restores the original
+    values right after, so a rule never has to undo anything.
+    """
+
+    #: Optimizer classes this rule applies to; :meth:`supports` checks ``isinstance`` against them.
+    optimizer_types: ClassVar[tuple[type, ...]] = (torch.optim.Optimizer,)
+
+    def supports(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this rule applies to ``optimizer``."""
+        return isinstance(optimizer, self.optimizer_types)
+
+    def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        """The hyperparameters of ``group`` to use at ``kappa`` times the base batch size.
+
+        Args:
+            group: one ``optimizer.param_groups`` entry (read only).
+            kappa: batch size of this step divided by the base batch size, ``> 0``.
+
+        Returns:
+            A new dict holding only the keys that change.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class NoScalingRule(OptimizerRule):
+    """Leave the optimizer alone; only the EMA momentum is scaled.
+
+    Example:
+        >>> NoScalingRule().scale({"lr": 0.1}, kappa=4)
+        {}
+    """
+
+    def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        return {}
+
+
+class SGDScalingRule(OptimizerRule):
+    r"""The linear scaling rule for SGD (with or without momentum): :math:`\eta \to \kappa\eta`.
+
+    Momentum, dampening and weight decay are unchanged (Goyal et al., 2017; Busbridge et al., 2023).
+
+    Example:
+        >>> SGDScalingRule().scale({"lr": 0.1, "momentum": 0.9}, kappa=4)
+        {'lr': 0.4}
+    """
+
+    optimizer_types = (torch.optim.SGD,)
+
+    def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        return {"lr": group["lr"] * kappa}
+
+
+class AdamScalingRule(OptimizerRule):
+    r"""The square-root scaling rule for adaptive optimizers (Malladi et al., NeurIPS 2022).
+
+    .. math::
+        \eta \to \sqrt\kappa\,\eta, \qquad 1 - \beta \to \kappa (1 - \beta), \qquad
+        \epsilon \to \epsilon / \sqrt\kappa, \qquad \lambda_{\text{decoupled}} \to \sqrt\kappa\,\lambda
+
+    Every :math:`\beta` is scaled: both ``betas`` of Adam, AdamW, NAdam, RAdam and Adamax, and RMSprop's
+    ``alpha``. RMSprop's heavy-ball ``momentum`` is left as it is. Weight decay is scaled only when it is
+    decoupled (AdamW, or ``decoupled_weight_decay=True``), keeping :math:`\eta\lambda` per sample.
+
+    A scaled :math:`\beta` must stay in :math:`(0, 1)`: :math:`\kappa \geq 1 / (1 - \beta)` is a
+    configuration error, reported with the offending hyperparameter, never clipped.
+
+    Example:
+        >>> scaled = AdamScalingRule().scale({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, kappa=4)
+        >>> [round(b, 6) for b in scaled["betas"]], scaled["lr"], scaled["eps"]
+        ([0.6, 0.996], 0.002, 5e-09)
+    """
+
+    optimizer_types = (
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+    )
+
+    def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        root = math.sqrt(kappa)
+        out: dict[str, Any] = {"lr": group["lr"] * root}
+        if "betas" in group:
+            out["betas"] = tuple(
+                _scale_beta(beta, kappa, f"betas[{i}]") for i, beta in enumerate(group["betas"])
+            )
+        if "alpha" in group:
+            out["alpha"] = _scale_beta(group["alpha"], kappa, "alpha")
+        if "eps" in group:
+            out["eps"] = group["eps"] / root
+        if group.get("weight_decay") and group.get("decoupled_weight_decay", False):
+            out["weight_decay"] = group["weight_decay"] * root
+        return out
+
+
+def _scale_beta(beta: float, kappa: float, name: str) -> float:
+    scaled = 1.0 - kappa * (1.0 - beta)
+    if not 0.0 < scaled < 1.0:
+        raise ValueError(
+            f"The adaptive-optimizer scaling rule maps `{name}` = {beta} to 1 - kappa * (1 - {name}) = {scaled:.6g}"
+            f" at kappa = {kappa:.6g}, outside (0, 1). It needs kappa < 1 / (1 - {name}) = {1.0 / (1.0 - beta):.6g}:"
+            f" use a larger base_batch_size, a smaller batch, or a {name} closer to 1."
+        )
+    return scaled
+
+
+_RULES: dict[str, type[OptimizerRule]] = {
+    "adam": AdamScalingRule,
+    "none": NoScalingRule,
+    "sgd": SGDScalingRule,
+}
+
+RuleLike = Union[str, OptimizerRule, None]
+
+
+def resolve_rule(rule: RuleLike) -> OptimizerRule:
+    """Turn a rule name (``"sgd"``, ``"adam"``, ``"none"``), a rule object or ``None`` into a rule object.
+
+    Example:
+        >>> resolve_rule("sgd")
+        SGDScalingRule()
+        >>> resolve_rule(None)
+        NoScalingRule()
+    """
+    if rule is None:
+        return NoScalingRule()
+    if isinstance(rule, OptimizerRule):
+        return rule
+    if isinstance(rule, str) and rule.lower() in _RULES:
+        return _RULES[rule.lower()]()
+    raise ValueError(
+        f"`optimizer_rule` must be one of {sorted(_RULES)}, None, or an OptimizerRule instance, got {rule!r}"
+    )
