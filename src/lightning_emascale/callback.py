@@ -1,0 +1,461 @@
+"""``EMAScalingCallback``: a batch-size-invariant model EMA for any Lightning training run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_emascale._ema import EMAPrecision, EMAState
+from lightning_emascale.functional import _check_momentum, scale_ema_momentum, warmup_momentum
+from lightning_emascale.rules import NoScalingRule, OptimizerRule, resolve_rule
+
+_FORMAT = 1
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+class EMAScalingCallback(Callback):
+    r"""Keep a model EMA whose horizon, counted in samples, does not depend on the batch size.
+
+    After every optimizer step the EMA moves towards the weights, :math:`\zeta \leftarrow \hat\rho\,\zeta +
+    (1 - \hat\rho)\,\theta`, with :math:`\hat\rho = \rho^\kappa` (the EMA Scaling Rule of Busbridge et al.,
+    NeurIPS 2023). :math:`\kappa` is measured for every step from the batches actually seen: the samples in
+    the micro-batches accumulated into the step, times the data-parallel world size, divided by
+    ``base_batch_size``. While each optimizer step runs, its hyperparameters follow ``optimizer_rule``
+    (SGD: :math:`\eta \to \kappa\eta`; Adam: :math:`\eta \to \sqrt\kappa\eta`, :math:`1-\beta \to
+    \kappa(1-\beta)`, :math:`\epsilon \to \epsilon/\sqrt\kappa`); schedulers and loggers keep seeing the
+    unscaled values.
+
+    Args:
+        momentum: :math:`\rho \in [0, 1)`, the EMA momentum tuned at ``base_batch_size``.
+        base_batch_size: the global batch size ``momentum`` (and the optimizer's hyperparameters) were tuned
+            at. ``None`` takes the first optimizer step's global batch.
+        optimizer_rule: ``"sgd"``, ``"adam"``, ``"none"``/``None`` or an
+            :class:`~lightning_emascale.OptimizerRule` instance.
+        evaluate_with_ema: run validation, test and predict on the EMA weights (restoring the training weights
+            exactly afterwards), and save the EMA as the checkpoint's ``state_dict`` so that
+            ``Model.load_from_checkpoint`` returns it. ``trainer.fit(ckpt_path=...)`` still resumes from the
+            training weights.
+        update_every: update the EMA every this many optimizer steps, with the momentum accumulated over the
+            window (the product of the steps' :math:`\hat\rho`).
+        warmup: use :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))` with :math:`t` = samples seen / base batch
+            size (Morales-Brotons et al., 2024), so the warm-up spans the same samples at any batch size.
+        ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` keeps
+            the model's dtype (half the memory, but updates smaller than the format's resolution are lost).
+        name: the log prefix (``"<name>/kappa"``, ...) and the checkpoint key. Give several instances
+            different names.
+
+    Example:
+        >>> from lightning_emascale import EMAScalingCallback
+        >>> ema = EMAScalingCallback(momentum=0.999, base_batch_size=256, optimizer_rule="sgd")
+        >>> ema.state_key
+        "EMAScalingCallback{'name': 'ema'}"
+    """
+
+    def __init__(
+        self,
+        momentum: float = 0.999,
+        base_batch_size: Optional[int] = None,
+        optimizer_rule: Union[Literal["sgd", "adam", "none"], OptimizerRule, None] = None,
+        evaluate_with_ema: bool = True,
+        update_every: int = 1,
+        warmup: bool = False,
+        ema_precision: Literal["fp32", "model"] = "fp32",
+        name: str = "ema",
+    ) -> None:
+        self.momentum = _check_momentum(momentum)
+        self.base_batch_size = _check_positive_int(base_batch_size, "base_batch_size", allow_none=True)
+        self.optimizer_rule = resolve_rule(optimizer_rule)
+        self.evaluate_with_ema = _check_bool(evaluate_with_ema, "evaluate_with_ema")
+        self.update_every = _check_positive_int(update_every, "update_every")
+        self.warmup = _check_bool(warmup, "warmup")
+        if ema_precision not in ("fp32", "model"):
+            raise ValueError(f"`ema_precision` must be one of ['fp32', 'model'], got {ema_precision!r}")
+        self.ema_precision: EMAPrecision = ema_precision
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"`name` must be a non-empty string, got {name!r}")
+        self.name = name
+
+        self._ema: Optional[EMAState] = None
+        self._module: Optional[torch.nn.Module] = None
+        self._aliases: dict[str, int] = {}
+        self._loaded: Optional[dict[str, Any]] = None
+        self._hooks: list[RemovableHandle] = []
+        self._scaled_groups: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._swap: Optional[AbstractContextManager[None]] = None
+        self._module_holds_eval_weights = False
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._base: Optional[int] = self.base_batch_size
+        self._samples_seen = 0
+        self._optimizer_steps = 0
+        self._ema_updates = 0
+        self._pending_decay = 1.0
+        self._window_samples = 0
+        self._step_at_batch_start = 0
+        self._kappa = float("nan")
+        self._step_momentum = float("nan")
+        self._global_batch = 0
+        self._effective_lrs: dict[str, Any] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    # ----------------------------------------------------------------------------------------------- public
+    @property
+    def samples_seen(self) -> int:
+        """Training samples (global, all devices) consumed by the optimizer steps so far."""
+        return self._samples_seen
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (one per batch, also with several optimizers)."""
+        return self._optimizer_steps
+
+    @property
+    def kappa(self) -> float:
+        """:math:`\\kappa` of the latest optimizer step (``nan`` before the first)."""
+        return self._kappa
+
+    @property
+    def ema_momentum(self) -> float:
+        """:math:`\\hat\\rho` of the latest optimizer step (``nan`` before the first)."""
+        return self._step_momentum
+
+    @property
+    def resolved_base_batch_size(self) -> Optional[int]:
+        """``base_batch_size``, or the first step's global batch once it is known."""
+        return self._base
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Samples in one micro-batch on this device. Override for batches Lightning cannot measure."""
+        return extract_batch_size(batch)
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """The EMA of every tracked parameter and buffer, by the module's names (EMA dtype, live tensors)."""
+        ema = self._require_ema()
+        return {name: ema.ema[index] for name, index in self._aliases.items()}
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Hold the EMA weights in the module inside the block, e.g. to export them; restore exactly after.
+
+        Example::
+
+            with ema_callback.ema_weights():
+                torch.save(model.state_dict(), "ema.pt")
+        """
+        with self._require_ema().swapped():
+            yield
+
+    def functional_call(self, module: torch.nn.Module, args: Any, kwargs: Optional[dict[str, Any]] = None) -> Any:
+        """Run ``module`` on the EMA weights without touching its own (:func:`torch.func.functional_call`).
+
+        Lets one ``validation_step`` log both the raw and the EMA model's metrics::
+
+            ema = next(c for c in self.trainer.callbacks if isinstance(c, EMAScalingCallback))
+            logits_ema = ema.functional_call(self, (x,))
+        """
+        ema = self._require_ema()
+        if module is not self._module:
+            raise ValueError(
+                f"`module` must be the LightningModule this callback averages ({type(self._module).__name__}),"
+                f" got {type(module).__name__}"
+            )
+        weights = {
+            name: ema.ema[index].to(ema.model[index].dtype) for name, index in self._aliases.items()
+        }
+        return torch.func.functional_call(module, weights, args, kwargs)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, _SHARDED):
+            raise RuntimeError(
+                f"EMAScalingCallback keeps a full copy of the parameters and supports single-device and DDP"
+                f" strategies, got {type(trainer.strategy).__name__}. Use `strategy='ddp'` (or 'ddp_spawn')."
+            )
+        instances = [c for c in trainer.callbacks if isinstance(c, EMAScalingCallback)]  # type: ignore[attr-defined]
+        names = [c.name for c in instances]
+        if names.count(self.name) > 1:
+            raise ValueError(
+                f"{names.count(self.name)} EMAScalingCallback instances share `name`={self.name!r}: give each"
+                f" a distinct `name` so their logs and checkpoint states stay apart (names: {names})"
+            )
+        swapping = [c.name for c in instances if c.evaluate_with_ema]
+        if len(swapping) > 1:
+            raise ValueError(
+                f"Only one EMAScalingCallback may set `evaluate_with_ema=True`, got {swapping}: set it to False"
+                " on the others and evaluate them with `functional_call` or `ema_weights()`"
+            )
+        self._module_holds_eval_weights = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index, optimizer in enumerate(trainer.optimizers):
+            if not self.optimizer_rule.supports(optimizer):
+                raise ValueError(
+                    f"`optimizer_rule`={self.optimizer_rule!r} does not fit optimizer {index}"
+                    f" ({type(optimizer).__name__}). Use 'sgd' for SGD, 'adam' for Adam/AdamW/RMSprop/NAdam/RAdam/"
+                    "Adamax, a custom OptimizerRule, or None to scale the EMA only."
+                )
+        if self._ema is None or self._module is not pl_module:
+            self._track(pl_module)
+        if self._loaded is not None:
+            self._require_ema().load_state_dict(self._loaded["ema"])
+            self._loaded = None
+        if not isinstance(self.optimizer_rule, NoScalingRule):
+            for optimizer in trainer.optimizers:
+                self._hooks.append(optimizer.register_step_pre_hook(self._scale_hyperparameters))
+                self._hooks.append(optimizer.register_step_post_hook(self._restore_hyperparameters))
+
+    def _track(self, pl_module: pl.LightningModule) -> None:
+        tracked: dict[int, int] = {}
+        named: list[tuple[str, Tensor]] = []
+        self._aliases = {}
+        for name, tensor in [*pl_module.named_parameters(remove_duplicate=False), *pl_module.named_buffers()]:
+            if id(tensor) not in tracked:
+                tracked[id(tensor)] = len(named)
+                named.append((name, tensor))
+            self._aliases[name] = tracked[id(tensor)]
+        self._ema = EMAState(named, precision=self.ema_precision)
+        self._module = pl_module
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_hyperparameters()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swap_out()
+        self._restore_hyperparameters()
+
+    # ---------------------------------------------------------------------------------------- training
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._window_samples += self.batch_size_of(batch)
+        self._step_at_batch_start = trainer.global_step
+
+    def _window_kappa(self, world_size: int) -> tuple[int, float]:
+        global_batch = self._window_samples * world_size
+        if self._base is None:
+            self._base = global_batch
+        return global_batch, global_batch / self._base
+
+    def _scale_hyperparameters(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
+        assert self._module is not None
+        _, kappa = self._window_kappa(self._module.trainer.world_size)
+        scaled = [self.optimizer_rule.scale(group, kappa) for group in optimizer.param_groups]
+        for index, (group, values) in enumerate(zip(optimizer.param_groups, scaled)):
+            self._scaled_groups.append((group, {key: group[key] for key in values}))
+            group.update(values)
+            self._effective_lrs[self._lr_key(optimizer, index)] = group["lr"]
+
+    def _restore_hyperparameters(self, *_: Any) -> None:
+        for group, original in self._scaled_groups:
+            group.update(original)
+        self._scaled_groups = []
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # a micro-batch accumulated into a later step
+        global_batch, kappa = self._window_kappa(trainer.world_size)
+        assert self._base is not None
+        momentum = self.momentum
+        if self.warmup:
+            momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
+        step_momentum = scale_ema_momentum(momentum, kappa)
+        self._kappa, self._step_momentum, self._global_batch = kappa, step_momentum, global_batch
+        self._samples_seen += global_batch
+        self._optimizer_steps += 1
+        self._window_samples = 0
+        self._pending_decay *= step_momentum
+        if self._optimizer_steps % self.update_every == 0:
+            self._require_ema().update(self._pending_decay)
+            self._ema_updates += 1
+            self._pending_decay = 1.0
+        if trainer._logger_connector.should_update_logs or trainer.fast_dev_run:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        prefix = self.name
+        shown = {f"{prefix}/kappa": self._kappa, f"{prefix}/momentum": self._step_momentum}
+        pl_module.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        metrics = {f"{prefix}/batch_size": float(self._global_batch), f"{prefix}/samples_seen": float(self._samples_seen)}
+        if isinstance(self.optimizer_rule, NoScalingRule):
+            for optimizer in trainer.optimizers:
+                for index, group in enumerate(optimizer.param_groups):
+                    self._effective_lrs[self._lr_key(optimizer, index)] = group["lr"]
+        metrics.update(self._effective_lrs)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _lr_key(self, optimizer: torch.optim.Optimizer, group_index: int) -> str:
+        assert self._module is not None
+        optimizers = self._module.trainer.optimizers
+        position = next(i for i, opt in enumerate(optimizers) if opt is optimizer)
+        key = f"{self.name}/lr-{type(optimizer).__name__}"
+        if sum(type(opt) is type(optimizer) for opt in optimizers) > 1:
+            key += f"-{position}"
+        return key + (f"/pg{group_index + 1}" if group_index else "")
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _swap_in(self) -> None:
+        if (
+            self.evaluate_with_ema
+            and self._ema is not None
+            and self._ema_updates > 0
+            and self._swap is None
+            and not self._module_holds_eval_weights
+        ):
+            self._swap = self._ema.swapped()
+            self._swap.__enter__()
+
+    def _swap_out(self) -> None:
+        if self._swap is not None:
+            swap, self._swap = self._swap, None
+            swap.__exit__(None, None, None)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in()
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in()
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._ema is None:
+            return dict(self._loaded) if self._loaded is not None else {}
+        return {
+            "format": _FORMAT,
+            "base_batch_size": self._base,
+            "samples_seen": self._samples_seen,
+            "optimizer_steps": self._optimizer_steps,
+            "ema_updates": self._ema_updates,
+            "pending_decay": self._pending_decay,
+            "ema": self._ema.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("format") != _FORMAT:
+            raise ValueError(
+                f"The checkpoint's {self.state_key} state has format {state_dict.get('format')!r};"
+                f" this version of lightning-emascale reads format {_FORMAT}"
+            )
+        # The base saved by the first run keeps the EMA horizon in samples, unless the user set one now.
+        self._base = self.base_batch_size if self.base_batch_size is not None else state_dict["base_batch_size"]
+        self._samples_seen = state_dict["samples_seen"]
+        self._optimizer_steps = state_dict["optimizer_steps"]
+        self._ema_updates = state_dict["ema_updates"]
+        self._pending_decay = state_dict["pending_decay"]
+        self._window_samples = 0
+        self._loaded = state_dict
+        if self._ema is not None and self._module is not None:
+            self._ema.load_state_dict(state_dict["ema"])
+            self._loaded = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not (self.evaluate_with_ema and self._ema is not None and self._ema_updates > 0):
+            return
+        # `Model.load_from_checkpoint` reads "state_dict": put the EMA there and keep the training weights
+        # in this callback's state for `trainer.fit(ckpt_path=...)`. Shared tensors are stored once.
+        model_state = checkpoint["state_dict"]
+        raw = self._ema.raw_tensors()
+        raw_state = {}
+        for key, index in self._aliases.items():
+            if key in model_state:
+                raw_state[key] = raw[index]
+                model_state[key] = self._ema.ema[index].to(model_state[key].dtype)
+        if self.state_key in checkpoint.get("callbacks", {}):
+            checkpoint["callbacks"][self.state_key]["raw_state_dict"] = raw_state
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            rank_zero_warn(
+                f"The checkpoint has no {self.state_key} state (it was saved without this callback, or with"
+                " another `name`): the EMA starts again from the loaded weights."
+            )
+            return
+        raw = state.get("raw_state_dict")
+        if raw is None:
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            # Resume from the training weights, not from the EMA that "state_dict" holds.
+            result = pl_module.load_state_dict(raw, strict=False)
+            if result.unexpected_keys:
+                raise KeyError(f"The checkpoint's training weights do not fit the model: {result.unexpected_keys}")
+        else:
+            self._module_holds_eval_weights = True  # the module already holds the EMA from "state_dict"
+
+    def _require_ema(self) -> EMAState:
+        if self._ema is None:
+            raise RuntimeError(
+                "The EMA does not exist yet: it is created when `trainer.fit` starts. Call this inside or after fit."
+            )
+        return self._ema
+
+
+def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return value
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return value
