@@ -189,13 +189,8 @@ class EMAScalingCallback(Callback):
                 f"EMAScalingCallback keeps a full copy of the parameters and supports single-device and DDP"
                 f" strategies, got {type(trainer.strategy).__name__}. Use `strategy='ddp'` (or 'ddp_spawn')."
             )
+        # Lightning itself rejects two instances with the same `name` (their state keys collide).
         instances = [c for c in trainer.callbacks if isinstance(c, EMAScalingCallback)]  # type: ignore[attr-defined]
-        names = [c.name for c in instances]
-        if names.count(self.name) > 1:
-            raise ValueError(
-                f"{names.count(self.name)} EMAScalingCallback instances share `name`={self.name!r}: give each"
-                f" a distinct `name` so their logs and checkpoint states stay apart (names: {names})"
-            )
         swapping = [c.name for c in instances if c.evaluate_with_ema]
         if len(swapping) > 1:
             raise ValueError(

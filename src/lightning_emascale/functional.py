@@ -55,10 +55,10 @@ def scale_ema_momentum(momentum: float, kappa: float) -> float:
         ValueError: ``momentum`` is outside :math:`[0, 1)` or ``kappa`` is not a positive finite number.
 
     Example:
-        >>> round(scale_ema_momentum(0.996, 4), 6)
-        0.984095
+        >>> round(scale_ema_momentum(0.996, 4), 9)
+        0.984095744
         >>> round(scale_ema_momentum(0.9999, 256), 6)
-        0.974721
+        0.974724
     """
     momentum = _check_momentum(momentum)
     kappa = _check_positive(kappa, "kappa")

@@ -129,10 +129,12 @@ class AdamScalingRule(OptimizerRule):
 
 def _scale_beta(beta: float, kappa: float, name: str) -> float:
     scaled = 1.0 - kappa * (1.0 - beta)
-    if not 0.0 < scaled < 1.0:
+    # kappa >= 1 / (1 - beta) is out of range even where rounding leaves a tiny positive beta (0.9 at kappa 10).
+    limit = 1.0 / (1.0 - beta) if beta < 1.0 else float("inf")
+    if not 0.0 < scaled < 1.0 or kappa >= limit * (1.0 - 1e-9):
         raise ValueError(
             f"The adaptive-optimizer scaling rule maps `{name}` = {beta} to 1 - kappa * (1 - {name}) = {scaled:.6g}"
-            f" at kappa = {kappa:.6g}, outside (0, 1). It needs kappa < 1 / (1 - {name}) = {1.0 / (1.0 - beta):.6g}:"
+            f" at kappa = {kappa:.6g}, outside (0, 1). It needs kappa < 1 / (1 - {name}) = {limit:.6g}:"
             f" use a larger base_batch_size, a smaller batch, or a {name} closer to 1."
         )
     return scaled

@@ -1,0 +1,117 @@
+"""A tiny supervised LightningModule and Trainer factory shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModel(L.LightningModule):
+    """Linear -> BatchNorm -> Linear regression on fixed random data (BatchNorm gives float and int buffers)."""
+
+    def __init__(
+        self,
+        n_samples: int = 32,
+        batch_size: int = 4,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        scheduler: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+        generator = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n_samples, 6, generator=generator)
+        self.y = torch.randn(n_samples, 1, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[:8], self.y[:8]), batch_size=4)
+
+    def configure_optimizers(self) -> Any:
+        name, lr = self.hparams.optimizer, self.hparams.lr
+        if name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+        elif name == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.01)
+        schedulers = {
+            None: None,
+            "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5),
+            "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9),
+            "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step)),
+            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=100),
+        }
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = schedulers[self.hparams.scheduler]()
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def make_trainer(callbacks: list, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+class StepRecorder(L.Callback):
+    """Records the raw weights after every optimizer step (run after the EMA callback)."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.batch_sizes: list[int] = []
+        self._samples = 0
+        self._step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._samples += len(batch[0])
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self._step:
+            state = {**dict(pl_module.named_parameters()), **dict(pl_module.named_buffers())}
+            self.weights.append({k: v.detach().clone() for k, v in state.items()})
+            self.batch_sizes.append(self._samples * trainer.world_size)
+            self._samples = 0
+
+
+def reference_ema(initial: dict[str, torch.Tensor], recorder: StepRecorder, momentum: float, base: int) -> dict:
+    """Algorithm-level reference: zeta <- rho^kappa zeta + (1 - rho^kappa) theta after each step, in float64."""
+    ema = {k: v.double() for k, v in initial.items()}
+    for weights, batch in zip(recorder.weights, recorder.batch_sizes):
+        rho = momentum ** (batch / base)
+        for k, v in weights.items():
+            ema[k] = rho * ema[k] + (1 - rho) * v.double() if v.is_floating_point() else v.double()
+    return ema

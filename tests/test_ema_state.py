@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from lightning_emascale._ema import EMAState, reference_update
+
+
+def _tensors(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [
+        ("conv.weight", torch.randn(8, 4, 3, 3, dtype=dtype)),
+        ("conv_cl.weight", torch.randn(8, 4, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)),
+        ("big.weight", torch.randn(300, 1000, dtype=dtype)),  # several chunks and two staging blocks
+        ("bias", torch.randn(7, dtype=dtype)),
+        ("transposed", torch.randn(5, 9, dtype=dtype).t()),  # not dense in any memory format
+        ("bn.num_batches_tracked", torch.tensor(3)),
+        ("scalar", torch.tensor(1.5, dtype=dtype)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_foreach_update_equals_reference_loop(dtype):
+    named = _tensors(dtype)
+    state = EMAState(named)
+    reference = [e.clone() for e in state.ema]
+    for step in range(5):
+        with torch.no_grad():
+            for _, tensor in named:
+                tensor.add_(torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1)
+        decay = 0.9 ** (step + 1)
+        state.update(decay)
+        reference_update(reference, [t for _, t in named], decay)
+        for name, fast, slow in zip(state.names, state.ema, reference):
+            assert torch.equal(fast, slow), name
+
+
+def test_low_precision_ema_is_fp32_and_moves():
+    # 1 - rho = 1e-4 is below bf16 resolution near 1.0: a bf16 EMA would never move.
+    weight = torch.ones(1000, dtype=torch.bfloat16)
+    fp32 = EMAState([("w", weight)], precision="fp32")
+    same = EMAState([("w", weight)], precision="model")
+    assert fp32.ema[0].dtype == torch.float32 and same.ema[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        weight.fill_(2.0)
+    for _ in range(10):
+        fp32.update(0.9999)
+        same.update(0.9999)
+    expected = 2.0 - 0.9999**10
+    assert fp32.ema[0][0].item() == pytest.approx(expected, rel=1e-6)
+    assert same.ema[0][0].item() == 1.0  # what the "model" precision costs
+
+
+def test_integer_buffers_are_copied_not_averaged():
+    counter = torch.tensor(3)
+    state = EMAState([("n", counter)])
+    counter += 10
+    state.update(0.5)
+    assert state.ema[0].item() == 13 and state.ema[0].dtype == torch.int64
+
+
+def test_swap_restores_bit_identical_raw_weights():
+    named = _tensors(torch.bfloat16)
+    state = EMAState(named)
+    with torch.no_grad():
+        for _, tensor in named:
+            tensor.mul_(3) if tensor.is_floating_point() else tensor.add_(1)
+    state.update(0.7)
+    raw = [t.clone() for _, t in named]
+    with state.swapped():
+        for (_, tensor), ema in zip(named, state.ema):
+            assert torch.equal(tensor, ema.to(tensor.dtype))
+        assert all(torch.equal(a, b) for a, b in zip(state.raw_tensors(), raw))
+        with pytest.raises(RuntimeError, match="already swapped"):
+            with state.swapped():
+                pass
+    for (_, tensor), before in zip(named, raw):
+        assert torch.equal(tensor, before)
+
+
+def test_load_state_dict_checks_names_and_shapes():
+    state = EMAState([("a", torch.zeros(2)), ("b", torch.zeros(3))])
+    with pytest.raises(KeyError, match=r"missing \['b'\], unexpected \['c'\]"):
+        state.load_state_dict({"a": torch.ones(2), "c": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"saved EMA of 'b' has shape \(4,\), the model's is \(3,\)"):
+        state.load_state_dict({"a": torch.ones(2), "b": torch.ones(4)})
+    state.load_state_dict({"a": torch.ones(2), "b": torch.full((3,), 2.0)})
+    assert state.ema[1].tolist() == [2.0, 2.0, 2.0]

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_emascale import half_life_from_momentum, momentum_from_half_life, scale_ema_momentum, warmup_momentum
+
+
+@pytest.mark.parametrize(
+    ("momentum", "kappa", "expected"),
+    [(0.996, 4, 0.984096), (0.99, 8, 0.922745), (0.9999, 256, 0.974724), (0.9, 1, 0.9), (0.0, 3, 0.0)],
+)
+def test_reference_values(momentum, kappa, expected):
+    assert scale_ema_momentum(momentum, kappa) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("kappa", [1, 2, 4, 8, 16])
+def test_one_scaled_step_equals_kappa_steps_against_a_constant_target(kappa):
+    torch.manual_seed(0)
+    ema_one, target = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    ema_many = ema_one.clone()
+    momentum = 0.99
+    for _ in range(kappa):
+        ema_many = momentum * ema_many + (1 - momentum) * target
+    rho = scale_ema_momentum(momentum, kappa)
+    ema_one = rho * ema_one + (1 - rho) * target
+    torch.testing.assert_close(ema_one, ema_many, rtol=0, atol=1e-12)
+
+
+@given(st.floats(0.5, 0.9999), st.floats(0.05, 20.0), st.floats(0.05, 20.0))
+def test_scaling_composes(momentum, k1, k2):
+    # Scaling by k1 then by k2 is scaling by k1 * k2: the rule is consistent on the sample clock.
+    composed = scale_ema_momentum(scale_ema_momentum(momentum, k1), k2)
+    assert composed == pytest.approx(scale_ema_momentum(momentum, k1 * k2), rel=1e-9)
+
+
+def test_first_order_agrees_with_the_sde_rule():
+    # 1 - rho^kappa ~ kappa (1 - rho) when kappa (1 - rho) is small.
+    assert 1 - scale_ema_momentum(0.9999, 4) == pytest.approx(4 * 1e-4, rel=1e-3)
+
+
+@given(st.floats(1.0, 1e7), st.integers(1, 100_000))
+def test_half_life_round_trip(half_life, batch_size):
+    momentum = momentum_from_half_life(half_life, batch_size)
+    if 0 < momentum < 1:
+        assert half_life_from_momentum(momentum, batch_size) == pytest.approx(half_life, rel=1e-6)
+
+
+def test_half_life_is_batch_size_invariant():
+    # The half-life parametrisation reproduces the EMA Scaling Rule by construction.
+    base = momentum_from_half_life(10_000, 256)
+    assert momentum_from_half_life(10_000, 4 * 256) == pytest.approx(scale_ema_momentum(base, 4), rel=1e-12)
+    # After H samples the weight of the oldest sample is one half.
+    assert base ** (10_000 / 256) == pytest.approx(0.5)
+
+
+def test_warmup_counts_base_steps():
+    assert warmup_momentum(0.999, 0) == pytest.approx(0.1)
+    assert warmup_momentum(0.999, 990) == pytest.approx(991 / 1000)
+    assert warmup_momentum(0.99, 10_000) == 0.99
+    # halfway between two base steps (a kappa = 0.5 step) is a valid clock reading
+    assert warmup_momentum(0.999, 0.5) == pytest.approx(1.5 / 10.5)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: scale_ema_momentum(1.0, 2), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
+        (lambda: scale_ema_momentum(-0.1, 2), ValueError, r"`momentum` must be in \[0, 1\), got -0.1"),
+        (lambda: scale_ema_momentum("0.9", 2), TypeError, r"`momentum` must be a real number in \[0, 1\), got '0.9'"),
+        (lambda: scale_ema_momentum(True, 2), TypeError, r"`momentum` must be a real number"),
+        (lambda: scale_ema_momentum(0.9, 0), ValueError, r"`kappa` must be a positive finite number, got 0.0"),
+        (lambda: scale_ema_momentum(0.9, math.inf), ValueError, r"`kappa` must be a positive finite number, got inf"),
+        (lambda: scale_ema_momentum(0.9, math.nan), ValueError, r"`kappa` must be a positive finite number, got nan"),
+        (lambda: momentum_from_half_life(-5, 4), ValueError, r"`half_life_samples` must be a positive finite"),
+        (lambda: momentum_from_half_life(5, 0), ValueError, r"`batch_size` must be a positive finite number, got 0"),
+        (lambda: half_life_from_momentum(1.5, 4), ValueError, r"`momentum` must be in \[0, 1\), got 1.5"),
+        (lambda: warmup_momentum(0.9, -1), ValueError, r"`base_steps` must be a number >= 0, got -1"),
+    ],
+)
+def test_errors_name_the_argument_and_value(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_zero_momentum_has_zero_half_life():
+    assert half_life_from_momentum(0.0, 32) == 0.0

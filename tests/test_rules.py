@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from lightning_emascale import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
+from lightning_emascale.rules import resolve_rule
+
+
+def _group(optimizer_cls, **kwargs):
+    return optimizer_cls([torch.nn.Parameter(torch.zeros(2))], **kwargs).param_groups[0]
+
+
+def test_sgd_is_linear_and_keeps_momentum():
+    group = _group(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    before = dict(group)
+    assert SGDScalingRule().scale(group, 8) == {"lr": pytest.approx(0.8)}
+    assert group == before  # the rule never mutates the group
+
+
+def test_adam_rule_values():
+    group = _group(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    scaled = AdamScalingRule().scale(group, 4)
+    assert scaled["lr"] == pytest.approx(2e-3)
+    assert scaled["betas"] == pytest.approx((1 - 4 * 0.1, 1 - 4 * 0.001))
+    assert scaled["eps"] == pytest.approx(5e-9)
+    assert "weight_decay" not in scaled  # coupled L2 decay is not touched
+
+
+def test_adamw_scales_decoupled_weight_decay():
+    scaled = AdamScalingRule().scale(_group(torch.optim.AdamW, lr=1e-3, weight_decay=0.05), 9)
+    assert scaled["weight_decay"] == pytest.approx(0.15)
+    assert scaled["lr"] == pytest.approx(3e-3)
+
+
+def test_rmsprop_scales_alpha_not_momentum():
+    scaled = AdamScalingRule().scale(_group(torch.optim.RMSprop, lr=1e-2, alpha=0.99, momentum=0.9), 4)
+    assert scaled["alpha"] == pytest.approx(0.96)
+    assert "momentum" not in scaled
+
+
+def test_fractional_kappa_shrinks():
+    scaled = AdamScalingRule().scale(_group(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.999)), 0.25)
+    assert scaled["lr"] == pytest.approx(5e-4)
+    assert scaled["betas"] == pytest.approx((0.975, 0.99975))
+
+
+def test_beta_out_of_range_is_an_error_not_a_clip():
+    group = _group(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match=r"`betas\[0\]` = 0.9 to 1 - kappa \* \(1 - betas\[0\]\) = \S+ at kappa = 10, outside \(0, 1\).*kappa < 1 / \(1 - betas\[0\]\) = 10"):
+        AdamScalingRule().scale(group, 10)
+    with pytest.raises(ValueError, match=r"`alpha` = 0.99"):
+        AdamScalingRule().scale(_group(torch.optim.RMSprop, alpha=0.99), 200)
+
+
+def test_supports():
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    assert SGDScalingRule().supports(sgd) and not SGDScalingRule().supports(adam)
+    assert AdamScalingRule().supports(adam) and not AdamScalingRule().supports(sgd)
+    assert NoScalingRule().supports(sgd) and NoScalingRule().supports(adam)
+
+
+def test_custom_rule_object():
+    class SqrtSGD(OptimizerRule):
+        optimizer_types = (torch.optim.SGD,)
+
+        def scale(self, group, kappa):
+            return {"lr": group["lr"] * math.sqrt(kappa)}
+
+    rule = SqrtSGD()
+    assert resolve_rule(rule) is rule
+    assert rule.scale({"lr": 0.1}, 4) == {"lr": pytest.approx(0.2)}
+
+
+@pytest.mark.parametrize("name", ["sgd", "SGD", "adam", "none"])
+def test_resolve_names(name):
+    assert isinstance(resolve_rule(name), OptimizerRule)
+
+
+def test_resolve_unknown():
+    with pytest.raises(ValueError, match=r"`optimizer_rule` must be one of \['adam', 'none', 'sgd'\], None, or an OptimizerRule instance, got 'lars'"):
+        resolve_rule("lars")
+    with pytest.raises(ValueError, match=r"got 3"):
+        resolve_rule(3)
