@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from helpers import StepRecorder, TinyModel, make_trainer, reference_ema
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import StepRecorder, TinyModel, make_trainer, reference_ema
 from lightning_emascale import EMAScalingCallback
 
 
@@ -137,7 +137,9 @@ def test_functional_call_gives_raw_and_ema_metrics_in_one_step():
     assert metrics["val_loss"] == pytest.approx(raw.item(), rel=1e-5)
     assert metrics["val_loss_ema"] == pytest.approx(ema.item(), rel=1e-5)
     assert abs(raw.item() - ema.item()) > 1e-4  # the two really differ
-    with pytest.raises(ValueError, match=r"`module` must be the LightningModule this callback averages \(_BothMetrics\), got Linear"):
+    with pytest.raises(
+        ValueError, match=r"`module` must be the LightningModule this callback averages \(_BothMetrics\), got Linear"
+    ):
         callback.functional_call(torch.nn.Linear(6, 8), (x,))
 
 
@@ -348,7 +350,10 @@ def test_update_every_uses_the_accumulated_momentum():
     for step, (weights, batch) in enumerate(zip(recorder.weights, recorder.batch_sizes), start=1):
         decay *= 0.9 ** (batch / 2)
         if step % 3 == 0:
-            ema = {k: decay * ema[k] + (1 - decay) * v.double() if v.is_floating_point() else v.double() for k, v in weights.items()}
+            ema = {
+                k: decay * ema[k] + (1 - decay) * v.double() if v.is_floating_point() else v.double()
+                for k, v in weights.items()
+            }
             decay = 1.0
     assert callback._pending_decay == pytest.approx(0.9**4)  # steps 7 and 8 wait for the next window
     _assert_ema_matches(callback, ema)
@@ -433,7 +438,9 @@ def test_setup_errors():
     with pytest.raises(RuntimeError, match=r"The `callback.state_key` must be unique"):  # Lightning's own check
         make_trainer([a, b])
     a, b = EMAScalingCallback(name="a"), EMAScalingCallback(name="b")
-    with pytest.raises(ValueError, match=r"Only one EMAScalingCallback may set `evaluate_with_ema=True`, got \['a', 'b'\]"):
+    with pytest.raises(
+        ValueError, match=r"Only one EMAScalingCallback may set `evaluate_with_ema=True`, got \['a', 'b'\]"
+    ):
         make_trainer([a, b]).fit(TinyModel())
     fake = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[a])
     with pytest.raises(RuntimeError, match=r"supports single-device and DDP strategies, got FSDPStrategy"):

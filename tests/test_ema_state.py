@@ -25,7 +25,9 @@ def test_foreach_update_equals_reference_loop(dtype):
     for step in range(5):
         with torch.no_grad():
             for _, tensor in named:
-                tensor.add_(torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1)
+                tensor.add_(
+                    torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1
+                )
         decay = 0.9 ** (step + 1)
         state.update(decay)
         reference_update(reference, [t for _, t in named], decay)

@@ -47,7 +47,10 @@ def test_fractional_kappa_shrinks():
 
 def test_beta_out_of_range_is_an_error_not_a_clip():
     group = _group(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.999))
-    with pytest.raises(ValueError, match=r"`betas\[0\]` = 0.9 to 1 - kappa \* \(1 - betas\[0\]\) = \S+ at kappa = 10, outside \(0, 1\).*kappa < 1 / \(1 - betas\[0\]\) = 10"):
+    with pytest.raises(
+        ValueError,
+        match=r"`betas\[0\]` = 0.9 to 1 - kappa \* \(1 - betas\[0\]\) = \S+ at kappa = 10, outside \(0, 1\).*kappa < 1 / \(1 - betas\[0\]\) = 10",
+    ):
         AdamScalingRule().scale(group, 10)
     with pytest.raises(ValueError, match=r"`alpha` = 0.99"):
         AdamScalingRule().scale(_group(torch.optim.RMSprop, alpha=0.99), 200)
@@ -79,7 +82,10 @@ def test_resolve_names(name):
 
 
 def test_resolve_unknown():
-    with pytest.raises(ValueError, match=r"`optimizer_rule` must be one of \['adam', 'none', 'sgd'\], None, or an OptimizerRule instance, got 'lars'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`optimizer_rule` must be one of \['adam', 'none', 'sgd'\], None, or an OptimizerRule instance, got 'lars'",
+    ):
         resolve_rule("lars")
     with pytest.raises(ValueError, match=r"got 3"):
         resolve_rule(3)

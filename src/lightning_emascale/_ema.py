@@ -59,7 +59,9 @@ class _Group:
         capacity = _STAGING_ELEMENTS.get(device.type, _STAGING_ELEMENTS_DEFAULT)
         capacity = min(capacity, sum(t.numel() for t in self.ema))
         staging = torch.empty(capacity, dtype=self.ema[0].dtype, device=device)
-        ema_chunks, model_chunks, stage_chunks = [], [], []
+        ema_chunks: list[Tensor] = []
+        model_chunks: list[Tensor] = []
+        stage_chunks: list[Tensor] = []
         offset = 0
         for ema, model in zip(self.ema, self.model):
             for ema_chunk, model_chunk in zip(_flat(ema).split(_CHUNK), _flat(model.detach()).split(_CHUNK)):

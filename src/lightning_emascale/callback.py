@@ -88,7 +88,7 @@ class EMAScalingCallback(Callback):
         self.name = name
 
         self._ema: Optional[EMAState] = None
-        self._module: Optional[torch.nn.Module] = None
+        self._module: Optional[pl.LightningModule] = None
         self._aliases: dict[str, int] = {}
         self._loaded: Optional[dict[str, Any]] = None
         self._hooks: list[RemovableHandle] = []
@@ -176,9 +176,7 @@ class EMAScalingCallback(Callback):
                 f"`module` must be the LightningModule this callback averages ({type(self._module).__name__}),"
                 f" got {type(module).__name__}"
             )
-        weights = {
-            name: ema.ema[index].to(ema.model[index].dtype) for name, index in self._aliases.items()
-        }
+        weights = {name: ema.ema[index].to(ema.model[index].dtype) for name, index in self._aliases.items()}
         return torch.func.functional_call(module, weights, args, kwargs)
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -259,7 +257,7 @@ class EMAScalingCallback(Callback):
     def _scale_hyperparameters(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
         assert self._module is not None
-        _, kappa = self._window_kappa(self._module.trainer.world_size)
+        kappa = self._window_kappa(self._module.trainer.world_size)[1]
         scaled = [self.optimizer_rule.scale(group, kappa) for group in optimizer.param_groups]
         for index, (group, values) in enumerate(zip(optimizer.param_groups, scaled)):
             self._scaled_groups.append((group, {key: group[key] for key in values}))
@@ -292,14 +290,17 @@ class EMAScalingCallback(Callback):
             self._require_ema().update(self._pending_decay)
             self._ema_updates += 1
             self._pending_decay = 1.0
-        if trainer._logger_connector.should_update_logs or trainer.fast_dev_run:
+        if trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False):
             self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prefix = self.name
         shown = {f"{prefix}/kappa": self._kappa, f"{prefix}/momentum": self._step_momentum}
         pl_module.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        metrics = {f"{prefix}/batch_size": float(self._global_batch), f"{prefix}/samples_seen": float(self._samples_seen)}
+        metrics = {
+            f"{prefix}/batch_size": float(self._global_batch),
+            f"{prefix}/samples_seen": float(self._samples_seen),
+        }
         if isinstance(self.optimizer_rule, NoScalingRule):
             for optimizer in trainer.optimizers:
                 for index, group in enumerate(optimizer.param_groups):

@@ -115,9 +115,7 @@ class AdamScalingRule(OptimizerRule):
         root = math.sqrt(kappa)
         out: dict[str, Any] = {"lr": group["lr"] * root}
         if "betas" in group:
-            out["betas"] = tuple(
-                _scale_beta(beta, kappa, f"betas[{i}]") for i, beta in enumerate(group["betas"])
-            )
+            out["betas"] = tuple(_scale_beta(beta, kappa, f"betas[{i}]") for i, beta in enumerate(group["betas"]))
         if "alpha" in group:
             out["alpha"] = _scale_beta(group["alpha"], kappa, "alpha")
         if "eps" in group:
