@@ -1,0 +1,37 @@
+"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed round-robin so that machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_index in range(warmup + repeats):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_table(title: str, medians: dict[str, float], floor: str, notes: dict[str, str]) -> None:
+    print(f"\n{title}")
+    print(f"{'candidate':<44} {'median ms':>10} {'x floor':>8}")
+    for name, seconds in medians.items():
+        print(f"{name:<44} {seconds * 1e3:>10.2f} {seconds / medians[floor]:>8.2f}")
+    for name, note in notes.items():
+        print(f"{name:<44} {'fails':>10}   {note}")
