@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
-from lightning_emascale import EMAScalingCallback, half_life_from_momentum
+from lightning_emascale import EMAScalingCallback, half_life_from_momentum, scale_ema_momentum
 
 
 class Classifier(L.LightningModule):
@@ -97,8 +97,14 @@ def main() -> None:
         DataLoader(val, batch_size=512),
     )
     m = trainer.callback_metrics
-    print(f"\nglobal batch {args.batch_size * args.accumulate} = kappa {ema.kappa:g} x base {args.base_batch_size}")
-    print(f"momentum {args.momentum} tuned at the base batch -> rho^kappa = {ema.ema_momentum:.6f} per step")
+    full = args.batch_size * args.accumulate / args.base_batch_size
+    print(
+        f"\nfull step: global batch {args.batch_size * args.accumulate} = kappa {full:g} x base {args.base_batch_size}"
+    )
+    print(
+        f"momentum {args.momentum} tuned at the base batch -> rho^kappa = {scale_ema_momentum(args.momentum, full):.6f}"
+    )
+    print(f"last step (short batch at the epoch end): kappa {ema.kappa:.4g}, rho^kappa = {ema.ema_momentum:.6f}")
     print(
         f"EMA half-life: {half_life_from_momentum(args.momentum, args.base_batch_size):.0f} samples at any batch size"
     )
