@@ -44,7 +44,7 @@ def test_first_order_agrees_with_the_sde_rule():
 @given(st.floats(1.0, 1e7), st.integers(1, 100_000))
 def test_half_life_round_trip(half_life, batch_size):
     momentum = momentum_from_half_life(half_life, batch_size)
-    if 0 < momentum < 1:
+    if 1e-300 < momentum < 1:  # subnormal momenta (0.5 ** 1000 and below) lose the digits to round-trip
         assert half_life_from_momentum(momentum, batch_size) == pytest.approx(half_life, rel=1e-6)
 
 
