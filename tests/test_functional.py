@@ -67,9 +67,10 @@ def test_warmup_counts_base_steps():
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: scale_ema_momentum(1.0, 2), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
-        (lambda: scale_ema_momentum(-0.1, 2), ValueError, r"`momentum` must be in \[0, 1\), got -0.1"),
-        (lambda: scale_ema_momentum("0.9", 2), TypeError, r"`momentum` must be a real number in \[0, 1\), got '0.9'"),
+        (lambda: scale_ema_momentum(1.01, 2), ValueError, r"`momentum` must be in \[0, 1\], got 1.01"),
+        (lambda: scale_ema_momentum(-0.1, 2), ValueError, r"`momentum` must be in \[0, 1\], got -0.1"),
+        (lambda: scale_ema_momentum("0.9", 2), TypeError, r"`momentum` must be a real number in \[0, 1\], got '0.9'"),
+        (lambda: half_life_from_momentum(1.0, 4), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
         (lambda: scale_ema_momentum(True, 2), TypeError, r"`momentum` must be a real number"),
         (lambda: scale_ema_momentum(0.9, 0), ValueError, r"`kappa` must be a positive finite number, got 0.0"),
         (lambda: scale_ema_momentum(0.9, math.inf), ValueError, r"`kappa` must be a positive finite number, got inf"),
@@ -83,6 +84,13 @@ def test_warmup_counts_base_steps():
 def test_errors_name_the_argument_and_value(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_frozen_ema_stays_frozen_at_any_kappa():
+    # BYOL's cosine schedule ends at momentum 1: the EMA stops moving, at every batch size
+    assert scale_ema_momentum(1.0, 8) == 1.0
+    assert scale_ema_momentum(1.0, 0.25) == 1.0
+    assert warmup_momentum(1.0, base_steps=10_000) == pytest.approx(10_001 / 10_010)
 
 
 def test_zero_momentum_has_zero_half_life():

@@ -19,7 +19,9 @@ from typing_extensions import override
 
 from lightning_emascale._ema import EMAPrecision, EMAState
 from lightning_emascale.functional import _check_momentum, scale_ema_momentum, warmup_momentum
+from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import NoScalingRule, OptimizerRule, resolve_rule
+from lightning_emascale.schedules import cosine_schedule
 
 _FORMAT = 1
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -37,8 +39,15 @@ class EMAScalingCallback(Callback):
     \kappa(1-\beta)`, :math:`\epsilon \to \epsilon/\sqrt\kappa`); schedulers and loggers keep seeing the
     unscaled values.
 
+    Every schedule runs on the **sample clock** (Algorithm 1 of the paper): the momentum schedule is
+    evaluated at :attr:`progress`, samples seen / total samples, *before* it is raised to :math:`\kappa`,
+    and :class:`~lightning_emascale.SampleClockLR` schedulers in the Trainer read the same clock. So ρ̂ and the
+    learning rate plotted against samples seen are the same at any batch size, up to the ^κ and the optimizer
+    rule, also when :class:`~lightning_emascale.ProgressiveBatchCallback` changes the batch size mid-run.
+
     Args:
-        momentum: :math:`\rho \in [0, 1)`, the EMA momentum tuned at ``base_batch_size``.
+        momentum: :math:`\rho \in [0, 1)`, the EMA momentum tuned at ``base_batch_size`` (with a cosine
+            ``momentum_schedule``, its value at the start of training).
         base_batch_size: the global batch size ``momentum`` (and the optimizer's hyperparameters) were tuned
             at. ``None`` takes the first optimizer step's global batch.
         optimizer_rule: ``"sgd"``, ``"adam"``, ``"none"``/``None`` or an
@@ -55,6 +64,15 @@ class EMAScalingCallback(Callback):
             the model's dtype (half the memory, but updates smaller than the format's resolution are lost).
         name: the log prefix (``"<name>/kappa"``, ...) and the checkpoint key. Give several instances
             different names.
+        momentum_schedule: ``"constant"``, or ``"cosine"`` from ``momentum`` to ``final_momentum`` over the
+            training samples (BYOL's teacher schedule, there counted in steps). For another shape, override
+            :meth:`momentum_at`.
+        final_momentum: the momentum in :math:`[0, 1]` that the cosine schedule ends at (BYOL: 1.0). Only
+            with ``momentum_schedule="cosine"``.
+        total_samples: the training samples (global, all devices) the run will see, the denominator of
+            :attr:`progress`. ``None`` derives it as ``max_epochs`` × samples per epoch when progress is
+            needed; pass it when that cannot be derived (an ``IterableDataset``, a run bounded by
+            ``max_steps``, ``limit_train_batches``).
 
     Example:
         >>> from lightning_emascale import EMAScalingCallback
@@ -73,6 +91,9 @@ class EMAScalingCallback(Callback):
         warmup: bool = False,
         ema_precision: Literal["fp32", "model"] = "fp32",
         name: str = "ema",
+        momentum_schedule: Literal["constant", "cosine"] = "constant",
+        final_momentum: Optional[float] = None,
+        total_samples: Optional[int] = None,
     ) -> None:
         self.momentum = _check_momentum(momentum)
         self.base_batch_size = _check_positive_int(base_batch_size, "base_batch_size", allow_none=True)
@@ -86,6 +107,20 @@ class EMAScalingCallback(Callback):
         if not isinstance(name, str) or not name:
             raise ValueError(f"`name` must be a non-empty string, got {name!r}")
         self.name = name
+        if momentum_schedule not in ("constant", "cosine"):
+            raise ValueError(f"`momentum_schedule` must be one of ['constant', 'cosine'], got {momentum_schedule!r}")
+        if momentum_schedule == "cosine" and final_momentum is None:
+            raise ValueError("`momentum_schedule='cosine'` needs `final_momentum` (the value it ends at, BYOL: 1.0)")
+        if momentum_schedule == "constant" and final_momentum is not None:
+            raise ValueError(
+                f"`final_momentum`={final_momentum!r} has no effect with `momentum_schedule='constant'`:"
+                " set `momentum_schedule='cosine'` or drop `final_momentum`"
+            )
+        self.momentum_schedule = momentum_schedule
+        self.final_momentum = (
+            None if final_momentum is None else _check_momentum(final_momentum, "final_momentum", allow_one=True)
+        )
+        self.total_samples = _check_positive_int(total_samples, "total_samples", allow_none=True)
 
         self._ema: Optional[EMAState] = None
         self._module: Optional[pl.LightningModule] = None
@@ -104,6 +139,7 @@ class EMAScalingCallback(Callback):
         self._ema_updates = 0
         self._pending_decay = 1.0
         self._window_samples = 0
+        self._window_closed = False
         self._step_at_batch_start = 0
         self._kappa = float("nan")
         self._step_momentum = float("nan")
@@ -135,6 +171,62 @@ class EMAScalingCallback(Callback):
     def ema_momentum(self) -> float:
         """:math:`\\hat\\rho` of the latest optimizer step (``nan`` before the first)."""
         return self._step_momentum
+
+    @property
+    def progress(self) -> float:
+        """Training progress on the sample clock: :attr:`samples_seen` / :attr:`resolved_total_samples`."""
+        total = self.resolved_total_samples
+        if self._samples_seen > total:
+            raise ValueError(
+                f"The run has trained on {self._samples_seen} samples, past `total_samples`={total}: set"
+                " `total_samples` to at least the samples (global, all devices) this run trains on"
+            )
+        return self._samples_seen / total
+
+    @property
+    def resolved_total_samples(self) -> int:
+        """``total_samples``, or ``max_epochs`` × samples per epoch (global) derived from the Trainer."""
+        if self.total_samples is not None:
+            return self.total_samples
+        derived, reason = self._derive_total_samples()
+        if derived is None:
+            raise ValueError(
+                f"Cannot derive `total_samples` from the Trainer ({reason}): pass `total_samples=` to"
+                f" {type(self).__name__}, the number of training samples (global, all devices) the run will see"
+            )
+        return derived
+
+    def _derive_total_samples(self) -> tuple[Optional[int], str]:
+        trainer = self._module.trainer if self._module is not None else None
+        if trainer is None:
+            return None, "fit has not started"
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
+        if trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+            return None, "`limit_train_batches` or `overfit_batches` is set"
+        loader = trainer.train_dataloader
+        if loader is None:
+            return None, "the train dataloader is not loaded yet"
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            return None, f"the train dataloader is a {type(loader).__name__}, not a single DataLoader"
+        sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
+            return None, "the train dataset has no length (an IterableDataset)"
+        return trainer.max_epochs * len(sampler) * trainer.world_size, ""
+
+    def momentum_at(self, progress: float) -> float:
+        r"""The momentum at the base batch size at ``progress`` (before :math:`\kappa`). Override to reshape it.
+
+        The default is ``momentum`` for ``momentum_schedule="constant"``, else the cosine from ``momentum`` to
+        ``final_momentum``. Warm-up and :math:`\kappa` are applied to the returned value.
+        """
+        if self.momentum_schedule == "constant":
+            return self.momentum
+        assert self.final_momentum is not None
+        return cosine_schedule(progress, start=self.momentum, end=self.final_momentum)
+
+    def _uses_progress(self) -> bool:
+        return self.momentum_schedule != "constant" or type(self).momentum_at is not EMAScalingCallback.momentum_at
 
     @property
     def resolved_base_batch_size(self) -> Optional[int]:
@@ -211,10 +303,30 @@ class EMAScalingCallback(Callback):
         if self._loaded is not None:
             self._require_ema().load_state_dict(self._loaded["ema"])
             self._loaded = None
-        if not isinstance(self.optimizer_rule, NoScalingRule):
-            for optimizer in trainer.optimizers:
+        for optimizer in trainer.optimizers:
+            if not isinstance(self.optimizer_rule, NoScalingRule):
                 self._hooks.append(optimizer.register_step_pre_hook(self._scale_hyperparameters))
-                self._hooks.append(optimizer.register_step_post_hook(self._restore_hyperparameters))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, SampleClockLR) and config.scheduler.clock is None:
+                config.scheduler.attach(self)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clocked = any(config.scheduler.clock is self for config in self._clocked_schedulers(trainer))
+        if not (self._uses_progress() or clocked):
+            return
+        total = self.resolved_total_samples  # raises now, not at the first step, when it cannot be derived
+        derived, _ = self._derive_total_samples()
+        if self.total_samples is not None and derived is not None and trainer.max_steps == -1 and derived > total:
+            raise ValueError(
+                f"`total_samples`={total} is less than the {derived} samples this run trains on (max_epochs"
+                f" {trainer.max_epochs} x {derived // trainer.max_epochs} per epoch): raise it, or drop it to derive it"
+            )
+
+    @staticmethod
+    def _clocked_schedulers(trainer: pl.Trainer) -> list[Any]:
+        return [config for config in trainer.lr_scheduler_configs if isinstance(config.scheduler, SampleClockLR)]
 
     def _track(self, pl_module: pl.LightningModule) -> None:
         tracked: dict[int, int] = {}
@@ -254,6 +366,30 @@ class EMAScalingCallback(Callback):
             self._base = global_batch
         return global_batch, global_batch / self._base
 
+    def _close_window(self, world_size: int) -> None:
+        """Count the step's samples on the clock, once per optimizer step, with rho-hat from the clock before it.
+
+        Runs right after the optimizer step (its post-hook), so that a ``SampleClockLR`` stepped next by
+        Lightning already sees the samples; ``on_train_batch_end`` catches a step whose hook did not run.
+        """
+        if self._window_closed:
+            return
+        global_batch, kappa = self._window_kappa(world_size)
+        assert self._base is not None
+        momentum = self.momentum_at(self.progress) if self._uses_progress() else self.momentum
+        if self.warmup:
+            momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
+        self._step_momentum = scale_ema_momentum(momentum, kappa)
+        self._kappa, self._global_batch = kappa, global_batch
+        self._samples_seen += global_batch
+        self._optimizer_steps += 1
+        self._window_closed = True
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        self._restore_hyperparameters()
+        assert self._module is not None
+        self._close_window(self._module.trainer.world_size)
+
     def _scale_hyperparameters(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
         assert self._module is not None
@@ -275,17 +411,10 @@ class EMAScalingCallback(Callback):
     ) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # a micro-batch accumulated into a later step
-        global_batch, kappa = self._window_kappa(trainer.world_size)
-        assert self._base is not None
-        momentum = self.momentum
-        if self.warmup:
-            momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
-        step_momentum = scale_ema_momentum(momentum, kappa)
-        self._kappa, self._step_momentum, self._global_batch = kappa, step_momentum, global_batch
-        self._samples_seen += global_batch
-        self._optimizer_steps += 1
+        self._close_window(trainer.world_size)
         self._window_samples = 0
-        self._pending_decay *= step_momentum
+        self._window_closed = False
+        self._pending_decay *= self._step_momentum
         if self._optimizer_steps % self.update_every == 0:
             self._require_ema().update(self._pending_decay)
             self._ema_updates += 1
@@ -389,6 +518,7 @@ class EMAScalingCallback(Callback):
         self._ema_updates = state_dict["ema_updates"]
         self._pending_decay = state_dict["pending_decay"]
         self._window_samples = 0
+        self._window_closed = False
         self._loaded = state_dict
         if self._ema is not None and self._module is not None:
             self._ema.load_state_dict(state_dict["ema"])

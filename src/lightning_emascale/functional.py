@@ -17,12 +17,13 @@ __all__ = [
 ]
 
 
-def _check_momentum(momentum: float, name: str = "momentum") -> float:
+def _check_momentum(momentum: float, name: str = "momentum", allow_one: bool = False) -> float:
+    interval = "[0, 1]" if allow_one else "[0, 1)"
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"`{name}` must be a real number in [0, 1), got {momentum!r}")
+        raise TypeError(f"`{name}` must be a real number in {interval}, got {momentum!r}")
     momentum = float(momentum)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {momentum}")
+    if not (0.0 <= momentum < 1.0 or (allow_one and momentum == 1.0)):
+        raise ValueError(f"`{name}` must be in {interval}, got {momentum}")
     return momentum
 
 
@@ -42,17 +43,18 @@ def scale_ema_momentum(momentum: float, kappa: float) -> float:
 
     With a constant target, one update at :math:`\rho^\kappa` equals :math:`\kappa` updates at :math:`\rho`,
     so the EMA's horizon measured in samples does not depend on the batch size. ``kappa`` may be any
-    positive real number (a short last batch gives a fractional one).
+    positive real number (a short last batch gives a fractional one). A momentum of 1 (a frozen EMA, where
+    BYOL's cosine schedule ends) stays 1.
 
     Args:
-        momentum: the momentum :math:`\rho \in [0, 1)` tuned at the base batch size.
+        momentum: the momentum :math:`\rho \in [0, 1]` tuned at the base batch size.
         kappa: the ratio :math:`\kappa > 0` of the batch size to the base batch size.
 
     Returns:
-        The scaled momentum :math:`\rho^\kappa`, in :math:`[0, 1)`.
+        The scaled momentum :math:`\rho^\kappa`, in :math:`[0, 1]`.
 
     Raises:
-        ValueError: ``momentum`` is outside :math:`[0, 1)` or ``kappa`` is not a positive finite number.
+        ValueError: ``momentum`` is outside :math:`[0, 1]` or ``kappa`` is not a positive finite number.
 
     Example:
         >>> round(scale_ema_momentum(0.996, 4), 9)
@@ -60,7 +62,7 @@ def scale_ema_momentum(momentum: float, kappa: float) -> float:
         >>> round(scale_ema_momentum(0.9999, 256), 6)
         0.974724
     """
-    momentum = _check_momentum(momentum)
+    momentum = _check_momentum(momentum, allow_one=True)
     kappa = _check_positive(kappa, "kappa")
     return momentum**kappa
 
@@ -124,7 +126,7 @@ def warmup_momentum(momentum: float, base_steps: float) -> float:
         >>> warmup_momentum(0.9, base_steps=10_000)
         0.9
     """
-    momentum = _check_momentum(momentum)
+    momentum = _check_momentum(momentum, allow_one=True)
     if isinstance(base_steps, bool) or not isinstance(base_steps, (int, float)) or not base_steps >= 0:
         raise ValueError(f"`base_steps` must be a number >= 0, got {base_steps!r}")
     return min(momentum, (1.0 + base_steps) / (10.0 + base_steps))

@@ -1,0 +1,100 @@
+"""``SampleClockLR``: a learning-rate scheduler whose clock is samples seen, not optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Optional, Protocol
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class SampleClock(Protocol):
+    """Anything that reports training progress in samples, e.g. :class:`~lightning_emascale.EMAScalingCallback`."""
+
+    @property
+    def progress(self) -> float:
+        """Samples seen divided by the total samples of the run, in :math:`[0, 1]`."""
+        ...  # pragma: no cover
+
+
+class SampleClockLR(LRScheduler):
+    r"""Set every param group's learning rate to ``initial_lr * schedule(progress)``, progress counted in samples.
+
+    ``progress`` is samples seen / total samples, read from ``clock``. An
+    :class:`~lightning_emascale.EMAScalingCallback` in the Trainer attaches itself as the clock of every
+    ``SampleClockLR`` that has none when fit starts, so a warm-up and a cosine decay end at the same sample
+    counts whatever the batch size, the accumulation or the number of devices, and keep doing so when
+    :class:`~lightning_emascale.ProgressiveBatchCallback` changes the batch size mid-run. The optimizer rule
+    then multiplies the scheduled value by :math:`\kappa` (SGD) or :math:`\sqrt\kappa` (Adam) for each step:
+    :math:`\hat\eta = \kappa\,\eta(s)`, as in Algorithm 1 of *How to Scale Your EMA*.
+
+    Step it after every optimizer step (Lightning: ``"interval": "step"``); each call reads the clock, so the
+    learning rate of the next step is :math:`\eta` at the samples seen so far. The schedule itself is not
+    saved in ``state_dict``: like :class:`~torch.optim.lr_scheduler.LambdaLR`'s functions, it comes from
+    your code when you resume.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        schedule: the factor as a function of progress in :math:`[0, 1]`, e.g.
+            :class:`~lightning_emascale.WarmupCosine`. Must return a finite number ≥ 0.
+        clock: where to read progress. ``None`` waits for an ``EMAScalingCallback`` to attach itself.
+        last_epoch: as in every torch scheduler; leave it at -1.
+
+    Example:
+        >>> import torch
+        >>> from lightning_emascale import SampleClockLR, WarmupCosine
+        >>> class Clock:
+        ...     progress = 0.0
+        >>> clock = Clock()
+        >>> optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.4)
+        >>> scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=0.1), clock=clock)
+        >>> clock.progress = 0.05
+        >>> scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.2
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedule: Callable[[float], float],
+        clock: Optional[SampleClock] = None,
+        last_epoch: int = -1,
+    ) -> None:
+        if not callable(schedule):
+            raise TypeError(f"`schedule` must be a callable of progress in [0, 1], got {schedule!r}")
+        self.schedule = schedule
+        self.clock = clock
+        super().__init__(optimizer, last_epoch)
+
+    def attach(self, clock: SampleClock) -> None:
+        """Read progress from ``clock`` from now on (``EMAScalingCallback`` calls this at fit start)."""
+        self.clock = clock
+
+    @property
+    def progress(self) -> float:
+        """The clock's progress; 0 while the scheduler is being built (before a clock can be attached)."""
+        if self.clock is None:
+            if self.last_epoch <= 0:
+                return 0.0
+            raise RuntimeError(
+                "SampleClockLR has no clock: add an EMAScalingCallback to the Trainer (it attaches itself when fit"
+                " starts) or pass `clock=` an object with a `progress` attribute"
+            )
+        return self.clock.progress
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        progress = self.progress
+        factor = self.schedule(progress)
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not (math.isfinite(factor) and factor >= 0)
+        ):
+            raise ValueError(f"`schedule` must return a finite number >= 0, got {factor!r} at progress {progress}")
+        return [float(base) * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().state_dict().items() if key not in ("clock", "schedule")}

@@ -1,0 +1,141 @@
+"""Schedules on the sample clock, as plain functions and frozen dataclasses on floats.
+
+Every schedule here is a function of **training progress measured in samples**, ``samples seen / total
+samples`` in :math:`[0, 1]`, never of optimizer steps, so it means the same thing at every batch size
+(Algorithm 1 of *How to Scale Your EMA*, Busbridge et al., NeurIPS 2023). The batch-size schedule used by
+:class:`~lightning_emascale.ProgressiveBatchCallback` is checked here too. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["WarmupCosine", "batch_size_at", "check_batch_schedule", "cosine_schedule"]
+
+
+def _check_progress(progress: float) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+        raise TypeError(f"`progress` must be a real number in [0, 1], got {progress!r}")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"`progress` must be in [0, 1] (samples seen / total samples), got {progress}")
+    return float(progress)
+
+
+def _check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def cosine_schedule(progress: float, start: float, end: float) -> float:
+    r"""Half a cosine from ``start`` at progress 0 to ``end`` at progress 1.
+
+    .. math:: v(p) = \mathrm{end} - (\mathrm{end} - \mathrm{start})\,\frac{1 + \cos(\pi p)}{2}
+
+    BYOL's teacher momentum is this schedule from :math:`\tau_\mathrm{base}` to 1. Evaluate it at progress in
+    samples and raise the result to :math:`\kappa` (:func:`~lightning_emascale.scale_ema_momentum`).
+
+    Args:
+        progress: samples seen divided by the total samples of the run, in :math:`[0, 1]`.
+        start: the value at progress 0.
+        end: the value at progress 1.
+
+    Example:
+        >>> cosine_schedule(0.0, start=0.996, end=1.0)
+        0.996
+        >>> round(cosine_schedule(0.5, start=0.996, end=1.0), 6)
+        0.998
+        >>> cosine_schedule(1.0, start=0.996, end=1.0)
+        1.0
+    """
+    progress = _check_progress(progress)
+    if progress == 1.0:
+        return float(end)  # cos(pi) is -1 up to rounding; hit the end value exactly
+    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    r"""A learning-rate factor: linear warm-up, then a cosine decay, on progress measured in samples.
+
+    .. math::
+        f(p) = \begin{cases}
+            s + (1 - s)\,p / w & p < w \\
+            \mathrm{cosine}\big((p - w) / (1 - w);\ 1 \to f_\mathrm{final}\big) & p \ge w
+        \end{cases}
+
+    Use it with :class:`~lightning_emascale.SampleClockLR`: the warm-up and the decay then end at the same
+    sample counts whatever the batch size. Frozen and picklable, so it works under ``ddp_spawn`` and from
+    LightningCLI.
+
+    Args:
+        warmup: the fraction :math:`w \in [0, 1)` of the training samples spent warming up.
+        final: the factor :math:`f_\mathrm{final} \in [0, 1]` reached at the end of training.
+        warmup_start: the factor :math:`s \in [0, 1]` the warm-up starts from.
+
+    Example:
+        >>> schedule = WarmupCosine(warmup=0.1, final=0.0)
+        >>> [round(schedule(p), 6) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    warmup: float = 0.0
+    final: float = 0.0
+    warmup_start: float = 0.0
+
+    def __post_init__(self) -> None:
+        warmup = _check_fraction(self.warmup, "warmup")
+        if warmup == 1.0:
+            raise ValueError("`warmup` must be in [0, 1): a warm-up over the whole run leaves nothing to decay, got 1")
+        _check_fraction(self.final, "final")
+        _check_fraction(self.warmup_start, "warmup_start")
+
+    def __call__(self, progress: float) -> float:
+        progress = _check_progress(progress)
+        if progress < self.warmup:
+            return self.warmup_start + (1.0 - self.warmup_start) * progress / self.warmup
+        return cosine_schedule((progress - self.warmup) / (1.0 - self.warmup), start=1.0, end=self.final)
+
+
+def check_batch_schedule(schedule: Any, name: str = "schedule") -> dict[int, int]:
+    """Validate an epoch → batch size schedule and return a sorted copy (the argument is never mutated).
+
+    Keys are epochs (integers ≥ 0), values are batch sizes (integers ≥ 1).
+
+    Example:
+        >>> check_batch_schedule({4: 256, 0: 32, 2: 64})
+        {0: 32, 2: 64, 4: 256}
+        >>> check_batch_schedule({0: 32, -1: 64})
+        Traceback (most recent call last):
+        ...
+        ValueError: `schedule` keys must be epochs (integers >= 0), got -1
+    """
+    if not isinstance(schedule, Mapping) or not schedule:
+        raise ValueError(f"`{name}` must be a non-empty dict of epoch -> batch size, got {schedule!r}")
+    checked: dict[int, int] = {}
+    for epoch, size in schedule.items():
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"`{name}` keys must be epochs (integers >= 0), got {epoch!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"`{name}` values must be batch sizes (integers >= 1), got {size!r} at epoch {epoch}")
+        checked[epoch] = size
+    return dict(sorted(checked.items()))
+
+
+def batch_size_at(schedule: Mapping[int, int], epoch: int, default: int) -> int:
+    """The batch size of ``epoch``: the value of the latest key ≤ ``epoch``, or ``default`` before the first key.
+
+    Example:
+        >>> schedule = {2: 64, 4: 256}
+        >>> [batch_size_at(schedule, epoch, default=32) for epoch in range(6)]
+        [32, 32, 64, 64, 256, 256]
+    """
+    size = default
+    for start, value in sorted(schedule.items()):
+        if start > epoch:
+            break
+        size = value
+    return size
