@@ -7,6 +7,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightning_emascale import SampleClockLR, WarmupCosine
+
+SAMPLE_CLOCK_LR = WarmupCosine(warmup=0.2, final=0.1)
 
 
 class TinyModel(L.LightningModule):
@@ -19,6 +24,8 @@ class TinyModel(L.LightningModule):
         optimizer: str = "sgd",
         lr: float = 0.1,
         scheduler: str | None = None,
+        loader: str = "plain",
+        shuffle: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -42,7 +49,11 @@ class TinyModel(L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.hparams.batch_size)
+        # "stateful" (torchdata) lets Lightning resume mid-epoch at the exact batch; a plain DataLoader restarts
+        # the interrupted epoch's data from its first batch.
+        cls = StatefulDataLoader if self.hparams.loader == "stateful" else DataLoader
+        dataset = TensorDataset(self.x, self.y)
+        return cls(dataset, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x[:8], self.y[:8]), batch_size=4)
@@ -61,6 +72,7 @@ class TinyModel(L.LightningModule):
             "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9),
             "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step)),
             "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=100),
+            "sample_clock": lambda: SampleClockLR(optimizer, SAMPLE_CLOCK_LR),
         }
         if self.hparams.scheduler is None:
             return optimizer

@@ -130,6 +130,7 @@ class EMAScalingCallback(Callback):
         self._scaled_groups: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self._swap: Optional[AbstractContextManager[None]] = None
         self._module_holds_eval_weights = False
+        self._derived_total: Optional[int] = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -202,17 +203,22 @@ class EMAScalingCallback(Callback):
             return None, "fit has not started"
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
-        if trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+        if trainer.limit_train_batches != 1.0 or trainer.overfit_batches:  # type: ignore[attr-defined]
             return None, "`limit_train_batches` or `overfit_batches` is set"
         loader = trainer.train_dataloader
         if loader is None:
+            # Between a ProgressiveBatchCallback's reset and the next epoch's rebuild: the total does not
+            # depend on the batch size, so the value derived from the last loader still holds.
+            if self._derived_total is not None:
+                return self._derived_total, ""
             return None, "the train dataloader is not loaded yet"
         if not isinstance(loader, torch.utils.data.DataLoader):
             return None, f"the train dataloader is a {type(loader).__name__}, not a single DataLoader"
         sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
         if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
             return None, "the train dataset has no length (an IterableDataset)"
-        return trainer.max_epochs * len(sampler) * trainer.world_size, ""
+        self._derived_total = trainer.max_epochs * len(sampler) * trainer.world_size  # type: ignore[arg-type]
+        return self._derived_total, ""
 
     def momentum_at(self, progress: float) -> float:
         r"""The momentum at the base batch size at ``progress`` (before :math:`\kappa`). Override to reshape it.
@@ -312,13 +318,16 @@ class EMAScalingCallback(Callback):
                 config.scheduler.attach(self)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The train dataloader of the epoch exists now (a ProgressiveBatchCallback may have rebuilt it).
+        self._derived_total = None
         clocked = any(config.scheduler.clock is self for config in self._clocked_schedulers(trainer))
         if not (self._uses_progress() or clocked):
             return
         total = self.resolved_total_samples  # raises now, not at the first step, when it cannot be derived
         derived, _ = self._derive_total_samples()
         if self.total_samples is not None and derived is not None and trainer.max_steps == -1 and derived > total:
+            assert trainer.max_epochs is not None
             raise ValueError(
                 f"`total_samples`={total} is less than the {derived} samples this run trains on (max_epochs"
                 f" {trainer.max_epochs} x {derived // trainer.max_epochs} per epoch): raise it, or drop it to derive it"

@@ -69,11 +69,9 @@ class ProgressiveBatchCallback(Callback):
     # ------------------------------------------------------------------------------------------ checks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning itself refuses two instances: they share a state key.
         if stage != "fit":
             return
-        others = [c for c in trainer.callbacks if isinstance(c, ProgressiveBatchCallback)]  # type: ignore[attr-defined]
-        if len(others) > 1:
-            raise ValueError(f"Only one ProgressiveBatchCallback may be used per Trainer, got {len(others)}")
         if self.mode == "batch_size":
             self._check_batch_size_mode(trainer, pl_module)
         else:
