@@ -115,7 +115,7 @@ def test_algorithm1_every_step_matches_an_independent_reference():
     L.seed_everything(0)
     model = TinyModel(n_samples=N, batch_size=BASE, lr=ETA, scheduler="sample_clock")
     reference = algorithm1_reference(model, SCHEDULE, EPOCHS)
-    trainer, _, ema, log = progressive_run(model=model)
+    _, _, ema, log = progressive_run(model=model)
 
     assert len(log.rows) == len(reference) == 16 + 16 + 8 + 8 + 2 + 2
     assert [row["kappa"] for row in log.rows] == [1.0] * 32 + [2.0] * 16 + [8.0] * 4
@@ -175,11 +175,11 @@ def test_accumulation_mode_grows_the_batch_without_touching_the_dataloader():
     [(20, "mid-epoch 2, after the 2 -> 4 transition"), (32, "last batch of epoch 3, before the 4 -> 16 transition")],
 )
 def test_resume_is_bit_identical(tmp_path, resume_step, where):
-    full_trainer, full_model, full_ema, full_log = progressive_run(tmp_path, checkpoint_every=4)
+    _, full_model, full_ema, full_log = progressive_run(tmp_path, checkpoint_every=4)
     ckpt = tmp_path / f"step={resume_step}.ckpt"
     assert ckpt.exists(), sorted(p.name for p in tmp_path.iterdir())
 
-    trainer, model, ema, log = progressive_run(ckpt_path=str(ckpt))
+    _, model, ema, log = progressive_run(ckpt_path=str(ckpt))
     assert [row["epoch"] for row in log.rows][:1] == [full_log.rows[resume_step]["epoch"]], where
     assert ema.samples_seen == full_ema.samples_seen
     assert ema.optimizer_steps == full_ema.optimizer_steps
