@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_emascale import SampleClockLR, WarmupCosine
@@ -26,6 +26,7 @@ class TinyModel(L.LightningModule):
         scheduler: str | None = None,
         loader: str = "plain",
         shuffle: bool = False,
+        own_sampler: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +54,13 @@ class TinyModel(L.LightningModule):
         # the interrupted epoch's data from its first batch.
         cls = StatefulDataLoader if self.hparams.loader == "stateful" else DataLoader
         dataset = TensorDataset(self.x, self.y)
+        if self.hparams.own_sampler:
+            # With Trainer(use_distributed_sampler=False): seeded by the epoch *before* a stateful loader
+            # restores its position, so a shuffled DDP order survives a mid-epoch resume.
+            trainer = self.trainer
+            sampler = DistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=True, seed=0)
+            sampler.set_epoch(trainer.current_epoch)
+            return cls(dataset, batch_size=self.hparams.batch_size, sampler=sampler)
         return cls(dataset, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:

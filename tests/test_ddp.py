@@ -11,21 +11,25 @@ import torch
 HERE = Path(__file__).parent
 
 
-def test_ddp_two_processes_kappa_counts_world_size(tmp_path):
-    out = tmp_path / "result.pt"
+def run_script(script: str, out: Path, cwd: Path, timeout: int = 300) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     try:
         proc = subprocess.run(
-            [sys.executable, str(HERE / "ddp_run.py"), str(out)],
+            [sys.executable, str(HERE / script), str(out)],
             env=env,
-            cwd=tmp_path,
+            cwd=cwd,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as err:  # pragma: no cover - a hang is a failure, never a stall
-        pytest.fail(f"the DDP run did not finish in 300 s: {err.stdout!r} {err.stderr!r}")
+        pytest.fail(f"the DDP run did not finish in {timeout} s: {err.stdout!r} {err.stderr!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_ddp_two_processes_kappa_counts_world_size(tmp_path):
+    out = tmp_path / "result.pt"
+    run_script("ddp_run.py", out, tmp_path)
     result = torch.load(out, weights_only=False)
     metrics = result["metrics"]
     # 24 samples per epoch split over 2 ranks, micro-batch 3, accumulation 2: 2 steps per epoch of 12 samples
@@ -34,3 +38,24 @@ def test_ddp_two_processes_kappa_counts_world_size(tmp_path):
     assert metrics["ema/samples_seen"] == 48
     assert metrics["ema/momentum"] == pytest.approx(0.81)
     assert metrics["ema/lr-SGD"] == pytest.approx(0.2)
+
+
+def test_ddp_progressive_batch_growth_and_bit_identical_resume(tmp_path):
+    run_script("ddp_progressive_run.py", tmp_path, tmp_path, timeout=420)
+    shuffled = torch.load(tmp_path / "shuffled.pt", weights_only=False)
+    assert [kappa for _, _, kappa, _ in shuffled["rows"]] == [1.0] * 8 + [2.0] * 4 + [4.0] * 2
+    assert len({tuple(ids) for ids in shuffled["epoch_ids"].values()}) == 3  # a new order every epoch
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    # per-device 2, 4, 8 on 2 ranks = global 4, 8, 16 against base 4; 16 samples per rank per epoch
+    assert [(epoch, kappa) for epoch, _, kappa, _ in full["rows"]] == [(0, 1.0)] * 8 + [(1, 2.0)] * 4 + [(2, 4.0)] * 2
+    assert full["rows"][-1][1] == 96  # samples seen: 3 epochs x 32
+    assert full["batch_size"] == resumed["batch_size"] == 8
+    # resumed after step 10 (mid-epoch 1): the same remaining steps, then bit-identical weights and EMA
+    assert resumed["rows"] == full["rows"][10:]
+    assert resumed["epoch_ids"][1] == full["epoch_ids"][1][-8:]  # the rest of the interrupted epoch
+    assert resumed["epoch_ids"][2] == full["epoch_ids"][2]
+    for name, value in full["raw"].items():
+        assert torch.equal(resumed["raw"][name], value), name
+    for name, value in full["ema"].items():
+        assert torch.equal(resumed["ema"][name], value), name
