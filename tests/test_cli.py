@@ -4,14 +4,13 @@ import pytest
 from helpers import TinyModel
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_emascale import AdamScalingRule, EMAScalingCallback
+from lightning_emascale import AdamScalingRule, EMAScalingCallback, ProgressiveBatchCallback, SampleClockLR
 
 
 def _cli(*args):
     argv = [
         "any.py",
         "fit",
-        "--trainer.max_epochs=1",
         "--trainer.logger=false",
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
@@ -25,6 +24,7 @@ def _cli(*args):
 
 def test_configured_from_the_command_line(tmp_path):
     cli = _cli(
+        "--trainer.max_epochs=1",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks+=lightning_emascale.EMAScalingCallback",
         "--trainer.callbacks.momentum=0.99",
@@ -54,7 +54,39 @@ trainer:
           class_path: lightning_emascale.AdamScalingRule
 """
     )
-    cli = _cli(f"--config={config}", f"--trainer.default_root_dir={tmp_path}")
+    cli = _cli(f"--config={config}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1")
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, EMAScalingCallback))
     assert isinstance(callback.optimizer_rule, AdamScalingRule)
     assert float(cli.trainer.callback_metrics["ema/momentum"]) == pytest.approx(0.996**2)
+
+
+def test_progressive_scaling_on_the_sample_clock_from_a_config_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+model:
+  batch_size: 2
+  scheduler: sample_clock
+trainer:
+  max_epochs: 2
+  callbacks:
+    - class_path: lightning_emascale.ProgressiveBatchCallback
+      init_args:
+        schedule: {0: 2, 1: 8}
+    - class_path: lightning_emascale.EMAScalingCallback
+      init_args:
+        momentum: 0.99
+        momentum_schedule: cosine
+        final_momentum: 1.0
+        optimizer_rule: sgd
+"""
+    )
+    cli = _cli(f"--config={config}", f"--trainer.default_root_dir={tmp_path}")
+    progressive = next(c for c in cli.trainer.callbacks if isinstance(c, ProgressiveBatchCallback))
+    ema = next(c for c in cli.trainer.callbacks if isinstance(c, EMAScalingCallback))
+    assert progressive.schedule == {0: 2, 1: 8}
+    assert cli.model.hparams.batch_size == 8
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, SampleClockLR)
+    assert ema.samples_seen == ema.resolved_total_samples == 64
+    assert cli.trainer.callback_metrics["ema/kappa"] == 4.0
+    assert cli.trainer.callback_metrics["progressive/batch_size"] == 8.0

@@ -20,10 +20,12 @@ def test_quickstart_runs_and_reports_the_scaled_momentum(tmp_path):
     assert "samples seen 7373 in 58 optimizer steps" in proc.stdout  # 90% of 8192 samples, 64 x 2 per step
 
 
+ARGS = "--epochs 3 --schedule 0:32,1:64,2:128 --samples 1280 --out plot.png"
+
+
 def test_progressive_example_writes_the_plot_and_reports_transitions(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "progressive.py"), "--epochs", "3", "--schedule", "0:32,1:64,2:128"]
-        + ["--samples", "1280", "--out", "plot.png"],
+        [sys.executable, str(EXAMPLES / "progressive.py"), *ARGS.split()],
         cwd=tmp_path,
         capture_output=True,
         text=True,
