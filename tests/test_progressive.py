@@ -228,8 +228,11 @@ def test_transitions_are_logged_and_shown_in_the_progress_bar(caplog):
     # one entry at each transition (epochs 0, 2, 4) at the step it takes effect, besides the per-step logs
     transitions = [(step, value) for step, value in announced if step in (0, 32, 48)]
     assert (0, 2.0) in transitions and (32, 4.0) in transitions and (48, 16.0) in transitions
-    assert "epoch 2 trains with 4 per device x 1 accumulated x 1 devices = 4 samples per optimizer step" in caplog.text
-    assert "(was 2 x 1)" in caplog.text
+    assert (
+        "epoch 2 trains with 4 per device x 1 accumulated x 1 devices = 4 samples per optimizer step (was 2 x 1),"
+        " kappa 2 for 'ema'" in caplog.text
+    )
+    assert "= 16 samples per optimizer step (was 4 x 1), kappa 8 for 'ema'" in caplog.text
     assert trainer.progress_bar_metrics["progressive/batch_size"] == 16.0
     assert trainer.progress_bar_metrics["ema/kappa"] == 8.0
     kappas = [m["ema/kappa"] for step, m in logger.logged if "ema/kappa" in m]

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
 
 _FORMAT = 1
@@ -185,7 +186,7 @@ class ProgressiveBatchCallback(Callback):
             rank_zero_info(
                 f"ProgressiveBatchCallback: epoch {trainer.current_epoch} trains with {micro} per device x"
                 f" {current[1]} accumulated x {trainer.world_size} devices = {global_batch} samples per"
-                f" optimizer step{change}"
+                f" optimizer step{change}{_kappas(trainer, global_batch)}"
             )
             metrics = {"progressive/batch_size": float(global_batch)}
             if self.mode == "accumulation":
@@ -243,6 +244,17 @@ class ProgressiveBatchCallback(Callback):
             )
         self._epoch = state_dict["epoch"]
         self._initial = state_dict["initial"]
+
+
+def _kappas(trainer: pl.Trainer, global_batch: int) -> str:
+    """The kappa each EMAScalingCallback will measure for a full step, for the transition message."""
+    emas = [c for c in trainer.callbacks if isinstance(c, EMAScalingCallback)]  # type: ignore[attr-defined]
+    parts = [
+        f"kappa {global_batch / c.resolved_base_batch_size:g} for {c.name!r}"
+        for c in emas
+        if c.resolved_base_batch_size is not None
+    ]
+    return f", {', '.join(parts)}" if parts else ""
 
 
 def _loaders(iterables: Any) -> list[Any]:
