@@ -321,7 +321,10 @@ class EMAScalingCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The train dataloader of the epoch exists now (a ProgressiveBatchCallback may have rebuilt it).
         self._derived_total = None
-        clocked = any(config.scheduler.clock is self for config in self._clocked_schedulers(trainer))
+        clocked = any(
+            isinstance(config.scheduler, SampleClockLR) and config.scheduler.clock is self
+            for config in trainer.lr_scheduler_configs
+        )
         if not (self._uses_progress() or clocked):
             return
         total = self.resolved_total_samples  # raises now, not at the first step, when it cannot be derived
@@ -332,10 +335,6 @@ class EMAScalingCallback(Callback):
                 f"`total_samples`={total} is less than the {derived} samples this run trains on (max_epochs"
                 f" {trainer.max_epochs} x {derived // trainer.max_epochs} per epoch): raise it, or drop it to derive it"
             )
-
-    @staticmethod
-    def _clocked_schedulers(trainer: pl.Trainer) -> list[Any]:
-        return [config for config in trainer.lr_scheduler_configs if isinstance(config.scheduler, SampleClockLR)]
 
     def _track(self, pl_module: pl.LightningModule) -> None:
         tracked: dict[int, int] = {}

@@ -121,7 +121,7 @@ class ProgressiveBatchCallback(Callback):
         # Before the first train dataloader is built, so that a resumed run (whose dataloader state Lightning
         # restores into that first loader) gets the right size. `on_train_start` checks the guess.
         if self.mode == "batch_size":
-            self._set_batch_size(pl_module, self._epoch or 0)
+            self._apply(trainer, pl_module, self._epoch or 0)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,7 +148,6 @@ class ProgressiveBatchCallback(Callback):
     def _set_batch_size(self, pl_module: pl.LightningModule, epoch: int) -> bool:
         assert self._initial is not None
         value = batch_size_at(self.schedule, epoch, default=self._initial)
-        self._epoch = epoch
         if lightning_getattr(pl_module, self.batch_arg_name) == value:
             return False
         lightning_setattr(pl_module, self.batch_arg_name, value)
