@@ -194,3 +194,31 @@ def reference_update(ema: Sequence[Tensor], model: Sequence[Tensor], decay: floa
             ema_tensor.lerp_(model_tensor.to(ema_tensor.dtype), 1.0 - decay)
         else:
             ema_tensor.copy_(model_tensor)
+
+
+class TeacherState:
+    """Moves existing teacher tensors toward their online twins: ``teacher <- decay * teacher + (1 - decay) * online``.
+
+    The teacher mode of BYOL, DINO and MoCo: the EMA is a submodule the loss already uses, so nothing is copied.
+    Pairs are grouped by (device, dtype) for one ``_foreach_lerp_`` per group; a pair whose dtypes differ (an fp32
+    teacher of a bf16 student) is lerped one tensor at a time.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        self.mixed: list[tuple[Tensor, Tensor]] = []
+        for teacher, online in pairs:
+            if teacher.dtype != online.dtype or teacher.device != online.device:
+                self.mixed.append((teacher, online))
+                continue
+            teachers, onlines = self.groups.setdefault((teacher.device, teacher.dtype), ([], []))
+            teachers.append(teacher)
+            onlines.append(online)
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        weight = 1.0 - decay
+        for teachers, onlines in self.groups.values():
+            torch._foreach_lerp_(teachers, onlines, weight)
+        for teacher, online in self.mixed:
+            teacher.lerp_(online.to(teacher.dtype), weight)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_emascale._ema import EMAPrecision, EMAState
+from lightning_emascale._ema import EMAPrecision, EMAState, TeacherState
 from lightning_emascale.functional import _check_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import NoScalingRule, OptimizerRule, resolve_rule
@@ -73,6 +73,18 @@ class EMAScalingCallback(Callback):
             :attr:`progress`. ``None`` derives it as ``max_epochs`` × samples per epoch when progress is
             needed; pass it when that cannot be derived (an ``IterableDataset``, a run bounded by
             ``max_steps``, ``limit_train_batches``).
+        teachers: **teacher mode**: online → teacher submodule paths of the LightningModule, e.g.
+            ``{"backbone": "backbone_momentum", "projection_head": "projection_head_momentum"}`` (lightly's
+            BYOL). After each optimizer step every teacher parameter moves toward its online twin with
+            :math:`\hat\rho`; there is no separate EMA copy and nothing is swapped for evaluation (the default
+            ``evaluate_with_ema=None`` means False here, True otherwise). Teachers must not require grad. Like
+            lightly's ``update_momentum``, only parameters are averaged: a teacher's buffers (BatchNorm
+            statistics) come from its own forward passes.
+        momentum_attributes: other momenta to keep batch-size invariant: attribute path → its value at
+            ``base_batch_size``, e.g. ``{"criterion.center_momentum": 0.9}`` for DINO's loss center. The
+            attribute is updated on every forward, so before every micro-batch it is set to
+            :math:`\rho^{b/B}` for that micro-batch's global size :math:`b`, and restored when fit ends.
+            Needs ``base_batch_size``.
 
     Example:
         >>> from lightning_emascale import EMAScalingCallback
@@ -86,7 +98,7 @@ class EMAScalingCallback(Callback):
         momentum: float = 0.999,
         base_batch_size: Optional[int] = None,
         optimizer_rule: Union[Literal["sgd", "adam", "none"], OptimizerRule, None] = None,
-        evaluate_with_ema: bool = True,
+        evaluate_with_ema: Optional[bool] = None,
         update_every: int = 1,
         warmup: bool = False,
         ema_precision: Literal["fp32", "model"] = "fp32",
@@ -94,11 +106,26 @@ class EMAScalingCallback(Callback):
         momentum_schedule: Literal["constant", "cosine"] = "constant",
         final_momentum: Optional[float] = None,
         total_samples: Optional[int] = None,
+        teachers: Optional[dict[str, str]] = None,
+        momentum_attributes: Optional[dict[str, float]] = None,
     ) -> None:
         self.momentum = _check_momentum(momentum)
         self.base_batch_size = _check_positive_int(base_batch_size, "base_batch_size", allow_none=True)
         self.optimizer_rule = resolve_rule(optimizer_rule)
+        self.teachers = _check_paths(teachers, "teachers", str)
+        if self.teachers and evaluate_with_ema:
+            raise ValueError(
+                "`evaluate_with_ema=True` needs a separate EMA copy to swap in, and teacher mode (`teachers`) keeps"
+                " none: evaluate the teacher submodules directly, or add a second EMAScalingCallback without"
+                " `teachers` for a Polyak EMA of the student"
+            )
+        if evaluate_with_ema is None:
+            evaluate_with_ema = not self.teachers
         self.evaluate_with_ema = _check_bool(evaluate_with_ema, "evaluate_with_ema")
+        self.momentum_attributes = {
+            path: _check_momentum(value, f"momentum_attributes[{path!r}]")
+            for path, value in (_check_paths(momentum_attributes, "momentum_attributes", (int, float)) or {}).items()
+        }
         self.update_every = _check_positive_int(update_every, "update_every")
         self.warmup = _check_bool(warmup, "warmup")
         if ema_precision not in ("fp32", "model"):
@@ -121,8 +148,16 @@ class EMAScalingCallback(Callback):
             None if final_momentum is None else _check_momentum(final_momentum, "final_momentum", allow_one=True)
         )
         self.total_samples = _check_positive_int(total_samples, "total_samples", allow_none=True)
+        if self.momentum_attributes and self.base_batch_size is None:
+            raise ValueError(
+                "`momentum_attributes` are scaled per micro-batch from its first forward on, so they need"
+                " `base_batch_size` (the global batch size their momenta were tuned at)"
+            )
 
         self._ema: Optional[EMAState] = None
+        self._teacher_state: Optional[TeacherState] = None
+        # momentum_attributes resolved: (path, owner, attribute name, original value, base momentum)
+        self._attributes: list[tuple[str, Any, str, float, float]] = []
         self._module: Optional[pl.LightningModule] = None
         self._aliases: dict[str, int] = {}
         self._loaded: Optional[dict[str, Any]] = None
@@ -304,11 +339,18 @@ class EMAScalingCallback(Callback):
                     f" ({type(optimizer).__name__}). Use 'sgd' for SGD, 'adam' for Adam/AdamW/RMSprop/NAdam/RAdam/"
                     "Adamax, a custom OptimizerRule, or None to scale the EMA only."
                 )
-        if self._ema is None or self._module is not pl_module:
-            self._track(pl_module)
+        if self._module is not pl_module or (self._ema is None and self._teacher_state is None):
+            if self.teachers:
+                self._track_teachers(pl_module)
+            else:
+                self._track(pl_module)
         if self._loaded is not None:
-            self._require_ema().load_state_dict(self._loaded["ema"])
+            if self._ema is not None and "ema" in self._loaded:
+                self._ema.load_state_dict(self._loaded["ema"])
             self._loaded = None
+        self._attributes = [
+            (path, *_resolve_attribute(pl_module, path), base) for path, base in self.momentum_attributes.items()
+        ]
         for optimizer in trainer.optimizers:
             if not isinstance(self.optimizer_rule, NoScalingRule):
                 self._hooks.append(optimizer.register_step_pre_hook(self._scale_hyperparameters))
@@ -348,8 +390,38 @@ class EMAScalingCallback(Callback):
         self._ema = EMAState(named, precision=self.ema_precision)
         self._module = pl_module
 
+    def _track_teachers(self, pl_module: pl.LightningModule) -> None:
+        assert self.teachers is not None
+        pairs: list[tuple[Tensor, Tensor]] = []
+        for online_path, teacher_path in self.teachers.items():
+            online = dict(_submodule(pl_module, online_path).named_parameters())
+            teacher = dict(_submodule(pl_module, teacher_path).named_parameters())
+            mirror = f"Teacher {teacher_path!r} does not mirror {online_path!r}"
+            if online.keys() != teacher.keys():
+                only = sorted(online.keys() ^ teacher.keys())
+                raise ValueError(f"{mirror}: parameters {only[:5]} are in only one of them")
+            trainable = [f"{teacher_path}.{name}" for name, tensor in teacher.items() if tensor.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"Teacher {teacher_path!r} still requires grad ({', '.join(trainable[:3])}, ...): freeze it with"
+                    f" `self.{teacher_path}.requires_grad_(False)` (lightly: `deactivate_requires_grad`), so that"
+                    " only the EMA moves it"
+                )
+            for name, tensor in online.items():
+                if teacher[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
+                        f" {tuple(tensor.shape)} in the online module"
+                    )
+                pairs.append((teacher[name], tensor))
+        self._teacher_state = TeacherState(pairs)
+        self._module = pl_module
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for _, owner, name, original, _ in self._attributes:
+            setattr(owner, name, original)
+        self._attributes = []
         self._restore_hyperparameters()
         for handle in self._hooks:
             handle.remove()
@@ -365,8 +437,15 @@ class EMAScalingCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._window_samples += self.batch_size_of(batch)
+        samples = self.batch_size_of(batch)
+        self._window_samples += samples
         self._step_at_batch_start = trainer.global_step
+        if self._attributes:
+            # updated on every forward (DINO's center): scale by this micro-batch's global size
+            assert self._base is not None
+            kappa = samples * trainer.world_size / self._base
+            for _, owner, name, _, base in self._attributes:
+                setattr(owner, name, scale_ema_momentum(base, kappa))
 
     def _window_kappa(self, world_size: int) -> tuple[int, float]:
         global_batch = self._window_samples * world_size
@@ -424,7 +503,8 @@ class EMAScalingCallback(Callback):
         self._window_closed = False
         self._pending_decay *= self._step_momentum
         if self._optimizer_steps % self.update_every == 0:
-            self._require_ema().update(self._pending_decay)
+            averager = self._teacher_state if self._teacher_state is not None else self._require_ema()
+            averager.update(self._pending_decay)
             self._ema_updates += 1
             self._pending_decay = 1.0
         if trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False):
@@ -443,6 +523,9 @@ class EMAScalingCallback(Callback):
                 for index, group in enumerate(optimizer.param_groups):
                     self._effective_lrs[self._lr_key(optimizer, index)] = group["lr"]
         metrics.update(self._effective_lrs)
+        metrics.update(
+            {f"{prefix}/{path}": float(getattr(owner, name)) for path, owner, name, _, _ in self._attributes}
+        )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def _lr_key(self, optimizer: torch.optim.Optimizer, group_index: int) -> str:
@@ -498,17 +581,19 @@ class EMAScalingCallback(Callback):
     # -------------------------------------------------------------------------------------- checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._ema is None:
+        if self._ema is None and self._teacher_state is None:
             return dict(self._loaded) if self._loaded is not None else {}
-        return {
+        state: dict[str, Any] = {
             "format": _FORMAT,
             "base_batch_size": self._base,
             "samples_seen": self._samples_seen,
             "optimizer_steps": self._optimizer_steps,
             "ema_updates": self._ema_updates,
             "pending_decay": self._pending_decay,
-            "ema": self._ema.state_dict(),
         }
+        if self._ema is not None:  # teacher mode: the teachers are in the module's own state_dict
+            state["ema"] = self._ema.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -528,7 +613,7 @@ class EMAScalingCallback(Callback):
         self._window_samples = 0
         self._window_closed = False
         self._loaded = state_dict
-        if self._ema is not None and self._module is not None:
+        if self._ema is not None and self._module is not None and "ema" in state_dict:
             self._ema.load_state_dict(state_dict["ema"])
             self._loaded = None
 
@@ -573,6 +658,11 @@ class EMAScalingCallback(Callback):
             self._module_holds_eval_weights = True  # the module already holds the EMA from "state_dict"
 
     def _require_ema(self) -> EMAState:
+        if self.teachers:
+            raise RuntimeError(
+                f"Teacher mode keeps no separate EMA: the EMA weights are the module's teacher submodules"
+                f" {sorted(self.teachers.values())}. Use those directly."
+            )
         if self._ema is None:
             raise RuntimeError(
                 "The EMA does not exist yet: it is created when `trainer.fit` starts. Call this inside or after fit."
@@ -587,6 +677,50 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> Any:
         allowed = "a positive integer" + (" or None" if allow_none else "")
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
     return value
+
+
+def _check_paths(value: Any, name: str, value_type: Any) -> Optional[dict[str, Any]]:
+    """A non-empty dict of attribute path -> ``value_type``, copied; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"`{name}` must be a non-empty dict of attribute paths, got {value!r}")
+    for path, item in value.items():
+        if not isinstance(path, str) or not path or isinstance(item, bool) or not isinstance(item, value_type):
+            raise ValueError(
+                f"`{name}` must map attribute paths (strings) to {_type_names(value_type)}, got {path!r}: {item!r}"
+            )
+    return dict(value)
+
+
+def _type_names(value_type: Any) -> str:
+    return "strings" if value_type is str else "numbers"
+
+
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(
+            f"`teachers` names {path!r}, which is not a submodule of {type(module).__name__}; its children are"
+            f" {children}"
+        ) from None
+
+
+def _resolve_attribute(module: torch.nn.Module, path: str) -> tuple[Any, str, float]:
+    """The object that holds the attribute at ``path``, the attribute's name and its current value."""
+    *owners, name = path.split(".")
+    owner: Any = module
+    try:
+        for part in owners:
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
+    except AttributeError:
+        raise ValueError(f"`momentum_attributes` names {path!r}, which {type(module).__name__} does not have") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`momentum_attributes` names {path!r}, which holds {value!r}, not a number")
+    return owner, name, value
 
 
 def _check_bool(value: Any, name: str) -> bool:
