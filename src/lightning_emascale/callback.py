@@ -27,6 +27,15 @@ _FORMAT = 1
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
+def _is_one_of(instance: Any, classes: tuple[type, ...]) -> bool:
+    """``isinstance`` by class name too, so the twins from the standalone ``pytorch_lightning`` package count.
+
+    Its Trainer runs these callbacks as they are (lightly's examples use it); only the class objects differ.
+    """
+    names = {cls.__name__ for cls in classes}
+    return isinstance(instance, classes) or any(cls.__name__ in names for cls in type(instance).__mro__)
+
+
 class EMAScalingCallback(Callback):
     r"""Keep a model EMA whose horizon, counted in samples, does not depend on the batch size.
 
@@ -315,7 +324,7 @@ class EMAScalingCallback(Callback):
     # ------------------------------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, _SHARDED):
+        if _is_one_of(trainer.strategy, _SHARDED):
             raise RuntimeError(
                 f"EMAScalingCallback keeps a full copy of the parameters and supports single-device and DDP"
                 f" strategies, got {type(trainer.strategy).__name__}. Use `strategy='ddp'` (or 'ddp_spawn')."
