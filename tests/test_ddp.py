@@ -59,3 +59,11 @@ def test_ddp_progressive_batch_growth_and_bit_identical_resume(tmp_path):
         assert torch.equal(resumed["raw"][name], value), name
     for name, value in full["ema"].items():
         assert torch.equal(resumed["ema"][name], value), name
+
+
+def test_ddp_teachers_stay_identical_across_ranks(tmp_path):
+    out = tmp_path / "teacher.pt"
+    run_script("ddp_teacher_run.py", out, tmp_path)
+    result = torch.load(out, weights_only=False)
+    assert result["checks"] == 8  # 16 samples per rank per epoch in batches of 4, 2 epochs: checked every step
+    assert result["moved"]  # the teacher followed the (DDP-synchronised) student
