@@ -18,6 +18,7 @@ import argparse
 
 import lightning as L
 import torch
+from dynamics import Trace
 from quickstart import Classifier, cifar10, synthetic
 from torch.utils.data import DataLoader, random_split
 
@@ -25,9 +26,12 @@ from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback, Sam
 
 
 class Data(L.LightningDataModule):
-    def __init__(self, dataset, batch_size: int) -> None:
+    """The synthetic 10-class problem of quickstart.py (or CIFAR-10), 90% train and 10% validation."""
+
+    def __init__(self, batch_size: int = 32, samples: int = 8192, cifar10_root: str | None = None) -> None:
         super().__init__()
         self.batch_size = batch_size  # ProgressiveBatchCallback sets this, as BatchSizeFinder would
+        dataset = cifar10(cifar10_root)[0] if cifar10_root else synthetic(n=samples)
         self.train, self.val = random_split(dataset, [0.9, 0.1], generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self):
@@ -45,56 +49,8 @@ class ScheduledClassifier(Classifier):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class Trace(L.Callback):
-    """Per optimizer step: samples seen before it, global batch, kappa, rho-hat and the LR the step used."""
-
-    def __init__(self, ema: EMAScalingCallback) -> None:
-        self.ema = ema
-        self.rows: list[tuple[int, int, float, float, float, int]] = []
-        self._before, self._lr, self._step = 0, 0.0, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._step = trainer.global_step
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._lr = optimizer.param_groups[0]["lr"]  # inside the step: already scaled by kappa
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > self._step:
-            batch = self.ema.samples_seen - self._before
-            row = (self._before, batch, self.ema.kappa, self.ema.ema_momentum, self._lr, trainer.current_epoch)
-            self.rows.append(row)
-            self._before = self.ema.samples_seen
-
-
 def parse_schedule(text: str) -> dict[int, int]:
     return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
-
-
-def plot(rows, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = [row[0] for row in rows]  # the short last batch of each epoch shows as a dip
-    fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
-    for axis, column, label in zip(
-        axes, (1, 2, 3, 4), ("global batch", "kappa", "EMA momentum rho-hat", "learning rate (scaled)")
-    ):
-        axis.step(samples, [row[column] for row in rows], where="post", label="used at the step")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    # Undo the scaling: what is left is the base-batch schedule of samples seen, smooth across transitions
-    axes[2].plot(samples, [row[3] ** (1 / row[2]) for row in rows], "--", label="rho-hat^(1/kappa)")
-    axes[3].plot(samples, [row[4] / row[2] for row in rows], "--", label="LR / kappa")
-    for axis in axes[2:]:
-        axis.legend(loc="lower left", fontsize=8)
-    axes[1].set_yscale("log", base=2)
-    axes[-1].set_xlabel("samples seen")
-    fig.suptitle("Progressive batch growth on the sample clock")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -109,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     L.seed_everything(0)
-    dataset, features = cifar10(args.cifar10) if args.cifar10 else (synthetic(n=args.samples), 64)
+    features = 3 * 32 * 32 if args.cifar10 else 64
     base = args.schedule[min(args.schedule)]
     ema = EMAScalingCallback(
         momentum=0.99,
@@ -130,24 +86,13 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(ScheduledClassifier(features, lr=args.lr), datamodule=Data(dataset, batch_size=base))
+    trainer.fit(ScheduledClassifier(features, lr=args.lr), datamodule=Data(base, args.samples, args.cifar10))
 
-    print("first step of each epoch (rho-hat^(1/kappa) and LR/kappa are the base-batch schedules at that sample):")
-    header = ("epoch", "samples seen", "global batch", "kappa", "rho-hat", "rho-hat^(1/kappa)", "LR", "LR/kappa")
-    print("{:>5} {:>12} {:>12} {:>6} {:>9} {:>17} {:>8} {:>8}".format(*header))
-    epoch = -1
-    for samples, batch, kappa, momentum, lr, row_epoch in trace.rows:
-        if row_epoch != epoch:
-            epoch = row_epoch
-            unscaled = momentum ** (1 / kappa)
-            print(
-                f"{epoch:>5} {samples:>12} {batch:>12} {kappa:>6g} {momentum:>9.6f} {unscaled:>17.6f}"
-                f" {lr:>8.5f} {lr / kappa:>8.5f}"
-            )
+    trace.print_epochs()
     print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
     m = trainer.callback_metrics
     print(f"validation accuracy: raw {m['val_acc_raw']:.4f}, EMA {m['val_acc_ema']:.4f}")
-    plot(trace.rows, args.out)
+    trace.plot(args.out, "Progressive batch growth on the sample clock")
     print(f"wrote {args.out}")
 
 

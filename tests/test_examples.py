@@ -1,6 +1,9 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 QUICKSTART = EXAMPLES / "quickstart.py"
@@ -39,3 +42,31 @@ def test_progressive_example_writes_the_plot_and_reports_transitions(tmp_path):
     assert "total: 3456 samples in 63 optimizer steps, progress 1.000" in proc.stdout
     png = tmp_path / "plot.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize(("script", "teacher"), [("byol.py", "momentum backbone"), ("dino.py", "teacher backbone")])
+def test_self_supervised_examples_run_on_generated_images(tmp_path, script, teacher):
+    args = "--epochs 2 --schedule 0:8,1:16 --train-samples 64 --out plot.png".split()
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total: 128 samples in 12 optimizer steps, progress 1.000" in proc.stdout  # 8 steps of 8, 4 of 16
+    accuracy = re.search(rf"{teacher} (\d\.\d+)", proc.stdout)
+    assert accuracy and 0.0 <= float(accuracy.group(1)) <= 1.0, proc.stdout[-2000:]
+    assert "= 16 samples per optimizer step (was 8 x 1), kappa 2 for 'ema'" in proc.stderr
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses_and_runs_one_step(tmp_path, config):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", f"--config={config}", "--trainer.fast_dev_run=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`max_steps=1` reached" in proc.stderr
+    assert "samples per optimizer step, kappa 1 for 'ema'" in proc.stderr

@@ -1,0 +1,120 @@
+"""Image data and the kNN evaluation shared by the self-supervised examples (byol.py, dino.py).
+
+By default the images are generated: ten classes, each a fixed random low-frequency colour pattern, shown
+shifted and with noise, so the examples run offline. ``cifar10_root`` switches to CIFAR-10 (torchvision,
+downloaded there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+class SyntheticImages(Dataset):
+    """``n`` 32x32 RGB images of ``classes`` patterns: (PIL image, label) pairs, the same for every seed."""
+
+    def __init__(self, n: int, classes: int = 10, size: int = 32, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(1234)  # the class patterns are shared by every split
+        patterns = torch.nn.functional.interpolate(
+            torch.rand(classes, 3, 4, 4, generator=g), size=size, mode="bilinear"
+        )
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, classes, (n,), generator=g)
+        shifts = torch.randint(0, size, (n, 2), generator=g)
+        noise = 0.15 * torch.randn(n, 3, size, size, generator=g)
+        images = [patterns[y].roll(tuple(s.tolist()), dims=(1, 2)) for y, s in zip(self.labels, shifts)]
+        self.images = (torch.stack(images) + noise).clamp(0, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        array = (self.images[index].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+        return Image.fromarray(array), int(self.labels[index])
+
+
+def view_transform(views: str) -> Callable:
+    """lightly's published BYOL / DINO augmentations, sized for 32x32 images."""
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform
+
+    if views == "byol":
+        return BYOLTransform(BYOLView1Transform(input_size=32), BYOLView2Transform(input_size=32))
+    if views == "dino":
+        return DINOTransform(global_crop_size=32, local_crop_size=16, n_local_views=2)
+    raise ValueError(f"`views` must be one of ['byol', 'dino'], got {views!r}")
+
+
+class Transformed(Dataset):
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+class ImageData(L.LightningDataModule):
+    """Train views from lightly's BYOL or DINO transform at 32x32; ``knn_loaders()`` gives plain images."""
+
+    def __init__(
+        self,
+        views: Literal["byol", "dino"] = "byol",
+        batch_size: int = 32,
+        n_train: int = 1024,
+        n_val: int = 512,
+        cifar10_root: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size  # ProgressiveBatchCallback sets this, as BatchSizeFinder would
+        self.transform = view_transform(views)
+        if cifar10_root:  # pragma: no cover - needs a download
+            import torchvision
+
+            self.train = torchvision.datasets.CIFAR10(cifar10_root, train=True, download=True)
+            self.val = torchvision.datasets.CIFAR10(cifar10_root, train=False, download=True)
+        else:
+            self.train, self.val = SyntheticImages(n_train, seed=0), SyntheticImages(n_val, seed=1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            Transformed(self.train, self.transform), batch_size=self.batch_size, shuffle=True, drop_last=True
+        )
+
+    def knn_loaders(self) -> tuple[DataLoader, DataLoader]:
+        plain = T.Compose([T.ToTensor(), NORMALIZE])
+        return (
+            DataLoader(Transformed(self.train, plain), batch_size=256),
+            DataLoader(Transformed(self.val, plain), batch_size=256),
+        )
+
+
+@torch.no_grad()
+def knn_accuracy(backbone: torch.nn.Module, data: ImageData, k: int = 20, classes: int = 10) -> float:
+    """Top-1 accuracy of a cosine-similarity kNN vote (k neighbours) on the backbone's features."""
+    was_training = backbone.training
+    backbone.eval()
+    train, val = data.knn_loaders()
+
+    def embed(loader):
+        features, labels = zip(*[(backbone(x).flatten(1), y) for x, y in loader])
+        return torch.nn.functional.normalize(torch.cat(features), dim=1), torch.cat(labels)
+
+    bank, bank_labels = embed(train)
+    query, labels = embed(val)
+    neighbours = (query @ bank.T).topk(k, dim=1).indices
+    votes = torch.nn.functional.one_hot(bank_labels[neighbours], classes).sum(1)
+    backbone.train(was_training)
+    return float(MulticlassAccuracy(num_classes=classes, average="micro")(votes.argmax(1), labels))
