@@ -64,7 +64,7 @@ class EMAScalingCallback(Callback):
         evaluate_with_ema: run validation, test and predict on the EMA weights (restoring the training weights
             exactly afterwards), and save the EMA as the checkpoint's ``state_dict`` so that
             ``Model.load_from_checkpoint`` returns it. ``trainer.fit(ckpt_path=...)`` still resumes from the
-            training weights.
+            training weights. ``None`` (default) means True, or False in teacher mode (``teachers``).
         update_every: update the EMA every this many optimizer steps, with the momentum accumulated over the
             window (the product of the steps' :math:`\hat\rho`).
         warmup: use :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))` with :math:`t` = samples seen / base batch
