@@ -12,19 +12,17 @@ end the script prints a kNN accuracy of the backbone and writes a PNG of the dyn
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import lightning as L
 import torch
 import torchvision
-from dynamics import Trace
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from selfsup import ImageData, knn_accuracy
+from selfsup import ImageData, fit, knn_accuracy, parse_args
 
-from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
+from lightning_emascale import EMAScalingCallback
 
 TEACHERS = {"backbone": "backbone_momentum", "projection_head": "projection_head_momentum"}
 
@@ -64,18 +62,8 @@ class BYOL(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def parse_schedule(text: str) -> dict[int, int]:
-    return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--schedule", type=parse_schedule, default=parse_schedule("0:32,2:64"))
-    parser.add_argument("--train-samples", type=int, default=1024)
-    parser.add_argument("--out", default="byol.png")
-    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "byol.png")
 
     L.seed_everything(0)
     base = args.schedule[min(args.schedule)]
@@ -88,27 +76,12 @@ def main() -> None:
         optimizer_rule="sgd",
         teachers=TEACHERS,
     )
-    trace = Trace(ema)
     model = BYOL()
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        callbacks=[ProgressiveBatchCallback(args.schedule), ema, trace],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    trainer.fit(model, datamodule=data)
-    print()
-    trace.print_epochs()
-    print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
+    fit(model, data, ema, args)
     print(
         f"kNN accuracy (k=20): backbone {knn_accuracy(model.backbone, data):.4f}, "
         f"momentum backbone {knn_accuracy(model.backbone_momentum, data):.4f} (chance 0.1)"
     )
-    trace.plot(args.out, "BYOL teacher, progressive batch growth, on the sample clock")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

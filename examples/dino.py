@@ -12,19 +12,17 @@ two local 16x16 crops. Prints a kNN accuracy of the teacher backbone and writes 
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import lightning as L
 import torch
 import torchvision
-from dynamics import Trace
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from selfsup import ImageData, knn_accuracy
+from selfsup import ImageData, fit, knn_accuracy, parse_args
 
-from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
+from lightning_emascale import EMAScalingCallback
 
 TEACHERS = {"student_backbone": "teacher_backbone", "student_head": "teacher_head"}
 
@@ -68,18 +66,8 @@ class DINO(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def parse_schedule(text: str) -> dict[int, int]:
-    return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--schedule", type=parse_schedule, default=parse_schedule("0:32,2:64"))
-    parser.add_argument("--train-samples", type=int, default=1024)
-    parser.add_argument("--out", default="dino.png")
-    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "dino.png")
 
     L.seed_everything(0)
     base = args.schedule[min(args.schedule)]
@@ -93,25 +81,10 @@ def main() -> None:
         teachers=TEACHERS,
         momentum_attributes={"criterion.center_momentum": 0.9},
     )
-    trace = Trace(ema)
     model = DINO()
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        callbacks=[ProgressiveBatchCallback(args.schedule), ema, trace],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    trainer.fit(model, datamodule=data)
-    print()
-    trace.print_epochs()
-    print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
+    trainer = fit(model, data, ema, args)
     print(f"loss center momentum after the last step: {trainer.callback_metrics['ema/criterion.center_momentum']:.4f}")
     print(f"kNN accuracy (k=20): teacher backbone {knn_accuracy(model.teacher_backbone, data):.4f} (chance 0.1)")
-    trace.plot(args.out, "DINO teacher, progressive batch growth, on the sample clock")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ import lightning as L
 from lightning_emascale import EMAScalingCallback
 
 
+def parse_schedule(text: str) -> dict[int, int]:
+    """``"0:32,2:64"`` -> ``{0: 32, 2: 64}`` (epoch -> per-device batch size), for the examples' ``--schedule``."""
+    return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
+
+
 class Trace(L.Callback):
     """Per optimizer step: samples seen before it, global batch, kappa, rho-hat, the LR the step used, epoch."""
 

@@ -18,7 +18,7 @@ import argparse
 
 import lightning as L
 import torch
-from dynamics import Trace
+from dynamics import Trace, parse_schedule
 from quickstart import Classifier, cifar10, synthetic
 from torch.utils.data import DataLoader, random_split
 
@@ -47,10 +47,6 @@ class ScheduledClassifier(Classifier):
         # LR(s) = lr x WarmupCosine(samples seen / total samples); the EMA callback is the clock
         scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=0.1, final=0.05))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def parse_schedule(text: str) -> dict[int, int]:
-    return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
 
 
 def main() -> None:

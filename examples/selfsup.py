@@ -7,15 +7,19 @@ downloaded there).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 import torchvision.transforms as T
+from dynamics import Trace, parse_schedule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
 NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
@@ -118,3 +122,35 @@ def knn_accuracy(backbone: torch.nn.Module, data: ImageData, k: int = 20, classe
     votes = torch.nn.functional.one_hot(bank_labels[neighbours], classes).sum(1)
     backbone.train(was_training)
     return float(MulticlassAccuracy(num_classes=classes, average="micro")(votes.argmax(1), labels))
+
+
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    """The command line shared by byol.py and dino.py."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--schedule", type=parse_schedule, default=parse_schedule("0:32,2:64"))
+    parser.add_argument("--train-samples", type=int, default=1024)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    return parser.parse_args()
+
+
+def fit(model: L.LightningModule, data: ImageData, ema: EMAScalingCallback, args: argparse.Namespace) -> L.Trainer:
+    """Fit with the batch-size schedule and the EMA callback; print the dynamics per epoch and plot them."""
+    trace = Trace(ema)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        callbacks=[ProgressiveBatchCallback(args.schedule), ema, trace],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=data)
+    print()
+    trace.print_epochs()
+    print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
+    trace.plot(args.out, f"{type(model).__name__} teacher, progressive batch growth, on the sample clock")
+    print(f"wrote {args.out}")
+    return trainer

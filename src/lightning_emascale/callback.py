@@ -248,7 +248,7 @@ class EMAScalingCallback(Callback):
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
         limited = trainer.limit_train_batches != 1.0 or trainer.overfit_batches  # type: ignore[attr-defined]
-        if limited and not trainer.fast_dev_run:  # a smoke test only needs a valid clock, not the real length
+        if limited and not trainer.fast_dev_run:  # type: ignore[attr-defined]  # a smoke test needs a clock only
             return None, "`limit_train_batches` or `overfit_batches` is set"
         loader = trainer.train_dataloader
         if loader is None:
