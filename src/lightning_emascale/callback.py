@@ -88,7 +88,8 @@ class EMAScalingCallback(Callback):
             :math:`\hat\rho`; there is no separate EMA copy and nothing is swapped for evaluation (the default
             ``evaluate_with_ema=None`` means False here, True otherwise). Teachers must not require grad. Like
             lightly's ``update_momentum``, only parameters are averaged: a teacher's buffers (BatchNorm
-            statistics) come from its own forward passes.
+            statistics) come from its own forward passes. The teacher keeps its own dtype (``ema_precision``
+            applies to the Polyak copy only).
         momentum_attributes: other momenta to keep batch-size invariant: attribute path → its value at
             ``base_batch_size``, e.g. ``{"criterion.center_momentum": 0.9}`` for DINO's loss center. The
             attribute is updated on every forward, so before every micro-batch it is set to
