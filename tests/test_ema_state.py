@@ -86,3 +86,18 @@ def test_load_state_dict_checks_names_and_shapes():
         state.load_state_dict({"a": torch.ones(2), "b": torch.ones(4)})
     state.load_state_dict({"a": torch.ones(2), "b": torch.full((3,), 2.0)})
     assert state.ema[1].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_teacher_state_lerps_every_pair_toward_its_online_twin():
+    from lightning_emascale._ema import TeacherState
+
+    g = torch.Generator().manual_seed(0)
+    online = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(4, generator=g).bfloat16()]
+    teacher = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(4, generator=g)]  # fp32 twin
+    before = [t.clone() for t in teacher]
+    state = TeacherState(list(zip(teacher, online)))
+    assert len(state.mixed) == 1  # the fp32 teacher of a bf16 tensor is lerped on its own, in fp32
+    state.update(0.75)
+    for t, b, o in zip(teacher, before, online):
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * o.float(), rtol=1e-6, atol=1e-7)
+    assert teacher[2].dtype == torch.float32 and online[2].dtype == torch.bfloat16
