@@ -256,3 +256,27 @@ def test_teacher_errors_at_fit_start(model, kwargs, match):
 def test_teacher_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EMAScalingCallback(momentum=0.9, **kwargs)
+
+
+def test_teacher_with_update_every_moves_every_other_step_with_the_product_of_momenta():
+    L.seed_everything(0)
+    model = TinyBYOL(n_samples=16, batch_size=4)
+    ema = EMAScalingCallback(momentum=0.9, base_batch_size=2, teachers=PAIRS, update_every=2)
+    moves = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = teacher_params(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = teacher_params(pl_module)
+            moves.append(not all(torch.equal(after[k], v) for k, v in self.before.items()))
+            if moves[-1]:  # both steps of the window at rho = 0.9^2: one update at 0.9^4 toward the student
+                online = online_params(pl_module)
+                for name, before in self.first.items():
+                    torch.testing.assert_close(after[name], 0.9**4 * before + (1 - 0.9**4) * online[name])
+            else:
+                self.first = self.before
+
+    make_trainer([ema, Spy()], max_epochs=1).fit(model)
+    assert moves == [False, True, False, True]
