@@ -243,6 +243,10 @@ class EMAScalingCallback(Callback):
         return derived
 
     def _derive_total_samples(self) -> tuple[Optional[int], str]:
+        # Derived once per epoch (reset at epoch start), not on every step. It does not depend on the batch
+        # size, so it also holds between a ProgressiveBatchCallback's loader reset and the next epoch's rebuild.
+        if self._derived_total is not None:
+            return self._derived_total, ""
         trainer = self._module.trainer if self._module is not None else None
         if trainer is None:
             return None, "fit has not started"
@@ -253,10 +257,6 @@ class EMAScalingCallback(Callback):
             return None, "`limit_train_batches` or `overfit_batches` is set"
         loader = trainer.train_dataloader
         if loader is None:
-            # Between a ProgressiveBatchCallback's reset and the next epoch's rebuild: the total does not
-            # depend on the batch size, so the value derived from the last loader still holds.
-            if self._derived_total is not None:
-                return self._derived_total, ""
             return None, "the train dataloader is not loaded yet"
         if not isinstance(loader, torch.utils.data.DataLoader):
             return None, f"the train dataloader is a {type(loader).__name__}, not a single DataLoader"
@@ -699,13 +699,10 @@ def _check_paths(value: Any, name: str, value_type: Any) -> Optional[dict[str, A
     for path, item in value.items():
         if not isinstance(path, str) or not path or isinstance(item, bool) or not isinstance(item, value_type):
             raise ValueError(
-                f"`{name}` must map attribute paths (strings) to {_type_names(value_type)}, got {path!r}: {item!r}"
+                f"`{name}` must map attribute paths (strings) to {'strings' if value_type is str else 'numbers'},"
+                f" got {path!r}: {item!r}"
             )
     return dict(value)
-
-
-def _type_names(value_type: Any) -> str:
-    return "strings" if value_type is str else "numbers"
 
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
