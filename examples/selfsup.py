@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torchvision.transforms as T
 from dynamics import Trace, parse_schedule
+from patterns import pattern_images
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -28,16 +29,7 @@ class SyntheticImages(Dataset):
     """``n`` 32x32 RGB images of ``classes`` patterns: (PIL image, label) pairs, the same for every seed."""
 
     def __init__(self, n: int, classes: int = 10, size: int = 32, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(1234)  # the class patterns are shared by every split
-        patterns = torch.nn.functional.interpolate(
-            torch.rand(classes, 3, 4, 4, generator=g), size=size, mode="bilinear"
-        )
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, classes, (n,), generator=g)
-        shifts = torch.randint(0, size, (n, 2), generator=g)
-        noise = 0.15 * torch.randn(n, 3, size, size, generator=g)
-        images = [patterns[y].roll(tuple(s.tolist()), dims=(1, 2)) for y, s in zip(self.labels, shifts)]
-        self.images = (torch.stack(images) + noise).clamp(0, 1)
+        self.images, self.labels = pattern_images(n, classes, size, seed=seed)
 
     def __len__(self) -> int:
         return len(self.labels)
