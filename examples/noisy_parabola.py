@@ -1,8 +1,8 @@
 """The noisy parabola (the paper's Section 3.1): does rho^kappa keep an EMA's trajectory when the batch grows?
 
     python examples/noisy_parabola.py [--kappas 1,2,4,...,1024] [--lr 0.001] [--momentum 0.999]
-        [--samples 16384] [--chains 2048] [--lightning-kappas 8,128] [--sweep-lrs 0.0005,0.001,0.004]
-        [--out-dir parabola]
+        [--samples 16384] [--chains 2048] [--lightning-kappas 8,128] [--sweep-lrs 0.0005,0.004]
+        [--sweep-momenta 0.99,0.9999] [--out-dir parabola]
 
 SGD on L(theta) = a/2 theta^2 with gradient noise of variance sigma^2/B, and an EMA
 zeta <- rho zeta + (1 - rho) theta after each step. A run at kappa times the base batch uses kappa*lr (SGD's
@@ -10,17 +10,18 @@ linear rule) and either rho^kappa (the EMA Scaling Rule) or rho unchanged (no ru
 
 (a) simulates many independent chains per kappa with the library's own math (``scale_ema_momentum`` and
     ``SGDScalingRule``) and plots the EMA's mean and variance against samples seen, next to their exact values
-    (the moment recursion of this linear-Gaussian system, whose stationary variance is ../shared REFERENCE §7);
+    (the moment recursion of this linear-Gaussian system; its stationary variance is in docs/results.md);
 (b) finds, for each kappa, the momentum rho*(kappa) whose EMA trajectory is closest to the base run's (a 1-D
     search on the exact moments; distance: 2-Wasserstein between the EMA's Gaussian marginals, averaged over
-    the samples both runs visit) and compares it with rho^kappa; repeats the search for other learning rates
-    to show where the rule departs: once kappa*lr*a is no longer small, SGD's linear rule itself stops
-    matching (1 - lr*a)^kappa and no momentum can make up for it;
+    the samples both runs visit) and compares it with rho^kappa; repeats the search at other learning rates
+    and momenta to show which number decides where the rule departs: kappa x (1 - rho), the EMA's decay per
+    scaled step (one update at rho^kappa puts on the newest iterate the weight that kappa updates spread over
+    the kappa iterates of the step), while kappa x lr x a matters once SGD nears its stability limit of 2;
 (c) runs ``EMAScalingCallback`` in a real Lightning fit for ``--lightning-kappas`` on the same per-sample noise
     as the simulation and reports how far its EMA is from the simulated one.
 
 It prints the tables and writes ``parabola_moments.png``, ``parabola_best_momentum.png`` and ``results.json``
-to ``--out-dir``. About two minutes on a 2-core CPU with the defaults.
+to ``--out-dir``. About 2.5 minutes on a 2-core CPU with the defaults.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ class Parabola:
 
 
 def stationary_ema_variance(p: Parabola, kappa: int = 1, rule: bool = True) -> float:
-    """The closed form of REFERENCE §7: Var zeta once the transient is gone (infinite if SGD diverges)."""
+    """Var zeta once the transient is gone (infinite if SGD diverges); phi = 1 - lr a.
+
+    Var theta = lr sigma^2 / (B a (2 - lr a)),  Var zeta = Var theta (1 - rho)/(1 + rho) (1 + rho phi)/(1 - rho phi)
+    """
     lr, rho = p.scaled(kappa, rule)
     curvature = lr * p.a
     if not 0 < curvature < 2:
