@@ -1,0 +1,185 @@
+"""A small BYOL study: base batch against kappa x base, with and without the EMA Scaling Rule, and progressive.
+
+    python examples/byol_study.py [--base-batch 32] [--kappa 4] [--epochs 8] [--train-samples 1024]
+        [--knn-samples 512] [--grow-at 2] [--out-dir byol_study] [--cifar10 ROOT]
+
+The model is ``examples/byol.py``'s (lightly's BYOL example, ResNet-18) with its teacher moved by
+``EMAScalingCallback``: momentum 0.99 -> 1 on a cosine of samples seen. Every run starts from the same
+weights and sees the same number of samples. Runs:
+
+* ``base``: batch B, SGD lr 0.06, teacher momentum rho(s);
+* ``kappa K, rule``: batch K x B from the start, K x lr and rho(s)^K (the callback's SGD rule and EMA rule);
+* ``kappa K, no rule``: batch K x B, K x lr set by hand, rho(s) unchanged (a teacher update that ignores
+  the batch size, as lightly's ``update_momentum`` does);
+* ``kappa K, progressive``: batch B until epoch ``--grow-at``, then K x B, with both rules (the paper's
+  progressive scaling: start at the base batch through the optimizer's early phase, then grow).
+
+After every epoch it measures the kNN accuracy (k=20) of the online backbone on held-out images; the loss and
+the teacher momentum are recorded per step. Prints the table and writes ``byol_study.png`` and
+``results.json`` to ``--out-dir``. About 15 minutes on a 2-core CPU with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+from byol import BYOL, TEACHERS
+from selfsup import ImageData, knn_accuracy
+
+from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
+
+
+class Curves(L.Callback):
+    """Per optimizer step: samples seen after it, loss, kappa, rho-hat; per epoch end: the backbone's kNN accuracy."""
+
+    def __init__(self, ema: EMAScalingCallback, data: ImageData) -> None:
+        self.ema, self.data = ema, data
+        self.steps: list[tuple[int, float, float, float]] = []
+        self.knn: list[tuple[int, float]] = []
+        self._step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.knn.append((0, knn_accuracy(pl_module.backbone, self.data)))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self._step:
+            loss = float(outputs["loss"])
+            self.steps.append((self.ema.samples_seen, loss, self.ema.kappa, self.ema.ema_momentum))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.knn.append((self.ema.samples_seen, knn_accuracy(pl_module.backbone, self.data)))
+
+
+def fit(name: str, schedule: dict[int, int], args: argparse.Namespace, rule: bool = True) -> dict:
+    """One BYOL run on ``schedule`` (epoch -> batch); ``rule=False`` scales the LR by hand and leaves rho alone."""
+    L.seed_everything(0, verbose=False)  # the same initial weights and augmentations in every run
+    first = schedule[0]
+    kappa = first // args.base_batch
+    data = ImageData(
+        "byol", batch_size=first, n_train=args.train_samples, n_val=args.knn_samples, cifar10_root=args.cifar10
+    )
+    model = BYOL(lr=0.06 if rule else kappa * 0.06)
+    ema = EMAScalingCallback(
+        momentum=0.99,
+        momentum_schedule="cosine",
+        final_momentum=1.0,
+        base_batch_size=args.base_batch if rule else first,
+        optimizer_rule="sgd" if rule else "none",
+        teachers=TEACHERS,
+    )
+    curves = Curves(ema, data)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        callbacks=[ProgressiveBatchCallback(schedule), ema, curves],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    teacher = knn_accuracy(model.backbone_momentum, data)
+    print(
+        f"{name:>22}: {ema.optimizer_steps:>4} steps, kNN backbone {curves.knn[-1][1]:.4f},"
+        f" momentum backbone {teacher:.4f}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "schedule": schedule,
+        "rule": rule,
+        "optimizer_steps": ema.optimizer_steps,
+        "samples": ema.samples_seen,
+        "knn": curves.knn,
+        "knn_teacher": teacher,
+        "steps": curves.steps,
+    }
+
+
+def smooth(values: list[float], width: int) -> list[float]:
+    """A trailing moving average over ``width`` points (fewer at the start)."""
+    return [
+        sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+        for i in range(len(values))
+    ]
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    for index, run in enumerate(runs):
+        style = {"color": "k" if index == 0 else f"C{index - 1}", "label": run["name"]}
+        samples, loss, kappa, momentum = zip(*run["steps"])
+        width = max(1, len(samples) // 16)
+        axes[0].plot(*zip(*run["knn"]), "o-", ms=3, **style)
+        axes[1].plot(samples, smooth(list(loss), width), **style)
+        # 1 - rho-hat^(1/kappa): the base-batch momentum each step applied; equal curves = batch-size invariant
+        axes[2].plot(samples, [1 - m ** (1 / k) for m, k in zip(momentum, kappa)], **style)
+    axes[0].set(xlabel="samples seen", ylabel="kNN accuracy of the backbone (k=20)")
+    axes[1].set(xlabel="samples seen", ylabel=f"BYOL loss (moving average of {width}+ steps)")
+    axes[2].set(xlabel="samples seen", ylabel="1 - rho-hat^(1/kappa)  (per base-batch step)", yscale="log")
+    axes[0].legend(fontsize=8)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-batch", type=int, default=32)
+    parser.add_argument("--kappa", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train-samples", type=int, default=1024)
+    parser.add_argument("--knn-samples", type=int, default=512, help="held-out images the kNN accuracy is measured on")
+    parser.add_argument("--grow-at", type=int, default=2, help="the epoch where the progressive run grows the batch")
+    parser.add_argument("--out-dir", type=Path, default=Path("byol_study"))
+    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    args = parser.parse_args()
+    big = args.kappa * args.base_batch
+    if args.train_samples % big:
+        parser.error(f"--train-samples must be a multiple of kappa x base batch = {big}, got {args.train_samples}")
+    if not 0 < args.grow_at < args.epochs:
+        parser.error(f"--grow-at must be an epoch in [1, {args.epochs - 1}], got {args.grow_at}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    k = args.kappa
+    runs = [
+        fit("base", {0: args.base_batch}, args),
+        fit(f"kappa {k}, rule", {0: big}, args),
+        fit(f"kappa {k}, no rule", {0: big}, args, rule=False),
+        fit(f"kappa {k}, progressive", {0: args.base_batch, args.grow_at: big}, args),
+    ]
+    base = runs[0]["knn"]
+    print(f"\nkNN accuracy (k=20) after {runs[0]['samples']} samples, base batch {args.base_batch}, kappa {k}:")
+    print("{:>22} {:>6} {:>9} {:>9} {:>17}".format("run", "steps", "backbone", "teacher", "mean |kNN - base|"))
+    for run in runs:
+        gap = sum(abs(a[1] - b[1]) for a, b in zip(run["knn"], base)) / len(base)
+        run["mean_knn_gap"] = gap
+        print(
+            f"{run['name']:>22} {run['optimizer_steps']:>6} {run['knn'][-1][1]:>9.4f} {run['knn_teacher']:>9.4f}"
+            f" {gap:>17.4f}"
+        )
+    data = "CIFAR-10" if args.cifar10 else "generated images"
+    title = f"BYOL (ResNet-18) on {data}: base batch {args.base_batch} against {big}, teacher 0.99 -> 1 on samples"
+    plot(runs, args.out_dir / "byol_study.png", title)
+    (args.out_dir / "results.json").write_text(
+        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "runs": runs}, indent=1)
+    )
+    print(f"\nwrote {args.out_dir}/byol_study.png and results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Polyak-Ruppert EMA of a small ResNet at kappa x the base batch, with the EMA Scaling Rule and without it.
+
+    python examples/supervised.py [--base-batch 32] [--kappas 2,4,8] [--epochs 16] [--train-samples 4096]
+        [--momentum 0.99] [--lr 0.05] [--out-dir supervised] [--cifar10 ROOT]
+
+Every run starts from the same initial weights and sees the same number of samples; all schedules run on
+samples seen (``SampleClockLR`` with a warm-up and cosine decay). Runs:
+
+* ``base``: batch B, EMA momentum rho, SGD lr;
+* ``base, seed 1``: the same with another data order, which shows how far two equivalent runs drift apart;
+* ``kappa K, rule``: batch K x B through ``EMAScalingCallback(base_batch_size=B, optimizer_rule="sgd")``:
+  K x lr and rho^K;
+* ``kappa K, no rule``: batch K x B with K x lr set by hand and rho unchanged (what an EMA tool that
+  ignores the batch size does).
+
+After every epoch it records the EMA model's validation accuracy and the distance from each run's EMA weights
+to the base run's at the same number of samples, relative to how far the base EMA has moved from the initial
+weights. Prints the table and writes ``supervised.png`` and ``results.json`` to ``--out-dir``. The images are
+generated (ten noisy shifted colour patterns, with label noise) unless ``--cifar10`` points to CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from patterns import pattern_images
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_emascale import EMAScalingCallback, SampleClockLR, WarmupCosine
+
+
+class Block(nn.Module):
+    """A ResNet basic block."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def small_resnet(classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Sequential:
+    """A ResNet-8 for 32x32 images: a stem, one basic block per stage, global pooling, a linear head."""
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    for index, width in enumerate(widths):
+        layers.append(Block(widths[max(index - 1, 0)], width, stride=1 if index == 0 else 2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, lr: float, weight_decay: float = 5e-4, warmup: float = 0.1) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
+        self.net = small_resnet()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        # Warm-up and cosine decay on samples seen: they end at the same sample counts at every batch size
+        scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=self.warmup, final=0.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Probe(L.Callback):
+    """At the start and after every epoch: samples seen, EMA and raw validation accuracy, the flat EMA weights."""
+
+    def __init__(self, ema: EMAScalingCallback, val: TensorDataset) -> None:
+        self.ema, self.val = ema, val
+        self.samples: list[int] = []
+        self.ema_accuracy: list[float] = []
+        self.raw_accuracy: list[float] = []
+        self.ema_weights: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def record(self, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        x, y = self.val.tensors
+        ema_logits = torch.cat([self.ema.functional_call(pl_module, (chunk,)) for chunk in x.split(512)])
+        raw_logits = torch.cat([pl_module(chunk) for chunk in x.split(512)])
+        pl_module.train(was_training)
+        self.samples.append(self.ema.samples_seen)
+        self.ema_accuracy.append(float((ema_logits.argmax(1) == y).float().mean()))
+        self.raw_accuracy.append(float((raw_logits.argmax(1) == y).float().mean()))
+        weights = self.ema.ema_state_dict()
+        names = [name for name, _ in pl_module.named_parameters()]
+        self.ema_weights.append(torch.cat([weights[name].flatten().float() for name in names]))
+
+    def on_train_start(self, trainer, pl_module):
+        self.record(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.record(pl_module)
+
+
+def generated_data(n_train: int, n_val: int, label_noise: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    """Noisy shifted patterns, with ``label_noise`` of the training labels replaced at random (where EMA helps)."""
+    x, y = pattern_images(n_train, noise=1.25, seed=0)
+    flip = torch.rand(n_train, generator=torch.Generator().manual_seed(2)) < label_noise
+    y = torch.where(flip, torch.randint(0, 10, (n_train,), generator=torch.Generator().manual_seed(3)), y)
+    val_x, val_y = pattern_images(n_val, noise=1.25, seed=1)
+    return TensorDataset(x, y), TensorDataset(val_x, val_y)
+
+
+def cifar10(root: str, n_train: int) -> tuple[TensorDataset, TensorDataset]:  # pragma: no cover - downloads
+    import torchvision
+
+    def load(train: bool, n: int) -> TensorDataset:
+        data = torchvision.datasets.CIFAR10(root, train=train, download=True)
+        x = torch.tensor(data.data[:n]).permute(0, 3, 1, 2).float().div(255)
+        return TensorDataset(x, torch.tensor(data.targets[:n]))
+
+    return load(True, n_train), load(False, 10_000)
+
+
+def fit(
+    name: str,
+    train: TensorDataset,
+    val: TensorDataset,
+    args: argparse.Namespace,
+    kappa: int = 1,
+    rule: bool = True,
+    seed: int = 0,
+) -> dict:
+    """One run at ``kappa`` x the base batch; ``rule=False`` scales the LR by hand and leaves rho alone."""
+    batch = kappa * args.base_batch
+    torch.manual_seed(0)  # the same initial weights in every run
+    model = Classifier(lr=args.lr if rule else kappa * args.lr)
+    ema = EMAScalingCallback(
+        momentum=args.momentum,
+        base_batch_size=args.base_batch if rule else batch,
+        optimizer_rule="sgd" if rule else "none",
+        evaluate_with_ema=False,
+    )
+    probe = Probe(ema, val)
+    loader = DataLoader(
+        train, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        callbacks=[ema, probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    print(
+        f"{name:>18}: batch {batch:>4}, {ema.optimizer_steps:>5} steps, rho-hat {ema.ema_momentum:.6f},"
+        f" EMA accuracy {probe.ema_accuracy[-1]:.4f}, raw {probe.raw_accuracy[-1]:.4f}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "kappa": kappa,
+        "rule": rule,
+        "batch": batch,
+        "momentum": ema.ema_momentum,
+        "samples": probe.samples,
+        "ema_accuracy": probe.ema_accuracy,
+        "raw_accuracy": probe.raw_accuracy,
+        "weights": probe.ema_weights,
+    }
+
+
+def add_distances(runs: list[dict]) -> None:
+    """Per run and record: ||EMA - base EMA|| / ||base EMA - initial weights|| at the same samples seen."""
+    base = runs[0]
+    start = base["weights"][0]
+    for run in runs:
+        assert run["samples"] == base["samples"], (run["name"], run["samples"], base["samples"])
+        run["distance"] = [
+            float((ours - theirs).norm() / (theirs - start).norm()) if index else 0.0
+            for index, (ours, theirs) in enumerate(zip(run["weights"], base["weights"]))
+        ]
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    kappas = sorted({run["kappa"] for run in runs if run["kappa"] > 1})
+    for run in runs:
+        if run["kappa"] == 1:
+            style = {"color": "k", "ls": "-" if run["name"] == "base" else ":", "lw": 1.5}
+        else:
+            style = {"color": f"C{kappas.index(run['kappa'])}", "ls": "-" if run["rule"] else "--", "lw": 1.2}
+        left.plot(run["samples"], run["ema_accuracy"], label=run["name"], **style)
+        if run["name"] != "base":
+            right.plot(run["samples"][1:], run["distance"][1:], label=run["name"], **style)
+    left.set(xlabel="samples seen", ylabel="EMA model validation accuracy")
+    right.set(xlabel="samples seen", ylabel="||EMA - base EMA|| / ||base EMA - init||", yscale="log")
+    left.legend(fontsize=7)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-batch", type=int, default=32)
+    parser.add_argument("--kappas", type=lambda text: [int(k) for k in text.split(",")], default=[2, 4, 8])
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--train-samples", type=int, default=4096)
+    parser.add_argument("--val-samples", type=int, default=2048)
+    parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--out-dir", type=Path, default=Path("supervised"))
+    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    args = parser.parse_args()
+    largest = max(args.kappas) * args.base_batch
+    if args.train_samples % largest:
+        parser.error(f"--train-samples must be a multiple of the largest batch {largest}, got {args.train_samples}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0, verbose=False)
+    if args.cifar10:
+        train, val = cifar10(args.cifar10, args.train_samples)
+    else:
+        train, val = generated_data(args.train_samples, args.val_samples)
+
+    runs = [fit("base", train, val, args), fit("base, seed 1", train, val, args, seed=1)]
+    for kappa in args.kappas:
+        runs.append(fit(f"kappa {kappa}, rule", train, val, args, kappa=kappa))
+        runs.append(fit(f"kappa {kappa}, no rule", train, val, args, kappa=kappa, rule=False))
+    add_distances(runs)
+
+    print(f"\nEMA after {runs[0]['samples'][-1]} samples (base batch {args.base_batch}, rho {args.momentum}):")
+    header = ("run", "batch", "rho-hat", "EMA acc", "raw acc", "mean |acc - base|", "mean dist", "final dist")
+    print("{:>18} {:>6} {:>9} {:>8} {:>8} {:>17} {:>10} {:>10}".format(*header))
+    for run in runs:
+        gap = sum(abs(a - b) for a, b in zip(run["ema_accuracy"], runs[0]["ema_accuracy"])) / len(run["samples"])
+        run["mean_accuracy_gap"] = gap
+        run["mean_distance"] = sum(run["distance"][1:]) / (len(run["distance"]) - 1)
+        print(
+            f"{run['name']:>18} {run['batch']:>6} {run['momentum']:>9.6f} {run['ema_accuracy'][-1]:>8.4f}"
+            f" {run['raw_accuracy'][-1]:>8.4f} {gap:>17.4f} {run['mean_distance']:>10.4f} {run['distance'][-1]:>10.4f}"
+        )
+    data = "CIFAR-10" if args.cifar10 else "generated patterns"
+    title = f"ResNet-8 on {data}: Polyak EMA, base batch {args.base_batch}, rho {args.momentum}"
+    plot(runs, args.out_dir / "supervised.png", title)
+    for run in runs:
+        del run["weights"]
+    (args.out_dir / "results.json").write_text(
+        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "runs": runs}, indent=1)
+    )
+    print(f"\nwrote {args.out_dir}/supervised.png and results.json")
+
+
+if __name__ == "__main__":
+    main()
