@@ -8,15 +8,17 @@ The model is ``examples/byol.py``'s (lightly's BYOL example, ResNet-18) with its
 weights and sees the same number of samples. Runs:
 
 * ``base``: batch B, SGD lr 0.06, teacher momentum rho(s);
+* ``base, seed 1``: the same with other data order and augmentations: how far two equivalent runs differ;
 * ``kappa K, rule``: batch K x B from the start, K x lr and rho(s)^K (the callback's SGD rule and EMA rule);
 * ``kappa K, no rule``: batch K x B, K x lr set by hand, rho(s) unchanged (a teacher update that ignores
   the batch size, as lightly's ``update_momentum`` does);
 * ``kappa K, progressive``: batch B until epoch ``--grow-at``, then K x B, with both rules (the paper's
   progressive scaling: start at the base batch through the optimizer's early phase, then grow).
 
-After every epoch it measures the kNN accuracy (k=20) of the online backbone on held-out images; the loss and
-the teacher momentum are recorded per step. Prints the table and writes ``byol_study.png`` and
-``results.json`` to ``--out-dir``. About 15 minutes on a 2-core CPU with the defaults.
+At the start and after every epoch it measures the kNN accuracy (k=20) of the online backbone on held-out
+images; the loss, the global batch and the teacher momentum are recorded per step. Prints the table and
+writes ``byol_study.png`` (kNN accuracy, loss and the teacher's decay per base batch of samples, all against
+samples seen) and ``results.json`` to ``--out-dir``. About 25 minutes on a 2-core CPU with the defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 from byol import BYOL, TEACHERS
 from selfsup import ImageData, knn_accuracy
 
@@ -33,7 +36,7 @@ from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
 
 class Curves(L.Callback):
-    """Per optimizer step: samples seen after it, loss, kappa, rho-hat; per epoch end: the backbone's kNN accuracy."""
+    """Per optimizer step: samples seen after it, loss, its global batch, rho-hat; per epoch end: the kNN accuracy."""
 
     def __init__(self, ema: EMAScalingCallback, data: ImageData) -> None:
         self.ema, self.data = ema, data
@@ -49,22 +52,27 @@ class Curves(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > self._step:
-            loss = float(outputs["loss"])
-            self.steps.append((self.ema.samples_seen, loss, self.ema.kappa, self.ema.ema_momentum))
+            before = self.steps[-1][0] if self.steps else 0
+            samples = self.ema.samples_seen
+            self.steps.append((samples, float(outputs["loss"]), samples - before, self.ema.ema_momentum))
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.knn.append((self.ema.samples_seen, knn_accuracy(pl_module.backbone, self.data)))
 
 
-def fit(name: str, schedule: dict[int, int], args: argparse.Namespace, rule: bool = True) -> dict:
-    """One BYOL run on ``schedule`` (epoch -> batch); ``rule=False`` scales the LR by hand and leaves rho alone."""
-    L.seed_everything(0, verbose=False)  # the same initial weights and augmentations in every run
+def fit(name: str, schedule: dict[int, int], args: argparse.Namespace, rule: bool = True, seed: int = 0) -> dict:
+    """One BYOL run on ``schedule`` (epoch -> batch); ``rule=False`` scales the LR by hand and leaves rho alone.
+
+    Every run starts from the same initial weights; ``seed`` draws the data order and the augmentations.
+    """
+    L.seed_everything(0, verbose=False)
     first = schedule[0]
     kappa = first // args.base_batch
     data = ImageData(
         "byol", batch_size=first, n_train=args.train_samples, n_val=args.knn_samples, cifar10_root=args.cifar10
     )
     model = BYOL(lr=0.06 if rule else kappa * 0.06)
+    torch.manual_seed(1000 + seed)
     ema = EMAScalingCallback(
         momentum=0.99,
         momentum_schedule="cosine",
@@ -94,6 +102,7 @@ def fit(name: str, schedule: dict[int, int], args: argparse.Namespace, rule: boo
         "name": name,
         "schedule": schedule,
         "rule": rule,
+        "seed": seed,
         "optimizer_steps": ema.optimizer_steps,
         "samples": ema.samples_seen,
         "knn": curves.knn,
@@ -110,7 +119,7 @@ def smooth(values: list[float], width: int) -> list[float]:
     ]
 
 
-def plot(runs: list[dict], path: Path, title: str) -> None:
+def plot(runs: list[dict], base_batch: int, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,16 +127,19 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     for index, run in enumerate(runs):
-        style = {"color": "k" if index == 0 else f"C{index - 1}", "label": run["name"]}
-        samples, loss, kappa, momentum = zip(*run["steps"])
+        if run["name"].startswith("base"):
+            style = {"color": "k", "ls": "-" if run["seed"] == 0 else ":", "label": run["name"]}
+        else:
+            style = {"color": f"C{index - 2}", "label": run["name"]}
+        samples, loss, batch, momentum = zip(*run["steps"])
         width = max(1, len(samples) // 16)
         axes[0].plot(*zip(*run["knn"]), "o-", ms=3, **style)
         axes[1].plot(samples, smooth(list(loss), width), **style)
-        # 1 - rho-hat^(1/kappa): the base-batch momentum each step applied; equal curves = batch-size invariant
-        axes[2].plot(samples, [1 - m ** (1 / k) for m, k in zip(momentum, kappa)], **style)
+        # The decay per base batch of samples: rho-hat^(B / batch). Equal curves = the same teacher in samples.
+        axes[2].plot(samples, [1 - m ** (base_batch / b) for m, b in zip(momentum, batch)], **style)
     axes[0].set(xlabel="samples seen", ylabel="kNN accuracy of the backbone (k=20)")
-    axes[1].set(xlabel="samples seen", ylabel=f"BYOL loss (moving average of {width}+ steps)")
-    axes[2].set(xlabel="samples seen", ylabel="1 - rho-hat^(1/kappa)  (per base-batch step)", yscale="log")
+    axes[1].set(xlabel="samples seen", ylabel="BYOL loss (trailing mean over 1/16 of the steps)")
+    axes[2].set(xlabel="samples seen", ylabel="teacher decay per base batch, 1 - rho-hat^(B/batch)", yscale="log")
     axes[0].legend(fontsize=8)
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -158,6 +170,7 @@ def main() -> None:
     k = args.kappa
     runs = [
         fit("base", {0: args.base_batch}, args),
+        fit("base, seed 1", {0: args.base_batch}, args, seed=1),
         fit(f"kappa {k}, rule", {0: big}, args),
         fit(f"kappa {k}, no rule", {0: big}, args, rule=False),
         fit(f"kappa {k}, progressive", {0: args.base_batch, args.grow_at: big}, args),
@@ -174,7 +187,7 @@ def main() -> None:
         )
     data = "CIFAR-10" if args.cifar10 else "generated images"
     title = f"BYOL (ResNet-18) on {data}: base batch {args.base_batch} against {big}, teacher 0.99 -> 1 on samples"
-    plot(runs, args.out_dir / "byol_study.png", title)
+    plot(runs, args.base_batch, args.out_dir / "byol_study.png", title)
     (args.out_dir / "results.json").write_text(
         json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "runs": runs}, indent=1)
     )

@@ -1,0 +1,150 @@
+"""The evidence scripts of docs/results.md: their math against closed forms, and each one end to end, tiny."""
+
+import json
+import math
+import sys
+
+import pytest
+from test_examples import EXAMPLES, run_example
+
+sys.path.insert(0, str(EXAMPLES))
+import noisy_parabola as np_
+
+from lightning_emascale import scale_ema_momentum
+
+
+@pytest.mark.parametrize(
+    ("kappa", "rule", "expected"),
+    [
+        (1, True, 0.00251),
+        (4, True, 0.00253),
+        (16, True, 0.00263),
+        (64, True, 0.00335),
+        (128, True, 0.00675),
+        (4, False, 0.00101),
+        (16, False, 0.00030),
+    ],
+)
+def test_stationary_ema_variance_matches_the_reference_values(kappa, rule, expected):
+    # REFERENCE §7: a = 1, lr = 0.01, rho = 0.99, sigma^2 = 1, B = 1
+    p = np_.Parabola(lr=0.01, momentum=0.99)
+    assert np_.stationary_ema_variance(p, kappa, rule) == pytest.approx(expected, abs=5e-6)
+
+
+def test_stationary_ema_variance_is_infinite_where_sgd_diverges():
+    assert np_.stationary_ema_variance(np_.Parabola(lr=0.01), kappa=256) == math.inf  # 256 x 0.01 x 1 > 2
+
+
+def test_exact_moments_converge_to_the_closed_forms():
+    p = np_.Parabola(lr=0.01, momentum=0.99, samples=4096)
+    moments = np_.exact_moments(p, 4, 0.04, [0.99**4])
+    phi = 1 - 0.04
+    assert moments["mean_theta"][10, 0].item() == pytest.approx(phi**10)  # E[theta_k] = phi^k theta_0
+    assert moments["var_theta"][-1, 0].item() == pytest.approx(0.04 / (4 * (2 - 0.04)), rel=1e-9)
+    assert moments["var_ema"][-1, 0].item() == pytest.approx(np_.stationary_ema_variance(p, 4), rel=1e-9)
+
+
+def test_simulated_chains_agree_with_the_exact_moments():
+    p = np_.Parabola(lr=0.01, momentum=0.99, samples=1024)
+    lr, momentum = p.scaled(4, rule=True)
+    assert (lr, momentum) == (pytest.approx(0.04), pytest.approx(0.99**4))
+    simulated = np_.simulate(p, 4, lr, momentum, np_.sample_noise(p, chains=4096))
+    exact = np_.exact_moments(p, 4, lr, [momentum])
+    sd = exact["var_ema"][-1, 0].sqrt().item()
+    assert simulated["mean_ema"][-1].item() == pytest.approx(exact["mean_ema"][-1, 0].item(), abs=5 * sd / 64)
+    assert simulated["var_ema"][-1].item() == pytest.approx(exact["var_ema"][-1, 0].item(), rel=0.12)  # ~5 s.e.
+
+
+def test_best_momentum_finds_the_base_momentum_at_kappa_one_and_near_the_rule_at_small_kappa():
+    p = np_.Parabola(samples=2048)
+    base = np_.exact_moments(p, 1, p.lr, [p.momentum])
+    rho, distance = np_.best_momentum(p, 1, base)
+    assert rho == pytest.approx(p.momentum, rel=1e-9) and distance < 1e-12
+    rho, _ = np_.best_momentum(p, 4, base)
+    assert math.log(rho) / math.log(p.momentum) == pytest.approx(4, rel=0.01)
+    assert rho != pytest.approx(scale_ema_momentum(p.momentum, 4), abs=1e-7)  # a real search, not the rule
+
+
+def test_noisy_parabola_script_runs_end_to_end(tmp_path):
+    args = "--samples 512 --kappas 1,2,4,64 --chains 256 --lightning-kappas 4 --sweep-lrs 0.01 --sweep-momenta 0.9"
+    run_example("noisy_parabola.py", f"{args} --out-dir out", tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["moments"]) == 8  # 4 kappas x (rule, no rule)
+    configurations = {(c["lr"], c["momentum"]) for c in results["best_momentum"]}
+    assert configurations == {(0.001, 0.999), (0.01, 0.999), (0.001, 0.9)}
+    for configuration in results["best_momentum"]:
+        rows = configuration["rows"]
+        assert [row["kappa"] for row in rows] == [1, 2, 4, 64]
+        assert rows[0]["rho_star"] == pytest.approx(configuration["momentum"])
+        # the rule's trajectory is closer to the base run than the unscaled momentum's, the best one closer still
+        assert all(row["distance_star"] <= row["distance_rule"] < row["distance_no_rule"] / 4 for row in rows[1:])
+    (lightning,) = results["lightning"]
+    assert lightning["kappa"] == 4 and lightning["steps"] == 128
+    assert lightning["momentum"] == pytest.approx(0.999**4, rel=1e-12)
+    assert lightning["max_abs_mean_difference"] < 1e-6 and lightning["max_rel_var_difference"] < 1e-4
+    for png in ("parabola_moments.png", "parabola_best_momentum.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_supervised_script_runs_every_arm(tmp_path):
+    args = "--epochs 2 --train-samples 128 --val-samples 64 --kappas 2 --base-batch 8 --out-dir out"
+    proc = run_example("supervised.py", args, tmp_path)
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert [run["name"] for run in runs] == ["base", "base, seed 1", "kappa 2, rule", "kappa 2, no rule"]
+    assert [run["batch"] for run in runs] == [8, 8, 16, 16]
+    assert [run["momentum"] for run in runs] == pytest.approx([0.99, 0.99, 0.99**2, 0.99])
+    for run in runs:
+        assert run["samples"] == [0, 128, 256]
+        assert all(0 <= a <= 1 for a in run["ema_accuracy"] + run["raw_accuracy"] + run["disagreement"])
+        assert run["lag"][0] == 0.0 and all(lag > 0 for lag in run["lag"][1:])  # the EMA starts at the weights
+        assert run["distance"][0] == 0.0 and run["disagreement"][0] == 0.0  # the same initial weights
+    assert runs[0]["distance"] == [0.0, 0.0, 0.0] and runs[0]["disagreement"] == [0.0, 0.0, 0.0]
+    assert all(d > 0 for d in runs[1]["distance"][1:])  # another data order: another trajectory
+    assert "kappa 2, no rule" in proc.stdout
+    assert (tmp_path / "out" / "supervised.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_byol_study_script_runs_every_arm(tmp_path):
+    args = "--base-batch 4 --kappa 2 --epochs 2 --train-samples 32 --knn-samples 20 --grow-at 1 --out-dir out"
+    run_example("byol_study.py", args, tmp_path)
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    names = ["base", "base, seed 1", "kappa 2, rule", "kappa 2, no rule", "kappa 2, progressive"]
+    assert [run["name"] for run in runs] == names
+    assert [run["optimizer_steps"] for run in runs] == [16, 16, 8, 8, 12]
+    assert {run["samples"] for run in runs} == {64}
+    for run in runs:
+        assert [samples for samples, _ in run["knn"]] == [0, 32, 64]
+        assert all(0 <= accuracy <= 1 for _, accuracy in run["knn"])
+    assert len({run["knn"][0][1] for run in runs}) == 1  # the same initial weights
+    assert runs[0]["steps"] != runs[1]["steps"]  # another data order and augmentations
+    steps = {run["name"]: [(batch, momentum) for _, _, batch, momentum in run["steps"]] for run in runs}
+    # the first step: rho(0) = 0.99 at the base batch; rho^2 with the rule at twice the batch; rho without it
+    assert steps["base"][0] == (4, pytest.approx(0.99))
+    assert steps["kappa 2, rule"][0] == (8, pytest.approx(0.99**2))
+    assert steps["kappa 2, no rule"][0] == (8, pytest.approx(0.99))
+    assert [batch for batch, _ in steps["kappa 2, progressive"]] == [4] * 8 + [8] * 4
+    assert (tmp_path / "out" / "byol_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
+    """The full run behind docs/results.md §1 (about 2.5 minutes): the claims made there."""
+    run_example("noisy_parabola.py", "--out-dir out", tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    departures = {(d["lr"], d["momentum"]): d["kappa"] for d in results["departure"]}
+    # set by kappa (1 - rho), not by the learning rate
+    assert departures == {
+        (0.0005, 0.999): 64,
+        (0.001, 0.999): 64,
+        (0.004, 0.999): 64,
+        (0.001, 0.99): 8,
+        (0.001, 0.9999): 512,
+    }
+    for configuration in results["best_momentum"]:
+        for row in configuration["rows"][1:]:
+            if row["kappa_lr_a"] < 2:  # where SGD converges, the rule beats no rule at every kappa
+                assert row["distance_rule"] < row["distance_no_rule"] / 5
+                assert row["rho_star"] >= row["rho_rule"] - 1e-9  # the best momentum is never shorter than rho^kappa
+            else:
+                assert math.isnan(row["rho_star"])
+    assert all(r["max_abs_mean_difference"] == 0 and r["max_rel_var_difference"] == 0 for r in results["lightning"])
