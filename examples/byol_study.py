@@ -16,9 +16,9 @@ weights and sees the same number of samples. Runs:
   progressive scaling: start at the base batch through the optimizer's early phase, then grow).
 
 At the start and after every epoch it measures the kNN accuracy (k=20) of the online backbone on held-out
-images; the loss, the global batch and the teacher momentum are recorded per step. Prints the table and
-writes ``byol_study.png`` (kNN accuracy, loss and the teacher's decay per base batch of samples, all against
-samples seen) and ``results.json`` to ``--out-dir``. About 25 minutes on a 2-core CPU with the defaults.
+images; the loss, the global batch, the teacher momentum and the teacher's lag ||teacher - online|| are
+recorded per step. Prints the table and writes ``byol_study.png`` (kNN accuracy, loss, the teacher's decay per
+base batch of samples and its lag, all against samples seen) and ``results.json`` to ``--out-dir``. About 25 minutes on a 2-core CPU with the defaults.
 """
 
 from __future__ import annotations
@@ -35,8 +35,19 @@ from selfsup import ImageData, knn_accuracy
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
 
+@torch.no_grad()
+def teacher_lag(model: BYOL) -> float:
+    """||teacher - online|| over the parameters the teacher averages (backbone and projection head)."""
+    squares = [
+        (teacher - online).pow(2).sum()
+        for online_name, teacher_name in TEACHERS.items()
+        for online, teacher in zip(getattr(model, online_name).parameters(), getattr(model, teacher_name).parameters())
+    ]
+    return float(torch.stack(squares).sum().sqrt())
+
+
 class Curves(L.Callback):
-    """Per optimizer step: samples seen after it, loss, its global batch, rho-hat; per epoch end: the kNN accuracy."""
+    """Per optimizer step: samples seen after it, loss, global batch, rho-hat, teacher lag; per epoch: kNN accuracy."""
 
     def __init__(self, ema: EMAScalingCallback, data: ImageData) -> None:
         self.ema, self.data = ema, data
@@ -54,7 +65,8 @@ class Curves(L.Callback):
         if trainer.global_step > self._step:
             before = self.steps[-1][0] if self.steps else 0
             samples = self.ema.samples_seen
-            self.steps.append((samples, float(outputs["loss"]), samples - before, self.ema.ema_momentum))
+            lag = teacher_lag(pl_module)
+            self.steps.append((samples, float(outputs["loss"]), samples - before, self.ema.ema_momentum, lag))
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.knn.append((self.ema.samples_seen, knn_accuracy(pl_module.backbone, self.data)))
@@ -125,21 +137,24 @@ def plot(runs: list[dict], base_batch: int, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    axes = axes.flat
     for index, run in enumerate(runs):
         if run["name"].startswith("base"):
             style = {"color": "k", "ls": "-" if run["seed"] == 0 else ":", "label": run["name"]}
         else:
             style = {"color": f"C{index - 2}", "label": run["name"]}
-        samples, loss, batch, momentum = zip(*run["steps"])
+        samples, loss, batch, momentum, lag = zip(*run["steps"])
         width = max(1, len(samples) // 16)
         axes[0].plot(*zip(*run["knn"]), "o-", ms=3, **style)
         axes[1].plot(samples, smooth(list(loss), width), **style)
         # The decay per base batch of samples: rho-hat^(B / batch). Equal curves = the same teacher in samples.
         axes[2].plot(samples, [1 - m ** (base_batch / b) for m, b in zip(momentum, batch)], **style)
-    axes[0].set(xlabel="samples seen", ylabel="kNN accuracy of the backbone (k=20)")
-    axes[1].set(xlabel="samples seen", ylabel="BYOL loss (trailing mean over 1/16 of the steps)")
+        axes[3].plot(samples, lag, **style)
+    axes[0].set(ylabel="kNN accuracy of the backbone (k=20)")
+    axes[1].set(ylabel="BYOL loss (trailing mean over 1/16 of the steps)")
     axes[2].set(xlabel="samples seen", ylabel="teacher decay per base batch, 1 - rho-hat^(B/batch)", yscale="log")
+    axes[3].set(xlabel="samples seen", ylabel="teacher lag ||teacher - online||")
     axes[0].legend(fontsize=8)
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -177,13 +192,15 @@ def main() -> None:
     ]
     base = runs[0]["knn"]
     print(f"\nkNN accuracy (k=20) after {runs[0]['samples']} samples, base batch {args.base_batch}, kappa {k}:")
-    print("{:>22} {:>6} {:>9} {:>9} {:>17}".format("run", "steps", "backbone", "teacher", "mean |kNN - base|"))
+    header = ("run", "steps", "backbone", "teacher", "mean |kNN - base|", "mean teacher lag")
+    print("{:>22} {:>6} {:>9} {:>9} {:>17} {:>16}".format(*header))
     for run in runs:
-        gap = sum(abs(a[1] - b[1]) for a, b in zip(run["knn"], base)) / len(base)
-        run["mean_knn_gap"] = gap
+        run["mean_knn_gap"] = sum(abs(a[1] - b[1]) for a, b in zip(run["knn"], base)) / len(base)
+        # the lag averaged over samples seen (each step weighted by its batch), comparable across batch sizes
+        run["mean_teacher_lag"] = sum(step[2] * step[4] for step in run["steps"]) / run["samples"]
         print(
             f"{run['name']:>22} {run['optimizer_steps']:>6} {run['knn'][-1][1]:>9.4f} {run['knn_teacher']:>9.4f}"
-            f" {gap:>17.4f}"
+            f" {run['mean_knn_gap']:>17.4f} {run['mean_teacher_lag']:>16.4f}"
         )
     data = "CIFAR-10" if args.cifar10 else "generated images"
     title = f"BYOL (ResNet-18) on {data}: base batch {args.base_batch} against {big}, teacher 0.99 -> 1 on samples"

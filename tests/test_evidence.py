@@ -117,7 +117,9 @@ def test_byol_study_script_runs_every_arm(tmp_path):
         assert all(0 <= accuracy <= 1 for _, accuracy in run["knn"])
     assert len({run["knn"][0][1] for run in runs}) == 1  # the same initial weights
     assert runs[0]["steps"] != runs[1]["steps"]  # another data order and augmentations
-    steps = {run["name"]: [(batch, momentum) for _, _, batch, momentum in run["steps"]] for run in runs}
+    for run in runs:
+        assert run["steps"][0][4] > 0 and run["mean_teacher_lag"] > 0  # the online network moved away
+    steps = {run["name"]: [(batch, momentum) for _, _, batch, momentum, _ in run["steps"]] for run in runs}
     # the first step: rho(0) = 0.99 at the base batch; rho^2 with the rule at twice the batch; rho without it
     assert steps["base"][0] == (4, pytest.approx(0.99))
     assert steps["kappa 2, rule"][0] == (8, pytest.approx(0.99**2))
@@ -148,3 +150,21 @@ def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
             else:
                 assert math.isnan(row["rho_star"])
     assert all(r["max_abs_mean_difference"] == 0 and r["max_rel_var_difference"] == 0 for r in results["lightning"])
+
+
+@pytest.mark.slow
+def test_supervised_default_run_supports_docs_results(tmp_path):
+    """The full run behind docs/results.md §2 (about 20 minutes): the claims made there."""
+    run_example("supervised.py", "--out-dir out", tmp_path)
+    runs = {run["name"]: run for run in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
+    for kappa in (2, 4, 8):
+        rule, plain = runs[f"kappa {kappa}, rule"], runs[f"kappa {kappa}, no rule"]
+        # without the rule the EMA lags its weights more and predicts further from the base EMA
+        assert plain["mean_lag"] > 1.4 * rule["mean_lag"]
+        assert plain["mean_disagreement"] > rule["mean_disagreement"] + 0.05
+        assert plain["mean_accuracy_gap"] > 2 * rule["mean_accuracy_gap"]
+        # with it the lag stays within 30 % of the base run's
+        assert rule["mean_lag"] == pytest.approx(runs["base"]["mean_lag"], rel=0.3)
+    floor = runs["base, seed 1"]
+    assert runs["kappa 2, rule"]["mean_disagreement"] < floor["mean_disagreement"] + 0.05
+    assert runs["kappa 8, no rule"]["ema_accuracy"][-1] < 0.3 < 0.6 < runs["kappa 8, rule"]["ema_accuracy"][-1]
