@@ -146,7 +146,7 @@ def plot(runs: list[dict], base_batch: int, path: Path, title: str) -> None:
             style = {"color": f"C{index - 2}", "label": run["name"]}
         samples, loss, batch, momentum, lag = zip(*run["steps"])
         width = max(1, len(samples) // 16)
-        axes[0].plot(*zip(*run["knn"]), "o-", ms=3, **style)
+        axes[0].plot(*zip(*run["knn"]), marker="o", ms=3, **style)
         axes[1].plot(samples, smooth(list(loss), width), **style)
         # The decay per base batch of samples: rho-hat^(B / batch). Equal curves = the same teacher in samples.
         axes[2].plot(samples, [1 - m ** (base_batch / b) for m, b in zip(momentum, batch)], **style)
