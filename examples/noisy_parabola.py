@@ -21,7 +21,7 @@ linear rule) and either rho^kappa (the EMA Scaling Rule) or rho unchanged (no ru
     as the simulation and reports how far its EMA is from the simulated one.
 
 It prints the tables and writes ``parabola_moments.png``, ``parabola_best_momentum.png`` and ``results.json``
-to ``--out-dir``. About 2.5 minutes on a 2-core CPU with the defaults.
+to ``--out-dir``. About 3 minutes on a 2-core CPU with the defaults.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_byol_study_script_runs_every_arm(tmp_path):
 
 @pytest.mark.slow
 def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
-    """The full run behind docs/results.md §1 (about 2.5 minutes): the claims made there."""
+    """The full run behind docs/results.md §1 (about 3 minutes): the claims made there."""
     run_example("noisy_parabola.py", "--out-dir out", tmp_path)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     departures = {(d["lr"], d["momentum"]): d["kappa"] for d in results["departure"]}
