@@ -73,8 +73,10 @@ class _EvalSpy(L.Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         weight = pl_module.net[0].weight.detach().clone()
-        swapped = self.ema._ema_updates > 0
-        expected = self.ema.ema_state_dict()["net.0.weight"] if swapped else self.ema._ema.raw_tensors()[0]
+        swapped = self.ema.scaled_ema.ema_updates > 0
+        assert self.ema.scaled_ema.is_swapped == swapped
+        expected = self.ema.ema_state_dict() if swapped else self.ema.scaled_ema.raw_state_dict()
+        expected = expected["net.0.weight"]
         assert torch.equal(weight, expected)
         self.seen.append(swapped)
 
@@ -138,7 +140,7 @@ def test_functional_call_gives_raw_and_ema_metrics_in_one_step():
     assert metrics["val_loss_ema"] == pytest.approx(ema.item(), rel=1e-5)
     assert abs(raw.item() - ema.item()) > 1e-4  # the two really differ
     with pytest.raises(
-        ValueError, match=r"`module` must be the LightningModule this callback averages \(_BothMetrics\), got Linear"
+        ValueError, match=r"`module` must be the module this EMA averages \(_BothMetrics\), got Linear"
     ):
         callback.functional_call(torch.nn.Linear(6, 8), (x,))
 
@@ -355,7 +357,7 @@ def test_update_every_uses_the_accumulated_momentum():
                 for k, v in weights.items()
             }
             decay = 1.0
-    assert callback._pending_decay == pytest.approx(0.9**4)  # steps 7 and 8 wait for the next window
+    assert callback.scaled_ema.state_dict()["pending_decay"] == pytest.approx(0.9**4)  # steps 7 and 8 wait for the next window
     _assert_ema_matches(callback, ema)
 
 

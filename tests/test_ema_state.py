@@ -21,7 +21,7 @@ def _tensors(dtype=torch.float32):
 def test_foreach_update_equals_reference_loop(dtype):
     named = _tensors(dtype)
     state = EMAState(named)
-    reference = [e.clone() for e in state.ema]
+    reference = [e.clone() for e in state.averages]
     for step in range(5):
         with torch.no_grad():
             for _, tensor in named:
@@ -31,7 +31,7 @@ def test_foreach_update_equals_reference_loop(dtype):
         decay = 0.9 ** (step + 1)
         state.update(decay)
         reference_update(reference, [t for _, t in named], decay)
-        for name, fast, slow in zip(state.names, state.ema, reference):
+        for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
 
 
@@ -40,15 +40,15 @@ def test_low_precision_ema_is_fp32_and_moves():
     weight = torch.ones(1000, dtype=torch.bfloat16)
     fp32 = EMAState([("w", weight)], precision="fp32")
     same = EMAState([("w", weight)], precision="model")
-    assert fp32.ema[0].dtype == torch.float32 and same.ema[0].dtype == torch.bfloat16
+    assert fp32.averages[0].dtype == torch.float32 and same.averages[0].dtype == torch.bfloat16
     with torch.no_grad():
         weight.fill_(2.0)
     for _ in range(10):
         fp32.update(0.9999)
         same.update(0.9999)
     expected = 2.0 - 0.9999**10
-    assert fp32.ema[0][0].item() == pytest.approx(expected, rel=1e-6)
-    assert same.ema[0][0].item() == 1.0  # what the "model" precision costs
+    assert fp32.averages[0][0].item() == pytest.approx(expected, rel=1e-6)
+    assert same.averages[0][0].item() == 1.0  # what the "model" precision costs
 
 
 def test_integer_buffers_are_copied_not_averaged():
@@ -56,7 +56,7 @@ def test_integer_buffers_are_copied_not_averaged():
     state = EMAState([("n", counter)])
     counter += 10
     state.update(0.5)
-    assert state.ema[0].item() == 13 and state.ema[0].dtype == torch.int64
+    assert state.averages[0].item() == 13 and state.averages[0].dtype == torch.int64
 
 
 def test_swap_restores_bit_identical_raw_weights():
@@ -68,7 +68,7 @@ def test_swap_restores_bit_identical_raw_weights():
     state.update(0.7)
     raw = [t.clone() for _, t in named]
     with state.swapped():
-        for (_, tensor), ema in zip(named, state.ema):
+        for (_, tensor), ema in zip(named, state.averages):
             assert torch.equal(tensor, ema.to(tensor.dtype))
         assert all(torch.equal(a, b) for a, b in zip(state.raw_tensors(), raw))
         with pytest.raises(RuntimeError, match="already swapped"):
@@ -85,7 +85,7 @@ def test_load_state_dict_checks_names_and_shapes():
     with pytest.raises(ValueError, match=r"saved EMA of 'b' has shape \(4,\), the model's is \(3,\)"):
         state.load_state_dict({"a": torch.ones(2), "b": torch.ones(4)})
     state.load_state_dict({"a": torch.ones(2), "b": torch.full((3,), 2.0)})
-    assert state.ema[1].tolist() == [2.0, 2.0, 2.0]
+    assert state.averages[1].tolist() == [2.0, 2.0, 2.0]
 
 
 def test_teacher_state_lerps_every_pair_toward_its_online_twin():

@@ -206,13 +206,12 @@ def test_a_constant_momentum_never_needs_the_total():
         _ = ema.progress
 
 
-class StepShaped(EMAScalingCallback):
-    def momentum_at(self, progress: float) -> float:
-        return 0.5 if progress < 0.5 else 0.75
+def step_shaped(progress: float) -> float:
+    return 0.5 if progress < 0.5 else 0.75
 
 
-def test_momentum_at_can_be_overridden():
-    ema = StepShaped(momentum=0.9, base_batch_size=4)
+def test_a_callable_momentum_schedule_runs_on_the_sample_clock():
+    ema = EMAScalingCallback(momentum_schedule=step_shaped, base_batch_size=4)
     seen = []
 
     class Spy(L.Callback):
@@ -223,10 +222,26 @@ def test_momentum_at_can_be_overridden():
     assert seen == [0.5, 0.5, 0.75, 0.75]
 
 
+def test_overriding_momentum_at_fails_loudly_instead_of_being_ignored():
+    class StepShaped(EMAScalingCallback):
+        def momentum_at(self, progress: float) -> float:
+            return step_shaped(progress)
+
+    with pytest.raises(TypeError, match=r"StepShaped overrides `momentum_at`, which no longer shapes the schedule"):
+        StepShaped(momentum=0.9, base_batch_size=4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"momentum_schedule": "linear"}, r"`momentum_schedule` must be one of \['constant', 'cosine'\], got 'linear'"),
+        (
+            {"momentum_schedule": "linear"},
+            r"`momentum_schedule` must be one of \['constant', 'cosine'\] or a callable of progress in \[0, 1\], got 'linear'",
+        ),
+        (
+            {"momentum_schedule": step_shaped},
+            r"`momentum`=0.9 has no effect with a callable `momentum_schedule`, which gives the momentum at every",
+        ),
         ({"momentum_schedule": "cosine"}, r"`momentum_schedule='cosine'` needs `final_momentum`"),
         ({"final_momentum": 1.0}, r"`final_momentum`=1.0 has no effect with `momentum_schedule='constant'`"),
         (

@@ -87,7 +87,7 @@ class TeacherSpy(L.Callback):
         for name, before in self.before.items():
             expected = rho * before + (1 - rho) * online[name]
             torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7, msg=name)
-        self.momenta.append((self.ema.samples_seen - self.ema._global_batch, rho))
+        self.momenta.append((self.ema.samples_seen - self.ema.scaled_ema.global_batch_size, rho))
         self.checked_steps += 1
 
 

@@ -1,6 +1,15 @@
-"""lightning-emascale: batch-size-invariant model EMA for PyTorch Lightning (the EMA Scaling Rule)."""
+"""lightning-emascale: a batch-size-invariant model EMA (the EMA Scaling Rule) for any PyTorch training loop.
 
-from lightning_emascale.callback import EMAScalingCallback
+``ScaledEMA``, the math and the schedules import torch only. The Lightning callbacks are loaded on first use
+(a module ``__getattr__``), so a Fabric or plain-PyTorch user of the core never imports the Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_emascale.core import ScaledEMA
 from lightning_emascale.functional import (
     half_life_from_momentum,
     momentum_from_half_life,
@@ -8,9 +17,12 @@ from lightning_emascale.functional import (
     warmup_momentum,
 )
 from lightning_emascale.lr_scheduler import SampleClockLR
-from lightning_emascale.progressive import ProgressiveBatchCallback
 from lightning_emascale.rules import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
 from lightning_emascale.schedules import WarmupCosine, cosine_schedule
+
+if TYPE_CHECKING:
+    from lightning_emascale.callback import EMAScalingCallback
+    from lightning_emascale.progressive import ProgressiveBatchCallback
 
 __version__ = "0.1.0"
 
@@ -22,6 +34,7 @@ __all__ = [
     "ProgressiveBatchCallback",
     "SGDScalingRule",
     "SampleClockLR",
+    "ScaledEMA",
     "WarmupCosine",
     "cosine_schedule",
     "half_life_from_momentum",
@@ -29,3 +42,21 @@ __all__ = [
     "scale_ema_momentum",
     "warmup_momentum",
 ]
+
+# The names that need Lightning, and the module each one lives in.
+_LIGHTNING = {
+    "EMAScalingCallback": "lightning_emascale.callback",
+    "ProgressiveBatchCallback": "lightning_emascale.progressive",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        value = getattr(importlib.import_module(_LIGHTNING[name]), name)
+        globals()[name] = value  # loaded once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,17 +1,22 @@
-"""The EMA tensors and the multi-tensor update that moves them. Pure torch, no Lightning.
+"""The EMA tensors and the multi-tensor updates that move them. Pure torch, no Lightning.
 
-:class:`EMAState` holds one averaged copy of a list of named tensors (parameters and buffers) without
-copying the module that owns them, so it works for modules that cannot be deep-copied and it is never
-registered where DDP or a module ``state_dict`` would see it. :func:`reference_update` is the readable
-per-tensor version of :meth:`EMAState.update`; the tests check that they agree.
+Two averagers, one small protocol (:class:`Averager`, ``update(decay)``):
+
+- :class:`EMAState` holds one averaged copy of a module's parameters and buffers (the Polyak EMA) without
+  copying the module, so it works for modules that cannot be deep-copied and it is never registered where DDP
+  or a module ``state_dict`` would see it;
+- :class:`TeacherState` moves a module's existing teacher submodules toward their online twins (BYOL, DINO).
+
+:func:`reference_update` is the readable per-tensor version of :meth:`EMAState.update`; the tests check that
+they agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -49,21 +54,21 @@ def _is_dense(tensor: Tensor) -> bool:
 class _Group:
     """Tensors on one device with one model dtype and one EMA dtype, updated by one foreach call."""
 
-    model: list[Tensor]
-    ema: list[Tensor]
+    tracked: list[Tensor]
+    averages: list[Tensor]
     blocks: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = field(default_factory=list)
 
     def build_blocks(self) -> None:
         """Split every tensor into chunks and pack the chunks into staging-sized blocks (mixed dtypes only)."""
-        device = self.ema[0].device
+        device = self.averages[0].device
         capacity = _STAGING_ELEMENTS.get(device.type, _STAGING_ELEMENTS_DEFAULT)
-        capacity = min(capacity, sum(t.numel() for t in self.ema))
-        staging = torch.empty(capacity, dtype=self.ema[0].dtype, device=device)
+        capacity = min(capacity, sum(t.numel() for t in self.averages))
+        staging = torch.empty(capacity, dtype=self.averages[0].dtype, device=device)
         ema_chunks: list[Tensor] = []
         model_chunks: list[Tensor] = []
         stage_chunks: list[Tensor] = []
         offset = 0
-        for ema, model in zip(self.ema, self.model):
+        for ema, model in zip(self.averages, self.tracked):
             for ema_chunk, model_chunk in zip(_flat(ema).split(_CHUNK), _flat(model.detach()).split(_CHUNK)):
                 if offset + ema_chunk.numel() > capacity:
                     self.blocks.append((ema_chunks, model_chunks, stage_chunks))
@@ -76,6 +81,14 @@ class _Group:
             self.blocks.append((ema_chunks, model_chunks, stage_chunks))
 
 
+class Averager(Protocol):
+    """What :class:`~lightning_emascale.ScaledEMA` needs of an EMA: move it by one update."""
+
+    def update(self, decay: float) -> None:
+        """``average <- decay * average + (1 - decay) * current`` for every tracked tensor."""
+        ...  # pragma: no cover
+
+
 class EMAState:
     """An exponential moving average of named tensors, updated with multi-tensor kernels.
 
@@ -85,25 +98,38 @@ class EMAState:
 
     Args:
         named_tensors: the tensors to track, by name. They are referenced, not copied, and must keep their
-            identity and shape (module parameters and buffers do).
+            identity and shape (module parameters and buffers do). A tensor listed under several names (tied
+            weights) is tracked once; :attr:`index_of_name` maps every name to it.
         precision: ``"fp32"`` or ``"model"`` (keep the model's dtype).
     """
 
     def __init__(self, named_tensors: Sequence[tuple[str, Tensor]], precision: EMAPrecision = "fp32") -> None:
-        self.names = [name for name, _ in named_tensors]
-        self.model = [tensor for _, tensor in named_tensors]
+        #: The first name of every tracked tensor (the keys of :meth:`state_dict`).
+        self.names: list[str] = []
+        #: The live tensors being averaged (a module's parameters and buffers).
+        self.tracked: list[Tensor] = []
+        #: Every name, aliases included, -> the index of its tensor in :attr:`tracked` and :attr:`averages`.
+        self.index_of_name: dict[str, int] = {}
+        index_of_tensor: dict[int, int] = {}
+        for name, tensor in named_tensors:
+            if id(tensor) not in index_of_tensor:
+                index_of_tensor[id(tensor)] = len(self.tracked)
+                self.names.append(name)
+                self.tracked.append(tensor)
+            self.index_of_name[name] = index_of_tensor[id(tensor)]
         with torch.no_grad():
-            self.ema = [
+            #: The averages, one per tracked tensor (float32 for a low-precision tensor with ``precision="fp32"``).
+            self.averages: list[Tensor] = [
                 t.detach().to(ema_dtype_for(t.dtype, precision), copy=True)
                 if t.is_floating_point()
                 else t.detach().clone()
-                for t in self.model
+                for t in self.tracked
             ]
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype], _Group] = {}
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._loose: list[tuple[Tensor, Tensor]] = []
-        self._backup: list[Tensor] | None = None
-        for model, ema in zip(self.model, self.ema):
+        self._raw_backup: list[Tensor] | None = None
+        for model, ema in zip(self.tracked, self.averages):
             if model.is_floating_point():
                 mixed = model.dtype != ema.dtype
                 if mixed and not (_is_dense(model) and model.stride() == ema.stride()):
@@ -111,15 +137,21 @@ class EMAState:
                     self._loose.append((ema, model))
                     continue
                 group = groups.setdefault((model.device, model.dtype, ema.dtype), _Group([], []))
-                group.model.append(model)
-                group.ema.append(ema)
+                group.tracked.append(model)
+                group.averages.append(ema)
             else:
                 self._copies[0].append(ema)
                 self._copies[1].append(model)
         self._groups = list(groups.values())
         for group in self._groups:
-            if group.model[0].dtype != group.ema[0].dtype:
+            if group.tracked[0].dtype != group.averages[0].dtype:
                 group.build_blocks()
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, precision: EMAPrecision = "fp32") -> EMAState:
+        """Track every parameter and buffer of ``module``, tied ones once, under all of their names."""
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        return cls(named, precision=precision)
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -127,7 +159,7 @@ class EMAState:
         weight = 1.0 - decay
         for group in self._groups:
             if not group.blocks:
-                torch._foreach_lerp_(group.ema, group.model, weight)
+                torch._foreach_lerp_(group.averages, group.tracked, weight)
                 continue
             for ema_chunks, model_chunks, stage_chunks in group.blocks:
                 torch._foreach_copy_(stage_chunks, model_chunks)
@@ -138,35 +170,60 @@ class EMAState:
             torch._foreach_copy_(*self._copies)
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average afresh from the tracked tensors' current values."""
+        torch._foreach_copy_(self.averages, self.raw_tensors())
+
+    @torch.no_grad()
     def copy_to_model(self) -> None:
         """Write the EMA values into the tracked tensors (cast to their dtypes)."""
-        torch._foreach_copy_(self.model, self.ema)
+        torch._foreach_copy_(self.tracked, self.averages)
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the tracked tensors hold the EMA values (between :meth:`swap_in` and :meth:`swap_out`)."""
+        return self._raw_backup is not None
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Back up the raw values in a temporary copy and write the EMA values into the tracked tensors."""
+        if self._raw_backup is not None:
+            raise RuntimeError("The EMA weights are already swapped into the model")
+        self._raw_backup = [t.detach().clone() for t in self.tracked]
+        self.copy_to_model()
+
+    @torch.no_grad()
+    def swap_out(self) -> None:
+        """Restore the raw values exactly (bf16 weights come back bit-identical); nothing to do if not swapped."""
+        if self._raw_backup is not None:
+            torch._foreach_copy_(self.tracked, self._raw_backup)
+            self._raw_backup = None
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
-        """Hold the EMA values in the tracked tensors inside the block; restore the raw values exactly after.
-
-        The raw values are backed up in a temporary copy, so bf16 weights come back bit-identical.
-        """
-        if self._backup is not None:
-            raise RuntimeError("The EMA weights are already swapped into the model")
-        with torch.no_grad():
-            self._backup = [t.detach().clone() for t in self.model]
-            self.copy_to_model()
+        """Hold the EMA values in the tracked tensors inside the block; restore the raw values exactly after."""
+        self.swap_in()
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.model, self._backup)
-            self._backup = None
+            self.swap_out()
 
     def raw_tensors(self) -> list[Tensor]:
         """The training (raw) values of the tracked tensors, also while the EMA is swapped in."""
-        return self._backup if self._backup is not None else [t.detach() for t in self.model]
+        return self._raw_backup if self._raw_backup is not None else [t.detach() for t in self.tracked]
+
+    def averages_by_name(self) -> dict[str, Tensor]:
+        """The EMA of every tracked tensor under every one of its names (live tensors, EMA dtype)."""
+        return {name: self.averages[index] for name, index in self.index_of_name.items()}
+
+    def raw_by_name(self) -> dict[str, Tensor]:
+        """The training values under every name, also while the EMA is swapped in."""
+        raw = self.raw_tensors()
+        return {name: raw[index] for name, index in self.index_of_name.items()}
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The EMA tensors by name (the live tensors, not copies)."""
-        return dict(zip(self.names, self.ema))
+        """The EMA tensors by their first names (the live tensors, not copies)."""
+        return dict(zip(self.names, self.averages))
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -178,11 +235,12 @@ class EMAState:
                 f"The saved EMA does not match the model: missing {missing}, unexpected {unexpected}."
                 " Was the checkpoint written for another model?"
             )
-        for name, ema in zip(self.names, self.ema):
+        for name, ema in zip(self.names, self.averages):  # every check before the first copy
             if state[name].shape != ema.shape:
                 raise ValueError(
                     f"The saved EMA of {name!r} has shape {tuple(state[name].shape)}, the model's is {tuple(ema.shape)}"
                 )
+        for name, ema in zip(self.names, self.averages):
             ema.copy_(state[name])
 
 
@@ -215,6 +273,37 @@ class TeacherState:
             teachers.append(teacher)
             onlines.append(online)
 
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, teachers: Mapping[str, str]) -> TeacherState:
+        """Pair the parameters of every teacher submodule of ``module`` with its online twin's.
+
+        ``teachers`` maps online submodule paths to teacher paths. Raises ``ValueError`` when a path is not a
+        submodule, a teacher does not mirror its twin (names or shapes) or still requires grad.
+        """
+        pairs: list[tuple[Tensor, Tensor]] = []
+        for online_path, teacher_path in teachers.items():
+            online = dict(_submodule(module, online_path).named_parameters())
+            teacher = dict(_submodule(module, teacher_path).named_parameters())
+            mirror = f"Teacher {teacher_path!r} does not mirror {online_path!r}"
+            if online.keys() != teacher.keys():
+                only = sorted(online.keys() ^ teacher.keys())
+                raise ValueError(f"{mirror}: parameters {only[:5]} are in only one of them")
+            trainable = [f"{teacher_path}.{name}" for name, tensor in teacher.items() if tensor.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"Teacher {teacher_path!r} still requires grad ({', '.join(trainable[:3])}, ...): freeze it with"
+                    f" `self.{teacher_path}.requires_grad_(False)` (lightly: `deactivate_requires_grad`), so that"
+                    " only the EMA moves it"
+                )
+            for name, tensor in online.items():
+                if teacher[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
+                        f" {tuple(tensor.shape)} in the online module"
+                    )
+                pairs.append((teacher[name], tensor))
+        return cls(pairs)
+
     @torch.no_grad()
     def update(self, decay: float) -> None:
         weight = 1.0 - decay
@@ -222,3 +311,14 @@ class TeacherState:
             torch._foreach_lerp_(teachers, onlines, weight)
         for teacher, online in self.mixed:
             teacher.lerp_(online.to(teacher.dtype), weight)
+
+
+def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(
+            f"`teachers` names {path!r}, which is not a submodule of {type(module).__name__}; its children are"
+            f" {children}"
+        ) from None

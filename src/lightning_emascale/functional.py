@@ -9,31 +9,14 @@ from __future__ import annotations
 
 import math
 
+from lightning_emascale._checks import check_momentum, check_non_negative, check_positive
+
 __all__ = [
     "half_life_from_momentum",
     "momentum_from_half_life",
     "scale_ema_momentum",
     "warmup_momentum",
 ]
-
-
-def _check_momentum(momentum: float, name: str = "momentum", allow_one: bool = False) -> float:
-    interval = "[0, 1]" if allow_one else "[0, 1)"
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"`{name}` must be a real number in {interval}, got {momentum!r}")
-    momentum = float(momentum)
-    if not (0.0 <= momentum < 1.0 or (allow_one and momentum == 1.0)):
-        raise ValueError(f"`{name}` must be in {interval}, got {momentum}")
-    return momentum
-
-
-def _check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive real number, got {value!r}")
-    value = float(value)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value}")
-    return value
 
 
 def scale_ema_momentum(momentum: float, kappa: float) -> float:
@@ -62,8 +45,8 @@ def scale_ema_momentum(momentum: float, kappa: float) -> float:
         >>> round(scale_ema_momentum(0.9999, 256), 6)
         0.974724
     """
-    momentum = _check_momentum(momentum, allow_one=True)
-    kappa = _check_positive(kappa, "kappa")
+    momentum = check_momentum(momentum, allow_one=True)
+    kappa = check_positive(kappa, "kappa")
     return momentum**kappa
 
 
@@ -85,8 +68,8 @@ def momentum_from_half_life(half_life_samples: float, batch_size: float) -> floa
         >>> round(momentum_from_half_life(half_life_samples=22_145, batch_size=256), 4)
         0.992
     """
-    half_life_samples = _check_positive(half_life_samples, "half_life_samples")
-    batch_size = _check_positive(batch_size, "batch_size")
+    half_life_samples = check_positive(half_life_samples, "half_life_samples")
+    batch_size = check_positive(batch_size, "batch_size")
     return 0.5 ** (batch_size / half_life_samples)
 
 
@@ -103,8 +86,8 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
         >>> half_life_from_momentum(0.5, batch_size=128)
         128.0
     """
-    momentum = _check_momentum(momentum)
-    batch_size = _check_positive(batch_size, "batch_size")
+    momentum = check_momentum(momentum)
+    batch_size = check_positive(batch_size, "batch_size")
     if momentum == 0.0:
         return 0.0
     return batch_size * math.log(0.5) / math.log(momentum)
@@ -126,7 +109,6 @@ def warmup_momentum(momentum: float, base_steps: float) -> float:
         >>> warmup_momentum(0.9, base_steps=10_000)
         0.9
     """
-    momentum = _check_momentum(momentum, allow_one=True)
-    if isinstance(base_steps, bool) or not isinstance(base_steps, (int, float)) or not base_steps >= 0:
-        raise ValueError(f"`base_steps` must be a number >= 0, got {base_steps!r}")
+    momentum = check_momentum(momentum, allow_one=True)
+    base_steps = check_non_negative(base_steps, "base_steps")
     return min(momentum, (1.0 + base_steps) / (10.0 + base_steps))

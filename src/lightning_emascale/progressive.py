@@ -11,7 +11,8 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_emascale.callback import EMAScalingCallback, _is_one_of
+from lightning_emascale._lightning import is_one_of
+from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
 
 _FORMAT = 1
@@ -104,7 +105,7 @@ class ProgressiveBatchCallback(Callback):
                 "ProgressiveBatchCallback(mode='accumulation') sets `accumulate_grad_batches`, which manual"
                 " optimization ignores: use `mode='batch_size'` or automatic optimization"
             )
-        if any(_is_one_of(c, (GradientAccumulationScheduler,)) for c in trainer.callbacks):  # type: ignore[attr-defined]
+        if any(is_one_of(c, (GradientAccumulationScheduler,)) for c in trainer.callbacks):  # type: ignore[attr-defined]
             raise ValueError(
                 "ProgressiveBatchCallback(mode='accumulation') and GradientAccumulationScheduler both set"
                 " `accumulate_grad_batches`: remove the GradientAccumulationScheduler"

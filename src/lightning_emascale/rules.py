@@ -9,12 +9,21 @@ changed keys, never mutating their input. Nothing here imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Union
 
 import torch
 
-__all__ = ["AdamScalingRule", "NoScalingRule", "OptimizerRule", "SGDScalingRule", "resolve_rule"]
+__all__ = [
+    "AdamScalingRule",
+    "NoScalingRule",
+    "OptimizerRule",
+    "SGDScalingRule",
+    "check_rule_fits",
+    "resolve_rule",
+    "restore_param_groups",
+    "scale_param_groups",
+]
 
 
 class OptimizerRule:
@@ -165,3 +174,46 @@ def resolve_rule(rule: RuleLike) -> OptimizerRule:
     raise ValueError(
         f"`optimizer_rule` must be one of {sorted(_RULES)}, None, or an OptimizerRule instance, got {rule!r}"
     )
+
+
+SavedGroups = list[tuple[dict[str, Any], dict[str, Any]]]
+
+
+def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any]], kappa: float) -> SavedGroups:
+    """Set every group's hyperparameters to the rule's values at ``kappa``, for one optimizer step.
+
+    Every group is scaled before any is changed, so a rule that raises leaves the groups as they were. Returns
+    the original values, for :func:`restore_param_groups` right after the step.
+
+    Example:
+        >>> groups = [{"lr": 0.1, "momentum": 0.9}]
+        >>> saved = scale_param_groups(SGDScalingRule(), groups, kappa=4)
+        >>> groups[0]["lr"]
+        0.4
+        >>> restore_param_groups(saved)
+        >>> groups[0]["lr"]
+        0.1
+    """
+    scaled = [rule.scale(group, kappa) for group in param_groups]
+    saved: SavedGroups = []
+    for group, values in zip(param_groups, scaled):
+        saved.append((group, {key: group[key] for key in values}))
+        group.update(values)
+    return saved
+
+
+def restore_param_groups(saved: SavedGroups) -> None:
+    """Put back the values :func:`scale_param_groups` replaced."""
+    for group, original in saved:
+        group.update(original)
+
+
+def check_rule_fits(rule: OptimizerRule, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Raise if ``rule`` does not apply to one of ``optimizers``, naming it and the rules that would."""
+    for index, optimizer in enumerate(optimizers):
+        if not rule.supports(optimizer):
+            raise ValueError(
+                f"`optimizer_rule`={rule!r} does not fit optimizer {index} ({type(optimizer).__name__}). Use 'sgd'"
+                " for SGD, 'adam' for Adam/AdamW/RMSprop/NAdam/RAdam/Adamax, a custom OptimizerRule, or None to"
+                " scale the EMA only."
+            )

@@ -13,21 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_emascale._checks import as_int, check_fraction, check_progress
+
 __all__ = ["WarmupCosine", "batch_size_at", "check_batch_schedule", "cosine_schedule"]
-
-
-def _check_progress(progress: float) -> float:
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
-        raise TypeError(f"`progress` must be a real number in [0, 1], got {progress!r}")
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"`progress` must be in [0, 1] (samples seen / total samples), got {progress}")
-    return float(progress)
-
-
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def cosine_schedule(progress: float, start: float, end: float) -> float:
@@ -51,7 +39,7 @@ def cosine_schedule(progress: float, start: float, end: float) -> float:
         >>> cosine_schedule(1.0, start=0.996, end=1.0)
         1.0
     """
-    progress = _check_progress(progress)
+    progress = check_progress(progress)
     if progress == 1.0:
         return float(end)  # cos(pi) is -1 up to rounding; hit the end value exactly
     return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
@@ -87,14 +75,13 @@ class WarmupCosine:
     warmup_start: float = 0.0
 
     def __post_init__(self) -> None:
-        warmup = _check_fraction(self.warmup, "warmup")
-        if warmup == 1.0:
+        for name in ("warmup", "final", "warmup_start"):  # stored as plain floats (a numpy scalar is fine)
+            object.__setattr__(self, name, check_fraction(getattr(self, name), name))
+        if self.warmup == 1.0:
             raise ValueError("`warmup` must be in [0, 1): a warm-up over the whole run leaves nothing to decay, got 1")
-        _check_fraction(self.final, "final")
-        _check_fraction(self.warmup_start, "warmup_start")
 
     def __call__(self, progress: float) -> float:
-        progress = _check_progress(progress)
+        progress = check_progress(progress)
         if progress < self.warmup:
             return self.warmup_start + (1.0 - self.warmup_start) * progress / self.warmup
         return cosine_schedule((progress - self.warmup) / (1.0 - self.warmup), start=1.0, end=self.final)
@@ -116,11 +103,12 @@ def check_batch_schedule(schedule: Any, name: str = "schedule") -> dict[int, int
     if not isinstance(schedule, Mapping) or not schedule:
         raise ValueError(f"`{name}` must be a non-empty dict of epoch -> batch size, got {schedule!r}")
     checked: dict[int, int] = {}
-    for epoch, size in schedule.items():
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"`{name}` keys must be epochs (integers >= 0), got {epoch!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"`{name}` values must be batch sizes (integers >= 1), got {size!r} at epoch {epoch}")
+    for key, value in schedule.items():
+        epoch, size = as_int(key), as_int(value)
+        if epoch is None or epoch < 0:
+            raise ValueError(f"`{name}` keys must be epochs (integers >= 0), got {key!r}")
+        if size is None or size < 1:
+            raise ValueError(f"`{name}` values must be batch sizes (integers >= 1), got {value!r} at epoch {key!r}")
         checked[epoch] = size
     return dict(sorted(checked.items()))
 

@@ -1,0 +1,54 @@
+"""Momentum attributes: numbers on a module (DINO's loss center momentum) kept batch-size invariant. No Lightning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_emascale._checks import as_real
+from lightning_emascale.functional import scale_ema_momentum
+
+
+@dataclass
+class MomentumAttribute:
+    """One attribute at ``path`` of a module, holding a momentum tuned at the base batch size.
+
+    The owner updates its own EMA on every forward pass, so :meth:`scale_for` sets it to
+    :math:`\\rho^{b/B}` before each micro-batch of :math:`b` samples (global); :meth:`restore` puts back the
+    value it had when it was resolved.
+    """
+
+    path: str
+    owner: Any
+    attribute: str
+    original: Any
+    base_momentum: float
+
+    @classmethod
+    def resolve(cls, module: Any, path: str, base_momentum: float) -> MomentumAttribute:
+        """Find the attribute at the dotted ``path`` of ``module``; raise if it is missing or not a number."""
+        *owners, attribute = path.split(".")
+        owner: Any = module
+        try:
+            for part in owners:
+                owner = getattr(owner, part)
+            value = getattr(owner, attribute)
+        except AttributeError:
+            raise ValueError(
+                f"`momentum_attributes` names {path!r}, which {type(module).__name__} does not have"
+            ) from None
+        if as_real(value) is None:
+            raise ValueError(f"`momentum_attributes` names {path!r}, which holds {value!r}, not a number")
+        return cls(path, owner, attribute, value, base_momentum)
+
+    @property
+    def value(self) -> float:
+        """The attribute's current value."""
+        return float(getattr(self.owner, self.attribute))
+
+    def scale_for(self, kappa: float) -> None:
+        """Set the attribute to the base momentum raised to ``kappa`` (one micro-batch's size / base batch)."""
+        setattr(self.owner, self.attribute, scale_ema_momentum(self.base_momentum, kappa))
+
+    def restore(self) -> None:
+        setattr(self.owner, self.attribute, self.original)

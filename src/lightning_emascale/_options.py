@@ -1,0 +1,139 @@
+"""The options of a scaled EMA that are not framework wiring, checked once. No torch.nn state, no Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from lightning_emascale._checks import (
+    as_real,
+    as_str,
+    check_bool,
+    check_choice,
+    check_momentum,
+    check_paths,
+    check_positive_int,
+)
+from lightning_emascale._ema import EMAPrecision
+from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
+from lightning_emascale.schedules import cosine_schedule
+
+#: ``"constant"``, ``"cosine"`` (from ``momentum`` to ``final_momentum``) or a callable of progress in [0, 1].
+MomentumSchedule = Union[Literal["constant", "cosine"], Callable[[float], float]]
+DEFAULT_MOMENTUM = 0.999
+
+
+@dataclass(frozen=True, eq=False)
+class EMAOptions:
+    """Every option of :class:`~lightning_emascale.ScaledEMA`, validated on construction (see its docstring).
+
+    ``momentum=None`` means 0.999 for the named schedules; a callable ``momentum_schedule`` gives the momentum
+    itself, so it takes neither ``momentum`` nor ``final_momentum``.
+    """
+
+    momentum: Optional[float] = None
+    base_batch_size: Optional[int] = None
+    optimizer_rule: RuleLike = None
+    update_every: int = 1
+    warmup: bool = False
+    ema_precision: EMAPrecision = "fp32"
+    momentum_schedule: MomentumSchedule = "constant"
+    final_momentum: Optional[float] = None
+    total_samples: Optional[int] = None
+    teachers: Optional[Mapping[str, str]] = None
+    momentum_attributes: Optional[Mapping[str, float]] = None
+
+    def __post_init__(self) -> None:
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        schedule = self.momentum_schedule
+        if callable(schedule):
+            for name in ("momentum", "final_momentum"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"`{name}`={getattr(self, name)!r} has no effect with a callable `momentum_schedule`, which"
+                        f" gives the momentum at every progress: drop `{name}`"
+                    )
+            for progress in (0.0, 1.0):  # fail now, not at the first step
+                check_momentum(schedule(progress), f"momentum_schedule({progress})", allow_one=True)
+        else:
+            if not isinstance(schedule, str) or schedule not in ("constant", "cosine"):
+                raise ValueError(
+                    "`momentum_schedule` must be one of ['constant', 'cosine'] or a callable of progress in [0, 1],"
+                    f" got {schedule!r}"
+                )
+            store("momentum", check_momentum(DEFAULT_MOMENTUM if self.momentum is None else self.momentum))
+            if schedule == "cosine" and self.final_momentum is None:
+                raise ValueError(
+                    "`momentum_schedule='cosine'` needs `final_momentum` (the value it ends at, BYOL: 1.0)"
+                )
+            if schedule == "constant" and self.final_momentum is not None:
+                raise ValueError(
+                    f"`final_momentum`={self.final_momentum!r} has no effect with `momentum_schedule='constant'`:"
+                    " set `momentum_schedule='cosine'` or drop `final_momentum`"
+                )
+            if self.final_momentum is not None:
+                store("final_momentum", check_momentum(self.final_momentum, "final_momentum", allow_one=True))
+        store("base_batch_size", check_positive_int(self.base_batch_size, "base_batch_size", allow_none=True))
+        store("optimizer_rule", resolve_rule(self.optimizer_rule))
+        store("update_every", check_positive_int(self.update_every, "update_every"))
+        store("warmup", check_bool(self.warmup, "warmup"))
+        check_choice(self.ema_precision, "ema_precision", ("fp32", "model"))
+        store("total_samples", check_positive_int(self.total_samples, "total_samples", allow_none=True))
+        store("teachers", check_paths(self.teachers, "teachers", as_str, "strings"))
+        attributes = check_paths(self.momentum_attributes, "momentum_attributes", as_real, "numbers") or {}
+        store(
+            "momentum_attributes",
+            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in attributes.items()}
+            or None,
+        )
+        if self.momentum_attributes and self.base_batch_size is None:
+            raise ValueError(
+                "`momentum_attributes` are scaled per micro-batch from its first forward on, so they need"
+                " `base_batch_size` (the global batch size their momenta were tuned at)"
+            )
+
+    @property
+    def rule(self) -> OptimizerRule:
+        """The resolved optimizer rule."""
+        assert isinstance(self.optimizer_rule, OptimizerRule)
+        return self.optimizer_rule
+
+    @property
+    def schedule_uses_progress(self) -> bool:
+        """Whether the momentum depends on training progress (so the run's total samples must be known)."""
+        return self.momentum_schedule != "constant"
+
+    def momentum_at(self, progress: float) -> float:
+        """The momentum at the base batch size at ``progress``, before warm-up and :math:`\\kappa`."""
+        schedule = self.momentum_schedule
+        if callable(schedule):
+            return check_momentum(schedule(progress), f"momentum_schedule({progress})", allow_one=True)
+        assert self.momentum is not None
+        if schedule == "constant":
+            return self.momentum
+        assert self.final_momentum is not None
+        return cosine_schedule(progress, start=self.momentum, end=self.final_momentum)
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self._options, name), doc=f"The ``{name}`` option (read only).")
+
+
+class OptionsView:
+    """The options of an adapter that holds an :class:`EMAOptions` in ``_options``, as read-only attributes."""
+
+    _options: EMAOptions
+    momentum = _option("momentum")
+    base_batch_size = _option("base_batch_size")
+    optimizer_rule = _option("optimizer_rule")
+    update_every = _option("update_every")
+    warmup = _option("warmup")
+    ema_precision = _option("ema_precision")
+    momentum_schedule = _option("momentum_schedule")
+    final_momentum = _option("final_momentum")
+    total_samples = _option("total_samples")
+    teachers = _option("teachers")
+    momentum_attributes = _option("momentum_attributes")

@@ -1,0 +1,526 @@
+r"""``ScaledEMA``: the EMA Scaling Rule for any training loop (Lightning Trainer, Fabric, plain PyTorch).
+
+No Lightning import: a plain loop pays only for torch. :class:`~lightning_emascale.EMAScalingCallback` is a
+thin adapter that builds one of these when fit starts and forwards the Trainer's hooks to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_emascale._attributes import MomentumAttribute
+from lightning_emascale._checks import as_int
+from lightning_emascale._ema import EMAPrecision, EMAState, TeacherState
+from lightning_emascale._options import EMAOptions, MomentumSchedule
+from lightning_emascale.functional import scale_ema_momentum, warmup_momentum
+from lightning_emascale.rules import RuleLike, check_rule_fits, restore_param_groups, scale_param_groups
+
+#: The version of :meth:`ScaledEMA.state_dict`'s layout; a checkpoint of another version is refused.
+STATE_FORMAT = 1
+_STATE_KEYS = ("format", "base_batch_size", "samples_seen", "optimizer_steps", "ema_updates", "pending_decay")
+
+
+class ScaledEMA:
+    r"""A model EMA whose horizon, counted in samples, does not depend on the batch size.
+
+    After every optimizer step the EMA moves towards the weights, :math:`\zeta \leftarrow \hat\rho\,\zeta +
+    (1 - \hat\rho)\,\theta`, with :math:`\hat\rho = \rho^\kappa` (the EMA Scaling Rule of Busbridge et al.,
+    NeurIPS 2023) and :math:`\kappa` the step's global batch over ``base_batch_size``. While each optimizer
+    step runs, its hyperparameters follow ``optimizer_rule`` (SGD: :math:`\eta \to \kappa\eta`; Adam:
+    :math:`\eta \to \sqrt\kappa\eta`, :math:`1-\beta \to \kappa(1-\beta)`, :math:`\epsilon \to
+    \epsilon/\sqrt\kappa`), and are restored right after, so schedulers never see the scaled values.
+
+    Every schedule runs on the **sample clock** (Algorithm 1 of the paper): the momentum schedule is evaluated
+    at :attr:`progress`, samples seen / total samples, before it is raised to :math:`\kappa`, and a
+    :class:`~lightning_emascale.SampleClockLR` given ``clock=`` this object reads the same clock.
+
+    In a plain loop, tell it the global size of every micro-batch; ``optimizer.step()`` does the rest (the
+    hooks this object registers apply the rule for that step, advance the clock and move the EMA)::
+
+        ema = ScaledEMA(model, optimizer, momentum=0.999, base_batch_size=256, optimizer_rule="sgd")
+        for x, y in loader:
+            loss_fn(model(x), y).backward()
+            ema.count_samples(len(x) * world_size)  # every micro-batch: its global size
+            optimizer.step()                         # rule applied for this step only; then the EMA moves
+            optimizer.zero_grad()
+
+    Args:
+        module: the model whose parameters and buffers are averaged (Polyak mode), or which holds the teacher
+            submodules (teacher mode, ``teachers``). Pass the module itself, not a DDP or Fabric wrapper.
+        optimizers: the optimizer, or several, whose steps drive the EMA; the optimizer rule scales them. A
+            Fabric-wrapped optimizer is unwrapped. ``None``: no hooks; call :meth:`end_step` after every step.
+        momentum: :math:`\rho \in [0, 1)`, the EMA momentum tuned at ``base_batch_size`` (with the cosine
+            schedule, its value at the start of training). ``None`` means 0.999.
+        base_batch_size: the global batch size ``momentum`` (and the optimizer's hyperparameters) were tuned
+            at. ``None`` takes the first optimizer step's global batch.
+        optimizer_rule: ``"sgd"``, ``"adam"``, ``"none"``/``None`` or an
+            :class:`~lightning_emascale.OptimizerRule` instance.
+        update_every: update the EMA every this many optimizer steps, with the momentum accumulated over
+            those steps (the product of the steps' :math:`\hat\rho`).
+        warmup: use :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))` with :math:`t` = samples seen / base batch
+            size (Morales-Brotons et al., 2024), so the warm-up spans the same samples at any batch size.
+        ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` keeps
+            the model's dtype (half the memory, but updates smaller than the format's resolution are lost).
+        momentum_schedule: ``"constant"``; ``"cosine"`` from ``momentum`` to ``final_momentum`` over the
+            training samples (BYOL's teacher schedule); or any callable of progress in :math:`[0, 1]` that
+            returns the momentum at the base batch size (then leave ``momentum`` unset). Warm-up and
+            :math:`\kappa` are applied to its value.
+        final_momentum: the momentum in :math:`[0, 1]` that the cosine schedule ends at (BYOL: 1.0).
+        total_samples: the training samples (global, all ranks) the run will see, the denominator of
+            :attr:`progress`; needed by a schedule of progress and by ``SampleClockLR``.
+        teachers: **teacher mode**: online → teacher submodule paths of ``module``, e.g.
+            ``{"backbone": "backbone_momentum"}`` (lightly's BYOL). Every teacher parameter moves toward its
+            online twin with :math:`\hat\rho`; no separate copy is kept. Teachers must not require grad; their
+            buffers (BatchNorm statistics) come from their own forward passes, as with lightly.
+        momentum_attributes: other momenta to keep batch-size invariant: attribute path of ``module`` → its
+            value at ``base_batch_size``, e.g. ``{"criterion.center_momentum": 0.9}`` for DINO's loss center.
+            :meth:`count_samples` sets each to :math:`\rho^{b/B}` for the micro-batch's global size :math:`b`;
+            :meth:`detach` restores them. Needs ``base_batch_size``.
+        auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
+            ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
+            have stepped (the Lightning callback does, at the end of each batch).
+        total_samples_from: where to get the total when ``total_samples`` is ``None``, called whenever
+            progress is needed: an adapter that knows the run's length supplies it (the Lightning callback
+            derives it from the Trainer). It returns the total or raises ``ValueError`` saying why it cannot.
+
+    Example:
+        >>> import torch
+        >>> from lightning_emascale import ScaledEMA
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ema = ScaledEMA(model, optimizer, momentum=0.996, base_batch_size=32, optimizer_rule="sgd")
+        >>> for _ in range(4):  # two micro-batches of 64 per step: global batch 128
+        ...     model(torch.randn(64, 4)).pow(2).mean().backward()
+        ...     ema.count_samples(64)
+        ...     if ema.samples_pending == 128:
+        ...         optimizer.step()
+        ...         optimizer.zero_grad()
+        >>> ema.kappa, round(ema.ema_momentum, 9), ema.samples_seen, ema.optimizer_steps
+        (4.0, 0.984095744, 256, 2)
+        >>> ema.step_lrs  # the learning rate each optimizer's step used: 0.1 x kappa
+        [[0.4]]
+        >>> optimizer.param_groups[0]["lr"]  # restored right after the step
+        0.1
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
+        *,
+        momentum: Optional[float] = None,
+        base_batch_size: Optional[int] = None,
+        optimizer_rule: RuleLike = None,
+        update_every: int = 1,
+        warmup: bool = False,
+        ema_precision: EMAPrecision = "fp32",
+        momentum_schedule: MomentumSchedule = "constant",
+        final_momentum: Optional[float] = None,
+        total_samples: Optional[int] = None,
+        teachers: Optional[Mapping[str, str]] = None,
+        momentum_attributes: Optional[Mapping[str, float]] = None,
+        auto_end_step: bool = True,
+        total_samples_from: Optional[Callable[[], int]] = None,
+    ) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        self.options = EMAOptions(
+            momentum=momentum,
+            base_batch_size=base_batch_size,
+            optimizer_rule=optimizer_rule,
+            update_every=update_every,
+            warmup=warmup,
+            ema_precision=ema_precision,
+            momentum_schedule=momentum_schedule,
+            final_momentum=final_momentum,
+            total_samples=total_samples,
+            teachers=teachers,
+            momentum_attributes=momentum_attributes,
+        )
+        if not isinstance(auto_end_step, bool):
+            raise ValueError(f"`auto_end_step` must be True or False, got {auto_end_step!r}")
+        self.auto_end_step = auto_end_step
+        self.total_samples_from = total_samples_from
+        self.module = module
+        #: The averager: an :class:`EMAState` (Polyak copy) or a :class:`TeacherState` (teacher mode).
+        self.averager: Union[EMAState, TeacherState] = (
+            TeacherState.from_module(module, self.options.teachers)
+            if self.options.teachers
+            else EMAState.from_module(module, precision=self.options.ema_precision)
+        )
+        self._optimizers: list[Optimizer] = []
+        self._hooks: list[RemovableHandle] = []
+        self._saved_groups: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._attributes: list[MomentumAttribute] = []
+        self._reset_clock()
+        self.attach([] if optimizers is None else optimizers)
+
+    @classmethod
+    def from_options(
+        cls,
+        module: torch.nn.Module,
+        optimizers: Union[Optimizer, Sequence[Optimizer], None],
+        options: EMAOptions,
+        **wiring: Any,
+    ) -> ScaledEMA:
+        """Build from already checked options (an adapter checks them when it is built); ``wiring``:
+        ``auto_end_step``, ``total_samples_from``."""
+        return cls(
+            module, optimizers, **{field.name: getattr(options, field.name) for field in fields(options)}, **wiring
+        )
+
+    def _reset_clock(self) -> None:
+        self._base: Optional[int] = self.options.base_batch_size
+        self._samples_seen = 0
+        self._optimizer_steps = 0
+        self._ema_updates = 0
+        self._decay_since_update = 1.0  # the product of the rho-hats of the steps since the last EMA update
+        self._step_samples = 0  # global samples counted into the optimizer step under way
+        self._step_on_clock = False  # the step under way has been counted on the clock
+        self._kappa = math.nan
+        self._step_momentum = math.nan
+        self._step_batch = 0
+        self._step_lrs: list[list[float]] = [[] for _ in self._optimizers]
+
+    # ------------------------------------------------------------------------------------------ wiring
+    def attach(self, optimizers: Union[Optimizer, Sequence[Optimizer]]) -> None:
+        """Hook ``optimizers`` (replacing any hooked before) and resolve the momentum attributes.
+
+        The Lightning callback calls this at every fit start, with that fit's optimizers.
+        """
+        listed = [optimizers] if not isinstance(optimizers, Sequence) else list(optimizers)
+        unwrapped = [_unwrap(optimizer) for optimizer in listed]
+        check_rule_fits(self.options.rule, unwrapped)
+        if self.auto_end_step and len(unwrapped) > 1:
+            raise ValueError(
+                f"`auto_end_step=True` ends the step in an optimizer's post-hook, but {len(unwrapped)} optimizers"
+                " were given: pass `auto_end_step=False` and call `end_step()` once after all of them have stepped"
+            )
+        self.detach()  # restores the attributes first, so that their originals are read unscaled
+        self._attributes = [
+            MomentumAttribute.resolve(self.module, path, base)
+            for path, base in (self.options.momentum_attributes or {}).items()
+        ]
+        self._optimizers = unwrapped
+        self._step_lrs = [[] for _ in unwrapped]
+        for optimizer in unwrapped:
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks and restore what this object changed (hyperparameters, attributes)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._restore_hyperparameters()
+        for attribute in self._attributes:
+            attribute.restore()
+        self._attributes = []
+
+    def reset(self) -> None:
+        """Start afresh: the clock back to zero and, in Polyak mode, the EMA equal to the current weights.
+
+        The optimizers stay hooked. A ``base_batch_size`` that was resolved from the first step is resolved
+        again. In teacher mode the teachers are the module's own and keep their values.
+        """
+        self._restore_hyperparameters()
+        self._reset_clock()
+        if isinstance(self.averager, EMAState):
+            self.averager.reset()
+
+    # ------------------------------------------------------------------------------------------ the step
+    def count_samples(self, samples: int) -> None:
+        """Count one micro-batch of ``samples`` (global: all data-parallel ranks) into the step under way.
+
+        Call it for every micro-batch before the optimizer step it is accumulated into. Momentum attributes
+        are set for this micro-batch here.
+        """
+        count = as_int(samples)
+        if count is None or count < 1:
+            raise ValueError(f"`samples` must be a positive integer (the micro-batch's global size), got {samples!r}")
+        if self._step_on_clock:  # the last step was counted but not ended: end it now
+            self.end_step()
+        self._step_samples += count
+        if self._attributes:
+            assert self._base is not None  # momentum_attributes need base_batch_size
+            for attribute in self._attributes:
+                attribute.scale_for(count / self._base)
+
+    @property
+    def samples_pending(self) -> int:
+        """Samples counted into the optimizer step under way (not yet on the clock)."""
+        return 0 if self._step_on_clock else self._step_samples
+
+    def _step_kappa(self) -> float:
+        if self._step_samples == 0:
+            raise RuntimeError(
+                "No samples were counted for this optimizer step: call `count_samples(n)` with every micro-batch's"
+                " global size before `optimizer.step()` (or before `end_step()`)"
+            )
+        if self._base is None:
+            self._base = self._step_samples
+        return self._step_samples / self._base
+
+    def _before_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
+        self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
+        kappa = self._step_kappa()
+        self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
+        index = next(i for i, hooked in enumerate(self._optimizers) if hooked is optimizer)
+        self._step_lrs[index] = [group["lr"] for group in optimizer.param_groups]
+
+    def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
+        self._restore_hyperparameters()
+        self._count_step_on_clock()  # before a SampleClockLR stepped next reads the clock
+        if self.auto_end_step:
+            self.end_step()
+
+    def _restore_hyperparameters(self) -> None:
+        restore_param_groups(self._saved_groups)
+        self._saved_groups = []
+
+    def _count_step_on_clock(self) -> None:
+        """Count the step on the sample clock, once, with rho-hat from the clock before it."""
+        if self._step_on_clock:
+            return
+        kappa = self._step_kappa()
+        assert self._base is not None
+        momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
+        assert momentum is not None
+        if self.options.warmup:
+            momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
+        self._step_momentum = scale_ema_momentum(momentum, kappa)
+        self._kappa, self._step_batch = kappa, self._step_samples
+        self._samples_seen += self._step_samples
+        self._optimizer_steps += 1
+        self._step_on_clock = True
+
+    def end_step(self) -> None:
+        """End the optimizer step: count it on the clock (if no optimizer hook did) and move the EMA.
+
+        Called by the optimizer's post-hook with ``auto_end_step=True``; call it yourself otherwise, once per
+        optimizer step, after every optimizer of the step has run (also when a step was skipped, e.g. by an
+        AMP grad scaler: its samples were still seen).
+        """
+        self._count_step_on_clock()
+        self._step_samples = 0
+        self._step_on_clock = False
+        self._decay_since_update *= self._step_momentum
+        if self._optimizer_steps % self.options.update_every == 0:
+            self.averager.update(self._decay_since_update)
+            self._ema_updates += 1
+            self._decay_since_update = 1.0
+
+    def momentum_at(self, progress: float) -> float:
+        """The momentum at the base batch size at ``progress``, before warm-up and :math:`\\kappa`."""
+        return self.options.momentum_at(progress)
+
+    # -------------------------------------------------------------------------------------- the clock
+    @property
+    def samples_seen(self) -> int:
+        """Training samples (global, all ranks) consumed by the optimizer steps so far."""
+        return self._samples_seen
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (one per :meth:`end_step`, also with several optimizers)."""
+        return self._optimizer_steps
+
+    @property
+    def ema_updates(self) -> int:
+        """EMA updates so far (one every ``update_every`` optimizer steps)."""
+        return self._ema_updates
+
+    @property
+    def kappa(self) -> float:
+        """:math:`\\kappa` of the latest optimizer step (``nan`` before the first)."""
+        return self._kappa
+
+    @property
+    def ema_momentum(self) -> float:
+        """:math:`\\hat\\rho` of the latest optimizer step (``nan`` before the first)."""
+        return self._step_momentum
+
+    @property
+    def global_batch_size(self) -> int:
+        """The global batch of the latest optimizer step (0 before the first)."""
+        return self._step_batch
+
+    @property
+    def step_lrs(self) -> list[list[float]]:
+        """The learning rate each param group of each optimizer used in its latest step (after the rule)."""
+        return [list(lrs) for lrs in self._step_lrs]
+
+    @property
+    def resolved_base_batch_size(self) -> Optional[int]:
+        """``base_batch_size``, or the first step's global batch once it is known."""
+        return self._base
+
+    @property
+    def resolved_total_samples(self) -> int:
+        """``total_samples``, or what ``total_samples_from`` gives."""
+        if self.options.total_samples is not None:
+            return self.options.total_samples
+        if self.total_samples_from is not None:
+            return self.total_samples_from()
+        raise ValueError(
+            "`total_samples` is not set: pass `total_samples=`, the training samples (global, all ranks) the run"
+            " will see; progress, a momentum schedule and SampleClockLR need it"
+        )
+
+    @property
+    def progress(self) -> float:
+        """Training progress on the sample clock: :attr:`samples_seen` / :attr:`resolved_total_samples`."""
+        total = self.resolved_total_samples
+        if self._samples_seen > total:
+            raise ValueError(
+                f"The run has trained on {self._samples_seen} samples, past `total_samples`={total}: set"
+                " `total_samples` to at least the samples (global, all ranks) this run trains on"
+            )
+        return self._samples_seen / total
+
+    def momentum_attribute_values(self) -> dict[str, float]:
+        """The current value of every momentum attribute, by path."""
+        return {attribute.path: attribute.value for attribute in self._attributes}
+
+    def metrics(self, prefix: str = "ema") -> dict[str, float]:
+        r"""What the latest step did, for a logger: ``<prefix>/kappa``, ``/momentum`` (:math:`\hat\rho`),
+        ``/batch_size`` (global), ``/samples_seen``, ``/lr-<Optimizer>`` (the effective learning rate; ``-<i>``
+        added when two optimizers share a type, ``/pg<j>`` for the j-th param group after the first) and
+        ``/<path>`` for every momentum attribute. The Lightning callback logs exactly these.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4, optimizer_rule="sgd")
+            >>> ema.count_samples(8)
+            >>> optimizer.step()
+            >>> {key: round(value, 6) for key, value in ema.metrics().items()}
+            {'ema/kappa': 2.0, 'ema/momentum': 0.81, 'ema/batch_size': 8.0, 'ema/samples_seen': 8.0, 'ema/lr-SGD': 0.2}
+        """
+        metrics = {
+            f"{prefix}/kappa": self._kappa,
+            f"{prefix}/momentum": self._step_momentum,
+            f"{prefix}/batch_size": float(self._step_batch),
+            f"{prefix}/samples_seen": float(self._samples_seen),
+        }
+        types = [type(optimizer) for optimizer in self._optimizers]
+        for position, (kind, lrs) in enumerate(zip(types, self._step_lrs)):
+            key = f"{prefix}/lr-{kind.__name__}" + (f"-{position}" if types.count(kind) > 1 else "")
+            metrics.update({key + (f"/pg{index + 1}" if index else ""): lr for index, lr in enumerate(lrs)})
+        metrics.update({f"{prefix}/{path}": value for path, value in self.momentum_attribute_values().items()})
+        return metrics
+
+    # ------------------------------------------------------------------------------------ the Polyak EMA
+    def _polyak(self) -> EMAState:
+        if not isinstance(self.averager, EMAState):
+            raise RuntimeError(
+                "Teacher mode keeps no separate EMA: the EMA weights are the module's teacher submodules"
+                f" {sorted(self.options.teachers.values())}. Use those directly."  # type: ignore[union-attr]
+            )
+        return self.averager
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """The EMA of every tracked parameter and buffer, by the module's names (EMA dtype, live tensors)."""
+        return self._polyak().averages_by_name()
+
+    def raw_state_dict(self) -> dict[str, Tensor]:
+        """The training values of every tracked tensor, by name, also while the EMA is swapped in."""
+        return self._polyak().raw_by_name()
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Hold the EMA weights in the module inside the block; restore the training weights exactly after."""
+        with self._polyak().swapped():
+            yield
+
+    def swap_in(self) -> None:
+        """Write the EMA weights into the module (e.g. before an evaluation loop); :meth:`swap_out` undoes it."""
+        self._polyak().swap_in()
+
+    def swap_out(self) -> None:
+        """Restore the training weights exactly after :meth:`swap_in`; nothing to do if they are in place."""
+        self._polyak().swap_out()
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the module holds the EMA weights now (between :meth:`swap_in` and :meth:`swap_out`)."""
+        return isinstance(self.averager, EMAState) and self.averager.is_swapped
+
+    def functional_call(self, module: torch.nn.Module, args: Any, kwargs: Optional[dict[str, Any]] = None) -> Any:
+        """Run ``module`` on the EMA weights without touching its own (:func:`torch.func.functional_call`)."""
+        state = self._polyak()
+        if module is not self.module:
+            raise ValueError(
+                f"`module` must be the module this EMA averages ({type(self.module).__name__}),"
+                f" got {type(module).__name__}"
+            )
+        weights = {name: state.averages[i].to(state.tracked[i].dtype) for name, i in state.index_of_name.items()}
+        return torch.func.functional_call(module, weights, args, kwargs)
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The clock and, in Polyak mode, the EMA tensors (live): everything needed to resume exactly."""
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "base_batch_size": self._base,
+            "samples_seen": self._samples_seen,
+            "optimizer_steps": self._optimizer_steps,
+            "ema_updates": self._ema_updates,
+            "pending_decay": self._decay_since_update,
+        }
+        if isinstance(self.averager, EMAState):  # teacher mode: the teachers are in the module's state_dict
+            state["ema"] = self.averager.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
+        check_state(state, "The saved ScaledEMA state")
+        if isinstance(self.averager, EMAState) and "ema" in state:
+            self.averager.load_state_dict(state["ema"])
+        self._restore_hyperparameters()
+        self._reset_clock()
+        if self._base is None:  # the base saved by the first run keeps the EMA horizon in samples
+            self._base = state["base_batch_size"]
+        self._samples_seen = state["samples_seen"]
+        self._optimizer_steps = state["optimizer_steps"]
+        self._ema_updates = state["ema_updates"]
+        self._decay_since_update = state["pending_decay"]
+
+    def __repr__(self) -> str:
+        mode = f"teachers={dict(self.options.teachers)}" if self.options.teachers else "polyak"
+        return (
+            f"{type(self).__name__}({mode}, base_batch_size={self._base}, rule={self.options.rule!r},"
+            f" samples_seen={self._samples_seen}, optimizer_steps={self._optimizer_steps})"
+        )
+
+
+def check_state(state: Mapping[str, Any], where: str) -> None:
+    """Raise unless ``state`` is a :meth:`ScaledEMA.state_dict` of this version; ``where`` starts the message."""
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{where} has format {state.get('format')!r}; this version of lightning-emascale reads format"
+            f" {STATE_FORMAT}"
+        )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise KeyError(f"{where} lacks {missing}")
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside a Fabric or Lightning wrapper (``.optimizer``), or ``optimizer`` itself."""
+    inner = optimizer
+    while not isinstance(inner, Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, Optimizer):
+        raise TypeError(f"`optimizers` must be torch optimizers, got {type(optimizer).__name__}")
+    return inner
