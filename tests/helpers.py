@@ -1,7 +1,8 @@
-"""A tiny supervised LightningModule and Trainer factory shared by the end-to-end tests."""
+"""Tiny LightningModules (supervised, BYOL-shaped) and a Trainer factory shared by the end-to-end tests."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -135,3 +136,44 @@ def reference_ema(initial: dict[str, torch.Tensor], recorder: StepRecorder, mome
         for k, v in weights.items():
             ema[k] = rho * ema[k] + (1 - rho) * v.double() if v.is_floating_point() else v.double()
     return ema
+
+
+PAIRS = {"backbone": "backbone_momentum", "head": "head_momentum"}
+
+
+class Center:
+    """Stands in for lightly's DINOLoss: a momentum attribute read on every forward."""
+
+    def __init__(self) -> None:
+        self.center_momentum = 0.9
+        self.seen: list[float] = []
+
+
+class TinyBYOL(L.LightningModule):
+    """A BYOL-shaped module: online backbone + head, frozen momentum twins that feed the loss."""
+
+    def __init__(self, n_samples: int = 32, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 4)
+        self.predictor = torch.nn.Linear(4, 4)
+        self.backbone_momentum = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.head_momentum = copy.deepcopy(self.head).requires_grad_(False)
+        self.criterion = Center()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n_samples, 6, generator=generator)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.criterion.seen.append(self.criterion.center_momentum)
+        online = self.predictor(self.head(self.backbone(x + 0.1 * x.roll(1, dims=1))))  # a fixed "view"
+        with torch.no_grad():
+            target = self.head_momentum(self.backbone_momentum(x))
+        return -torch.nn.functional.cosine_similarity(online, target).mean()
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x), batch_size=self.batch_size)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)

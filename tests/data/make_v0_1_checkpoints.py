@@ -14,9 +14,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from helpers import TinyModel, make_trainer  # noqa: E402
+from helpers import TinyModel, make_trainer
 
-from lightning_emascale import EMAScalingCallback  # noqa: E402
+from lightning_emascale import EMAScalingCallback
 
 CALLBACK = dict(momentum=0.9, base_batch_size=2, optimizer_rule="sgd", update_every=2, warmup=True)
 

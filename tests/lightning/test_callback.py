@@ -139,9 +139,7 @@ def test_functional_call_gives_raw_and_ema_metrics_in_one_step():
     assert metrics["val_loss"] == pytest.approx(raw.item(), rel=1e-5)
     assert metrics["val_loss_ema"] == pytest.approx(ema.item(), rel=1e-5)
     assert abs(raw.item() - ema.item()) > 1e-4  # the two really differ
-    with pytest.raises(
-        ValueError, match=r"`module` must be the module this EMA averages \(_BothMetrics\), got Linear"
-    ):
+    with pytest.raises(ValueError, match=r"`module` must be the module this EMA averages \(_BothMetrics\), got Linear"):
         callback.functional_call(torch.nn.Linear(6, 8), (x,))
 
 
@@ -357,7 +355,9 @@ def test_update_every_uses_the_accumulated_momentum():
                 for k, v in weights.items()
             }
             decay = 1.0
-    assert callback.scaled_ema.state_dict()["pending_decay"] == pytest.approx(0.9**4)  # steps 7 and 8 wait for the next window
+    assert callback.scaled_ema.state_dict()["pending_decay"] == pytest.approx(
+        0.9**4
+    )  # steps 7 and 8 wait for the next window
     _assert_ema_matches(callback, ema)
 
 

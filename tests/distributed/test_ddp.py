@@ -12,7 +12,8 @@ HERE = Path(__file__).parent
 
 
 def run_script(script: str, out: Path, cwd: Path, timeout: int = 300) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    # the runner scripts import helpers.py from tests/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     try:
         proc = subprocess.run(
             [sys.executable, str(HERE / script), str(out)],

@@ -4,8 +4,7 @@ import sys
 
 import lightning as L
 import torch
-from helpers import make_trainer
-from test_teacher import PAIRS, TinyBYOL
+from helpers import PAIRS, TinyBYOL, make_trainer
 
 from lightning_emascale import EMAScalingCallback
 
