@@ -519,7 +519,7 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
 def _unwrap(optimizer: Any) -> Optimizer:
     """The torch optimizer inside a Fabric or Lightning wrapper (``.optimizer``), or ``optimizer`` itself."""
     inner = optimizer
-    while not isinstance(inner, Optimizer) and hasattr(inner, "optimizer"):
+    while isinstance(getattr(inner, "optimizer", None), Optimizer):  # Fabric's wrapper subclasses the optimizer
         inner = inner.optimizer
     if not isinstance(inner, Optimizer):
         raise TypeError(f"`optimizers` must be torch optimizers, got {type(optimizer).__name__}")

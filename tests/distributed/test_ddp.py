@@ -68,3 +68,12 @@ def test_ddp_teachers_stay_identical_across_ranks(tmp_path):
     result = torch.load(out, weights_only=False)
     assert result["checks"] == 8  # 16 samples per rank per epoch in batches of 4, 2 epochs: checked every step
     assert result["moved"]  # the teacher followed the (DDP-synchronised) student
+
+
+def test_fabric_ddp_two_processes_kappa_counts_both_ranks_and_the_ema_matches_one_process(tmp_path):
+    out = tmp_path / "fabric.pt"
+    run_script("fabric_ddp_run.py", out, tmp_path)
+    result = torch.load(out, weights_only=False)
+    assert result["kappas"] == [2.0] * 4
+    assert (result["samples_seen"], result["steps"]) == (48, 4)
+    assert max(result["errors"].values()) < 1e-6
