@@ -34,7 +34,7 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
     sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
     if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
         return None, "the train dataset has no length (an IterableDataset)"
-    return trainer.max_epochs * len(sampler) * trainer.world_size, ""
+    return trainer.max_epochs * len(sampler) * trainer.world_size, ""  # type: ignore[arg-type]
 
 
 class RunLength:

@@ -195,7 +195,7 @@ class EMAScalingCallback(OptionsView, Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._swap_out()
+        self._swap_out(trainer, pl_module)
         if self._ema is not None:
             self._ema.detach()
 
@@ -223,7 +223,7 @@ class EMAScalingCallback(OptionsView, Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # -------------------------------------------------------------------------------------- evaluation
-    def _swap_in(self, *_: Any) -> None:
+    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = self._ema
         if (
             self.evaluate_with_ema
@@ -233,7 +233,7 @@ class EMAScalingCallback(OptionsView, Callback):
         ):
             ema.swap_in()
 
-    def _swap_out(self, *_: Any) -> None:
+    def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ema is not None and self._ema.is_swapped:
             self._ema.swap_out()
 
