@@ -11,7 +11,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 
 class SampleClock(Protocol):
-    """Anything that reports training progress in samples, e.g. :class:`~lightning_emascale.EMAScalingCallback`."""
+    """Anything that reports training progress in samples: a :class:`~lightning_emascale.ScaledEMA` or an
+    :class:`~lightning_emascale.EMAScalingCallback`."""
 
     @property
     def progress(self) -> float:
@@ -39,7 +40,8 @@ class SampleClockLR(LRScheduler):
         optimizer: the wrapped optimizer.
         schedule: the factor as a function of progress in :math:`[0, 1]`, e.g.
             :class:`~lightning_emascale.WarmupCosine`. Must return a finite number ≥ 0.
-        clock: where to read progress. ``None`` waits for an ``EMAScalingCallback`` to attach itself.
+        clock: where to read progress: a :class:`~lightning_emascale.ScaledEMA` in a Fabric or plain loop.
+            ``None`` waits for an ``EMAScalingCallback`` to attach itself when fit starts.
         last_epoch: as in every torch scheduler; leave it at -1.
 
     Example:
