@@ -485,7 +485,12 @@ class ScaledEMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
         check_state(state, "The saved ScaledEMA state")
-        if isinstance(self.averager, EMAState) and "ema" in state:
+        if isinstance(self.averager, EMAState):
+            if "ema" not in state:
+                raise KeyError(
+                    "The saved ScaledEMA state has no 'ema' tensors (it was written in teacher mode), but this one keeps"
+                    " a Polyak copy: load a state written with the same mode"
+                )
             self.averager.load_state_dict(state["ema"])
         self._restore_hyperparameters()
         self._reset_clock()

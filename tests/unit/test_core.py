@@ -255,6 +255,8 @@ def test_load_state_dict_checks_everything_before_changing_anything():
     with pytest.raises(ValueError, match=r"The saved EMA of '0.weight' has shape \(5, 5\), the model's is \(4, 3\)"):
         ema.load_state_dict(wrong)
     assert ema.samples_seen == 0 and not torch.equal(ema.ema_state_dict()["0.bias"], torch.zeros(4))
+    with pytest.raises(KeyError, match=r"has no 'ema' tensors \(it was written in teacher mode\)"):
+        ema.load_state_dict({k: v for k, v in good.items() if k != "ema"})
 
 
 def test_sample_clock_lr_reads_a_scaled_ema():
