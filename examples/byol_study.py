@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from byol import BYOL, TEACHERS
-from selfsup import ImageData, knn_accuracy
+from emascale_examples.selfsup import ImageData, knn_accuracy
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 

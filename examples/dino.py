@@ -17,10 +17,10 @@ import copy
 import lightning as L
 import torch
 import torchvision
+from emascale_examples.selfsup import ImageData, fit, knn_accuracy, parse_args
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
-from selfsup import ImageData, fit, knn_accuracy, parse_args
 
 from lightning_emascale import EMAScalingCallback
 

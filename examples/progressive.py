@@ -18,7 +18,7 @@ import argparse
 
 import lightning as L
 import torch
-from dynamics import Trace, parse_schedule
+from emascale_examples.tracing import Trace, parse_schedule
 from quickstart import Classifier, cifar10, synthetic
 from torch.utils.data import DataLoader, random_split
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from patterns import pattern_images
+from emascale_examples.data import pattern_images
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -1,9 +1,4 @@
-"""Image data and the kNN evaluation shared by the self-supervised examples (byol.py, dino.py).
-
-By default the images are generated: ten classes, each a fixed random low-frequency colour pattern, shown
-shifted and with noise, so the examples run offline. ``cifar10_root`` switches to CIFAR-10 (torchvision,
-downloaded there).
-"""
+"""Image data (generated, or CIFAR-10), the kNN evaluation, the command line and the fit of the self-supervised examples."""
 
 from __future__ import annotations
 
@@ -14,13 +9,14 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 import torchvision.transforms as T
-from dynamics import Trace, parse_schedule
-from patterns import pattern_images
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
+
+from .data import pattern_images
+from .tracing import Trace, parse_schedule
 
 NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
