@@ -1,1 +1,1 @@
-"""Code shared by the example scripts, the studies in studies/ and the LightningCLI configs: no script imports another."""
+"""Code the demos, the studies (studies/) and the LightningCLI configs share; scripts import it, never each other."""
