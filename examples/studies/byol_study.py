@@ -1,6 +1,6 @@
 """A small BYOL study: base batch against kappa x base, with and without the EMA Scaling Rule, and progressive.
 
-    python examples/byol_study.py [--base-batch 32] [--kappa 4] [--epochs 8] [--train-samples 1024]
+    python examples/studies/byol_study.py [--base-batch 32] [--kappa 4] [--epochs 8] [--train-samples 1024]
         [--knn-samples 512] [--grow-at 2] [--out-dir byol_study] [--cifar10 ROOT]
 
 The model is ``examples/byol.py``'s (``emascale_examples.selfsup.BYOL``: lightly's BYOL example, ResNet-18)
@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+# examples/ on the path, so that `python examples/studies/byol_study.py` finds the helper package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L
 import torch
