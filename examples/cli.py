@@ -3,8 +3,8 @@
     python examples/cli.py fit --config examples/configs/byol.yaml
     python examples/cli.py fit --config examples/configs/supervised.yaml --trainer.max_epochs=2
 
-The configs name their model and datamodule by class path (``byol.BYOL``, ``selfsup.ImageData``, ...),
-which this directory provides.
+The configs name their model and datamodule by class path (``emascale_examples.selfsup.BYOL``,
+``emascale_examples.selfsup.ImageData``, ...): the helper package in this directory.
 """
 
 from lightning.pytorch.cli import LightningCLI

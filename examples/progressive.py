@@ -17,36 +17,11 @@ from __future__ import annotations
 import argparse
 
 import lightning as L
-import torch
-from dynamics import Trace, parse_schedule
-from quickstart import Classifier, cifar10, synthetic
-from torch.utils.data import DataLoader, random_split
+from emascale_examples.data import Data
+from emascale_examples.models import ScheduledClassifier
+from emascale_examples.tracing import Trace, parse_schedule
 
-from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback, SampleClockLR, WarmupCosine
-
-
-class Data(L.LightningDataModule):
-    """The synthetic 10-class problem of quickstart.py (or CIFAR-10), 90% train and 10% validation."""
-
-    def __init__(self, batch_size: int = 32, samples: int = 8192, cifar10_root: str | None = None) -> None:
-        super().__init__()
-        self.batch_size = batch_size  # ProgressiveBatchCallback sets this, as BatchSizeFinder would
-        dataset = cifar10(cifar10_root)[0] if cifar10_root else synthetic(n=samples)
-        self.train, self.val = random_split(dataset, [0.9, 0.1], generator=torch.Generator().manual_seed(0))
-
-    def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self):
-        return DataLoader(self.val, batch_size=512)
-
-
-class ScheduledClassifier(Classifier):
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        # LR(s) = lr x WarmupCosine(samples seen / total samples); the EMA callback is the clock
-        scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=0.1, final=0.05))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
 
 def main() -> None:

@@ -13,57 +13,11 @@ import argparse
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset, random_split
+from emascale_examples.data import cifar10, synthetic
+from emascale_examples.models import Classifier
+from torch.utils.data import DataLoader, random_split
 
 from lightning_emascale import EMAScalingCallback, half_life_from_momentum, scale_ema_momentum
-
-
-class Classifier(L.LightningModule):
-    def __init__(self, in_features: int, lr: float = 0.05) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = torch.nn.Sequential(
-            torch.nn.Flatten(),
-            torch.nn.Linear(in_features, 256),
-            torch.nn.BatchNorm1d(256),
-            torch.nn.ReLU(),
-            torch.nn.Linear(256, 10),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        ema = next(c for c in self.trainer.callbacks if isinstance(c, EMAScalingCallback))
-        self.log("val_acc_raw", (self(x).argmax(1) == y).float().mean())
-        self.log("val_acc_ema", (ema.functional_call(self, (x,)).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def synthetic(n: int = 8192, dim: int = 64, seed: int = 0) -> TensorDataset:
-    """Ten Gaussian clusters in ``dim`` dimensions with label noise: learnable, not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(10, dim, generator=g) * 1.5
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = centers[y] + torch.randn(n, dim, generator=g) * 2.0
-    flip = torch.rand(n, generator=g) < 0.1
-    y = torch.where(flip, torch.randint(0, 10, (n,), generator=g), y)
-    return TensorDataset(x, y)
-
-
-def cifar10(root: str) -> tuple[TensorDataset, int]:  # pragma: no cover - needs a download
-    import torchvision
-
-    data = torchvision.datasets.CIFAR10(root, train=True, download=True)
-    x = torch.tensor(data.data).permute(0, 3, 1, 2).float().div(255)
-    return TensorDataset(x, torch.tensor(data.targets)), 3 * 32 * 32
 
 
 def main() -> None:

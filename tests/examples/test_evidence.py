@@ -7,7 +7,7 @@ import sys
 import pytest
 from test_examples import EXAMPLES, run_example
 
-sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(EXAMPLES / "studies"))
 import noisy_parabola as np_
 
 from lightning_emascale import scale_ema_momentum
@@ -67,7 +67,7 @@ def test_best_momentum_finds_the_base_momentum_at_kappa_one_and_near_the_rule_at
 
 def test_noisy_parabola_script_runs_end_to_end(tmp_path):
     args = "--samples 512 --kappas 1,2,4,64 --chains 256 --lightning-kappas 4 --sweep-lrs 0.01 --sweep-momenta 0.9"
-    run_example("noisy_parabola.py", f"{args} --out-dir out", tmp_path)
+    run_example("studies/noisy_parabola.py", f"{args} --out-dir out", tmp_path)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(results["moments"]) == 8  # 4 kappas x (rule, no rule)
     configurations = {(c["lr"], c["momentum"]) for c in results["best_momentum"]}
@@ -88,7 +88,7 @@ def test_noisy_parabola_script_runs_end_to_end(tmp_path):
 
 def test_supervised_script_runs_every_arm(tmp_path):
     args = "--epochs 2 --train-samples 128 --val-samples 64 --kappas 2 --base-batch 8 --out-dir out"
-    proc = run_example("supervised.py", args, tmp_path)
+    proc = run_example("studies/supervised.py", args, tmp_path)
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [run["name"] for run in runs] == ["base", "base, seed 1", "kappa 2, rule", "kappa 2, no rule"]
     assert [run["batch"] for run in runs] == [8, 8, 16, 16]
@@ -106,7 +106,7 @@ def test_supervised_script_runs_every_arm(tmp_path):
 
 def test_byol_study_script_runs_every_arm(tmp_path):
     args = "--base-batch 4 --kappa 2 --epochs 2 --train-samples 32 --knn-samples 20 --grow-at 1 --out-dir out"
-    run_example("byol_study.py", args, tmp_path)
+    run_example("studies/byol_study.py", args, tmp_path)
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     names = ["base", "base, seed 1", "kappa 2, rule", "kappa 2, no rule", "kappa 2, progressive"]
     assert [run["name"] for run in runs] == names
@@ -131,7 +131,7 @@ def test_byol_study_script_runs_every_arm(tmp_path):
 @pytest.mark.slow
 def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §1 (about 3 minutes): the claims made there."""
-    run_example("noisy_parabola.py", "--out-dir out", tmp_path)
+    run_example("studies/noisy_parabola.py", "--out-dir out", tmp_path)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     departures = {(d["lr"], d["momentum"]): d["kappa"] for d in results["departure"]}
     # set by kappa (1 - rho), not by the learning rate
@@ -155,7 +155,7 @@ def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
 @pytest.mark.slow
 def test_supervised_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §2 (about 20 minutes): the claims made there."""
-    run_example("supervised.py", "--out-dir out", tmp_path)
+    run_example("studies/supervised.py", "--out-dir out", tmp_path)
     runs = {run["name"]: run for run in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
     for kappa in (2, 4, 8):
         rule, plain = runs[f"kappa {kappa}, rule"], runs[f"kappa {kappa}, no rule"]
@@ -173,7 +173,7 @@ def test_supervised_default_run_supports_docs_results(tmp_path):
 @pytest.mark.slow
 def test_byol_study_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §3 (about 20 minutes): the claims made there."""
-    run_example("byol_study.py", "--out-dir out", tmp_path)
+    run_example("studies/byol_study.py", "--out-dir out", tmp_path)
     runs = {run["name"]: run for run in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
     base = runs["base"]["mean_teacher_lag"]
     assert runs["base, seed 1"]["mean_teacher_lag"] == pytest.approx(base, rel=0.05)

@@ -1,6 +1,6 @@
 """Polyak-Ruppert EMA of a small ResNet at kappa x the base batch, with the EMA Scaling Rule and without it.
 
-    python examples/supervised.py [--base-batch 32] [--kappas 2,4,8] [--epochs 16] [--train-samples 4096]
+    python examples/studies/supervised.py [--base-batch 32] [--kappas 2,4,8] [--epochs 16] [--train-samples 4096]
         [--momentum 0.99] [--lr 0.05] [--out-dir supervised] [--cifar10 ROOT]
 
 Every run starts from the same initial weights and sees the same number of samples; all schedules run on
@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+# examples/ on the path, so that `python examples/studies/supervised.py` finds the helper package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L
 import torch
-from patterns import pattern_images
+from emascale_examples.data import pattern_images
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

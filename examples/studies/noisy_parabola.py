@@ -1,6 +1,6 @@
 """The noisy parabola (the paper's Section 3.1): does rho^kappa keep an EMA's trajectory when the batch grows?
 
-    python examples/noisy_parabola.py [--kappas 1,2,4,...,1024] [--lr 0.001] [--momentum 0.999]
+    python examples/studies/noisy_parabola.py [--kappas 1,2,4,...,1024] [--lr 0.001] [--momentum 0.999]
         [--samples 16384] [--chains 2048] [--lightning-kappas 8,128] [--sweep-lrs 0.0005,0.004]
         [--sweep-momenta 0.99,0.9999] [--out-dir parabola]
 

@@ -1,26 +1,27 @@
-"""Image data and the kNN evaluation shared by the self-supervised examples (byol.py, dino.py).
-
-By default the images are generated: ten classes, each a fixed random low-frequency colour pattern, shown
-shifted and with noise, so the examples run offline. ``cifar10_root`` switches to CIFAR-10 (torchvision,
-downloaded there).
-"""
+"""lightly's BYOL and DINO modules, their image data (generated or CIFAR-10), kNN accuracy, command line and fit."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+import torchvision
 import torchvision.transforms as T
-from dynamics import Trace, parse_schedule
-from patterns import pattern_images
+from lightly.loss import DINOLoss, NegativeCosineSimilarity
+from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
+
+from .data import pattern_images
+from .tracing import Trace, parse_schedule
 
 NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
@@ -146,3 +147,83 @@ def fit(model: L.LightningModule, data: ImageData, ema: EMAScalingCallback, args
     trace.plot(args.out, f"{type(model).__name__} teacher, progressive batch growth, on the sample clock")
     print(f"wrote {args.out}")
     return trainer
+
+
+BYOL_TEACHERS = {"backbone": "backbone_momentum", "projection_head": "projection_head_momentum"}
+
+
+class BYOL(L.LightningModule):
+    def __init__(self, lr: float = 0.06) -> None:
+        super().__init__()
+        self.lr = lr
+        resnet = torchvision.models.resnet18()
+        self.backbone = torch.nn.Sequential(*list(resnet.children())[:-1])
+        self.projection_head = BYOLProjectionHead(512, 1024, 256)
+        self.prediction_head = BYOLPredictionHead(256, 1024, 256)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def forward(self, x):
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+    def forward_momentum(self, x):
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    def training_step(self, batch, batch_idx):
+        # deleted: momentum = cosine_schedule(self.current_epoch, max_epochs, 0.996, 1)
+        # deleted: update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        # deleted: update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+        x0, x1 = batch[0]
+        p0, z0 = self.forward(x0), self.forward_momentum(x0)
+        p1, z1 = self.forward(x1), self.forward_momentum(x1)
+        loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+DINO_TEACHERS = {"student_backbone": "teacher_backbone", "student_head": "teacher_head"}
+
+
+class DINO(L.LightningModule):
+    def __init__(self, lr: float = 0.01, output_dim: int = 2048) -> None:
+        super().__init__()
+        self.lr = lr
+        resnet = torchvision.models.resnet18()
+        backbone = torch.nn.Sequential(*list(resnet.children())[:-1])
+        self.student_backbone = backbone
+        self.student_head = DINOProjectionHead(512, 512, 64, output_dim, freeze_last_layer=1)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = DINOProjectionHead(512, 512, 64, output_dim)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(output_dim=output_dim, warmup_teacher_temp_epochs=1)
+
+    def forward(self, x):
+        return self.student_head(self.student_backbone(x).flatten(start_dim=1))
+
+    def forward_teacher(self, x):
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
+
+    def training_step(self, batch, batch_idx):
+        # deleted: momentum = cosine_schedule(self.current_epoch, max_epochs, 0.996, 1)
+        # deleted: update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        # deleted: update_momentum(self.student_head, self.teacher_head, m=momentum)
+        views = batch[0]
+        teacher_out = [self.forward_teacher(view) for view in views[:2]]  # global views only
+        student_out = [self.forward(view) for view in views]
+        loss = self.criterion(teacher_out, student_out, epoch=self.current_epoch)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def on_after_backward(self):
+        self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)

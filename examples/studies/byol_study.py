@@ -1,11 +1,11 @@
 """A small BYOL study: base batch against kappa x base, with and without the EMA Scaling Rule, and progressive.
 
-    python examples/byol_study.py [--base-batch 32] [--kappa 4] [--epochs 8] [--train-samples 1024]
+    python examples/studies/byol_study.py [--base-batch 32] [--kappa 4] [--epochs 8] [--train-samples 1024]
         [--knn-samples 512] [--grow-at 2] [--out-dir byol_study] [--cifar10 ROOT]
 
-The model is ``examples/byol.py``'s (lightly's BYOL example, ResNet-18) with its teacher moved by
-``EMAScalingCallback``: momentum 0.99 -> 1 on a cosine of samples seen. Every run starts from the same
-weights and sees the same number of samples. Runs:
+The model is ``examples/byol.py``'s (``emascale_examples.selfsup.BYOL``: lightly's BYOL example, ResNet-18)
+with its teacher moved by ``EMAScalingCallback``: momentum 0.99 -> 1 on a cosine of samples seen. Every run
+starts from the same weights and sees the same number of samples. Runs:
 
 * ``base``: batch B, SGD lr 0.06, teacher momentum rho(s);
 * ``base, seed 1``: the same with other data order and augmentations: how far two equivalent runs differ;
@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+# examples/ on the path, so that `python examples/studies/byol_study.py` finds the helper package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L
 import torch
-from byol import BYOL, TEACHERS
-from selfsup import ImageData, knn_accuracy
+from emascale_examples.selfsup import BYOL, BYOL_TEACHERS, ImageData, knn_accuracy
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
@@ -40,7 +43,7 @@ def teacher_lag(model: BYOL) -> float:
     """||teacher - online|| over the parameters the teacher averages (backbone and projection head)."""
     squares = [
         (teacher - online).pow(2).sum()
-        for online_name, teacher_name in TEACHERS.items()
+        for online_name, teacher_name in BYOL_TEACHERS.items()
         for online, teacher in zip(getattr(model, online_name).parameters(), getattr(model, teacher_name).parameters())
     ]
     return float(torch.stack(squares).sum().sqrt())
@@ -91,7 +94,7 @@ def fit(name: str, schedule: dict[int, int], args: argparse.Namespace, rule: boo
         final_momentum=1.0,
         base_batch_size=args.base_batch if rule else first,
         optimizer_rule="sgd" if rule else "none",
-        teachers=TEACHERS,
+        teachers=BYOL_TEACHERS,
     )
     curves = Curves(ema, data)
     trainer = L.Trainer(
