@@ -16,25 +16,11 @@ import argparse
 
 import lightning as L
 import torch
+from emascale_examples.data import synthetic
+from emascale_examples.tracing import parse_schedule
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import SampleClockLR, ScaledEMA, WarmupCosine
-
-
-def make_data(samples: int, seed: int) -> TensorDataset:
-    """A 4-class problem in 16 dimensions with 10 % of the labels flipped (the same on every rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(4, 16, generator=torch.Generator().manual_seed(1234)) * 2
-    labels = torch.randint(0, 4, (samples,), generator=generator)
-    x = centers[labels] + torch.randn(samples, 16, generator=generator) * 2
-    noisy = torch.rand(samples, generator=generator) < 0.1
-    labels[noisy] = torch.randint(0, 4, (int(noisy.sum()),), generator=generator)
-    return TensorDataset(x, labels)
-
-
-def parse_schedule(text: str) -> dict[int, int]:
-    """``"0:32,2:64"`` -> ``{0: 32, 2: 64}``: epoch -> per-device batch size."""
-    return {int(epoch): int(size) for epoch, size in (item.split(":") for item in text.split(","))}
 
 
 @torch.no_grad()
@@ -58,9 +44,11 @@ def main() -> None:
     fabric = L.Fabric(accelerator="cpu", devices=args.devices, strategy=args.strategy)
     fabric.launch()
     fabric.seed_everything(0)
-    train, held_out = make_data(args.samples, seed=0), make_data(1024, seed=1)
+    everything = synthetic(args.samples + 1024, dim=16).tensors  # the same on every rank
+    train = TensorDataset(*(t[: args.samples] for t in everything))
+    held_out = TensorDataset(*(t[args.samples :] for t in everything))
     base = args.schedule[min(args.schedule)] * fabric.world_size  # the global batch the hyperparameters are for
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     wrapped, optimizer = fabric.setup(model, optimizer)
     ema = ScaledEMA(
@@ -86,6 +74,9 @@ def main() -> None:
             f" lr {ema.step_lrs[0][0]:.4f} samples {ema.samples_seen} progress {ema.progress:.3f}"
             f" | accuracy raw {raw:.3f} EMA {averaged:.3f}"
         )
+    if torch.distributed.is_initialized():  # a clean exit: gloo can abort at shutdown with a live process group
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

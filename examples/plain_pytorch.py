@@ -19,7 +19,7 @@ from lightning_emascale import ScaledEMA, half_life_from_momentum
 
 
 def make_data(samples: int, seed: int = 0) -> TensorDataset:
-    """A linearly separable 4-class problem in 16 dimensions, with 10 % of the labels flipped."""
+    """A 4-class Gaussian problem in 16 dimensions, 10 % of the labels flipped (kept here: no Lightning import)."""
     generator = torch.Generator().manual_seed(seed)
     centers = torch.randn(4, 16, generator=torch.Generator().manual_seed(1234)) * 2
     labels = torch.randint(0, 4, (samples,), generator=generator)

@@ -61,6 +61,7 @@ def main(out_path: str) -> None:
             out_path,
         )
     fabric.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: gloo can abort at shutdown with a live group
 
 
 if __name__ == "__main__":

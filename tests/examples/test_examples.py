@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_emascale import WarmupCosine
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
@@ -51,3 +53,35 @@ def test_every_shipped_config_parses_and_runs_one_step(tmp_path, config):
     proc = run_example("cli.py", f"fit --config={config} --trainer.fast_dev_run=1", tmp_path)
     assert "`max_steps=1` reached" in proc.stderr
     assert "samples per optimizer step, kappa 1 for 'ema'" in proc.stderr
+
+
+def test_plain_pytorch_loop_scales_the_step_and_imports_no_lightning(tmp_path):
+    script = EXAMPLES / "plain_pytorch.py"
+    code = (
+        "import runpy, sys; sys.argv = [sys.argv[0], *sys.argv[1:]];"
+        f" runpy.run_path({str(script)!r}, run_name='__main__');"
+        " print('lightning imported:', any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    )
+    args = ["--batch-size", "32", "--accumulate", "4", "--epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["1"]]
+    assert rows == [["1", "128", "128", "4", "0.960596", "0.2000"]]  # base 32: kappa 4, 0.99^4, lr 0.05 x 4
+    assert "total: 4096 samples in 32 optimizer steps" in proc.stdout
+    assert re.search(r"epoch 0: held-out accuracy raw 0\.\d+, EMA 0\.\d+", proc.stdout)
+    assert "lightning imported: False" in proc.stdout
+
+
+@pytest.mark.parametrize(("devices", "first"), [("1", "batch 32 kappa 1"), ("2", "batch 64 kappa 1")])
+def test_fabric_loop_grows_the_batch_and_runs_the_lr_on_the_sample_clock(tmp_path, devices, first):
+    args = f"--devices {devices} --strategy {'ddp' if devices == '2' else 'auto'} --epochs 2 --schedule 0:32,1:64 --samples 1024"
+    proc = run_example("fabric.py", args, tmp_path)
+    assert f"epoch 0: {first} rho-hat 0.990000" in proc.stdout
+    assert "epoch 1: batch" in proc.stdout and " kappa 2 rho-hat 0.980100" in proc.stdout
+    assert "samples 2048 progress 1.000" in proc.stdout  # the cosine LR ends exactly at the last sample
+    # the last step's LR: 0.05 x the schedule at the samples seen before it, x kappa 2 (SGD rule)
+    last_batch = 64 * int(devices)
+    expected = 0.05 * WarmupCosine(warmup=0.1, final=0.05)((2048 - last_batch) / 2048) * 2
+    assert float(re.search(r"epoch 1: .* lr (\d\.\d+)", proc.stdout).group(1)) == pytest.approx(expected, abs=1e-4)
