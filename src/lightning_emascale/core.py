@@ -488,8 +488,8 @@ class ScaledEMA:
         if isinstance(self.averager, EMAState):
             if "ema" not in state:
                 raise KeyError(
-                    "The saved ScaledEMA state has no 'ema' tensors (it was written in teacher mode), but this one keeps"
-                    " a Polyak copy: load a state written with the same mode"
+                    "The saved ScaledEMA state has no 'ema' tensors (it was written in teacher mode), but this one"
+                    " keeps a Polyak copy: load a state written with the same mode"
                 )
             self.averager.load_state_dict(state["ema"])
         self._restore_hyperparameters()

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_emascale._checks import as_int, check_choice, check_name
 from lightning_emascale._lightning import is_one_of
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
@@ -58,12 +59,8 @@ class ProgressiveBatchCallback(Callback):
         batch_arg_name: str = "batch_size",
     ) -> None:
         self.schedule = check_batch_schedule(schedule)
-        if mode not in ("batch_size", "accumulation"):
-            raise ValueError(f"`mode` must be one of ['batch_size', 'accumulation'], got {mode!r}")
-        self.mode = mode
-        if not isinstance(batch_arg_name, str) or not batch_arg_name:
-            raise ValueError(f"`batch_arg_name` must be a non-empty string, got {batch_arg_name!r}")
-        self.batch_arg_name = batch_arg_name
+        self.mode = check_choice(mode, "mode", ("accumulation", "batch_size"))
+        self.batch_arg_name = check_name(batch_arg_name, "batch_arg_name")
         self._initial: Optional[int] = None  # the configured size, used before the schedule's first key
         self._epoch: Optional[int] = None  # the epoch whose batch size is in place
         self._announced: Optional[tuple[int, int]] = None  # (per-device batch, accumulation) last announced
@@ -95,9 +92,10 @@ class ProgressiveBatchCallback(Callback):
             )
         if self._initial is None:
             value = lightning_getattr(pl_module, self.batch_arg_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            size = as_int(value)
+            if size is None or size < 1:
                 raise ValueError(f"`{self.batch_arg_name}` must hold a positive integer, got {value!r}")
-            self._initial = value
+            self._initial = size
 
     def _check_accumulation_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:

@@ -266,7 +266,7 @@ def test_epochs_before_the_first_key_keep_the_configured_batch_size():
         ({"schedule": {True: 4}}, r"`schedule` keys must be epochs \(integers >= 0\), got True"),
         ({"schedule": {0: 0}}, r"`schedule` values must be batch sizes \(integers >= 1\), got 0 at epoch 0"),
         ({"schedule": {0: 4, 2: 8.0}}, r"`schedule` values must be batch sizes \(integers >= 1\), got 8.0 at epoch 2"),
-        ({"schedule": {0: 4}, "mode": "steps"}, r"`mode` must be one of \['batch_size', 'accumulation'\], got 'steps'"),
+        ({"schedule": {0: 4}, "mode": "steps"}, r"`mode` must be one of \['accumulation', 'batch_size'\], got 'steps'"),
         ({"schedule": {0: 4}, "batch_arg_name": ""}, r"`batch_arg_name` must be a non-empty string, got ''"),
     ],
 )
