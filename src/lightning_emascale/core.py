@@ -206,6 +206,7 @@ class ScaledEMA:
                 " were given: pass `auto_end_step=False` and call `end_step()` once after all of them have stepped"
             )
         self.detach()  # restores the attributes first, so that their originals are read unscaled
+        self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
         self._attributes = [
             MomentumAttribute.resolve(self.module, path, base)
             for path, base in (self.options.momentum_attributes or {}).items()

@@ -237,3 +237,28 @@ def test_teacher_with_update_every_moves_every_other_step_with_the_product_of_mo
 
     make_trainer([ema, Spy()], max_epochs=1).fit(model)
     assert moves == [False, True, False, True]
+
+
+def test_an_exception_in_fit_restores_the_attributes_and_the_next_fit_counts_afresh():
+    class Boom(TinyBYOL):
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == 1 and batch_idx % 2 == 1:
+                raise RuntimeError("boom")  # the second micro-batch of step 2: its first one is counted already
+            return super().training_step(batch, batch_idx)
+
+    model = Boom(n_samples=32, batch_size=4)
+    ema = EMAScalingCallback(
+        momentum=0.9, base_batch_size=8, teachers=PAIRS, momentum_attributes={"criterion.center_momentum": 0.9}
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer([ema], max_epochs=1, accumulate_grad_batches=2).fit(model)
+    assert model.criterion.center_momentum == 0.9  # not left at 0.9 ** (4 / 8)
+    model.training_step = super(Boom, model).training_step.__get__(model)  # no more exceptions
+    kappas = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            kappas.append(ema.kappa)
+
+    make_trainer([ema, Spy()], max_epochs=1, accumulate_grad_batches=2).fit(model)
+    assert kappas[1::2] == [1.0] * 4  # 2 x 4 = 8 = base: the interrupted step's samples were dropped
