@@ -13,6 +13,7 @@ EMA accuracy on held-out data.
 from __future__ import annotations
 
 import argparse
+import math
 
 import lightning as L
 import torch
@@ -53,7 +54,8 @@ def main() -> None:
     wrapped, optimizer = fabric.setup(model, optimizer)
     ema = ScaledEMA(
         model, optimizer, momentum=0.99, base_batch_size=base, optimizer_rule="sgd",
-        total_samples=args.epochs * len(train),  # global: every rank sees its share of the dataset each epoch
+        # global samples per run: DistributedSampler pads every rank to an equal share of the dataset
+        total_samples=args.epochs * math.ceil(len(train) / fabric.world_size) * fabric.world_size,
     )  # fmt: skip
     scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=0.1, final=0.05), clock=ema)
     batch_size = args.schedule[min(args.schedule)]

@@ -21,7 +21,7 @@ class MomentumAttribute:
     path: str
     owner: Any
     attribute: str
-    original: Any
+    original: float
     base_momentum: float
 
     @classmethod
@@ -37,9 +37,11 @@ class MomentumAttribute:
             raise ValueError(
                 f"`momentum_attributes` names {path!r}, which {type(module).__name__} does not have"
             ) from None
-        if as_real(value) is None:
+        original = as_real(value)
+        if original is None:
             raise ValueError(f"`momentum_attributes` names {path!r}, which holds {value!r}, not a number")
-        return cls(path, owner, attribute, value, base_momentum)
+        # A tensor is kept as its value: it is written in place, so the object itself would change with it.
+        return cls(path, owner, attribute, value if isinstance(value, (int, float)) else original, base_momentum)
 
     @property
     def value(self) -> float:
@@ -48,7 +50,14 @@ class MomentumAttribute:
 
     def scale_for(self, kappa: float) -> None:
         """Set the attribute to the base momentum raised to ``kappa`` (one micro-batch's size / base batch)."""
-        setattr(self.owner, self.attribute, scale_ema_momentum(self.base_momentum, kappa))
+        self._write(scale_ema_momentum(self.base_momentum, kappa))
 
     def restore(self) -> None:
-        setattr(self.owner, self.attribute, self.original)
+        self._write(self.original)
+
+    def _write(self, value: float) -> None:
+        current = getattr(self.owner, self.attribute, None)
+        if callable(getattr(current, "fill_", None)):  # a 0-d tensor (a registered buffer): write in place
+            current.fill_(value)
+        else:
+            setattr(self.owner, self.attribute, value)

@@ -86,8 +86,7 @@ class EMAOptions:
         attributes = check_paths(self.momentum_attributes, "momentum_attributes", as_real, "numbers") or {}
         store(
             "momentum_attributes",
-            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in attributes.items()}
-            or None,
+            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in attributes.items()},
         )
         if self.momentum_attributes and self.base_batch_size is None:
             raise ValueError(

@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_emascale._checks import check_evaluate_with_ema, check_name
 from lightning_emascale._lightning import RunLength, is_one_of, swap_ema_into
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
-from lightning_emascale.core import ScaledEMA, check_state
+from lightning_emascale.core import ScaledEMA, _check_state
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
 
@@ -119,6 +119,8 @@ class EMAScalingCallback(OptionsView, Callback):
     kappa = _from_core("kappa", math.nan)
     ema_momentum = _from_core("ema_momentum", math.nan)
     progress = _from_core("progress", 0.0)
+    ema_updates = _from_core("ema_updates", 0)
+    global_batch_size = _from_core("global_batch_size", 0)
 
     @property
     def resolved_base_batch_size(self) -> Optional[int]:
@@ -169,7 +171,7 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._ema is None or self._ema.module is not pl_module:
-            self._ema = ScaledEMA.from_options(
+            self._ema = ScaledEMA._from_options(
                 pl_module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
         else:
@@ -251,7 +253,7 @@ class EMAScalingCallback(OptionsView, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        check_state(state_dict, f"The checkpoint's {self.state_key} state")
+        _check_state(state_dict, f"The checkpoint's {self.state_key} state")
         if self._ema is not None:
             self._ema.load_state_dict(state_dict)
         else:

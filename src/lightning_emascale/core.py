@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any, Optional, Union
 
 import torch
@@ -18,14 +17,21 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
-from lightning_emascale._checks import as_int
+from lightning_emascale._checks import as_int, as_real
 from lightning_emascale._ema import EMAPrecision, EMAState, TeacherState
 from lightning_emascale._options import EMAOptions, MomentumSchedule
 from lightning_emascale.functional import scale_ema_momentum, warmup_momentum
-from lightning_emascale.rules import RuleLike, check_rule_fits, restore_param_groups, scale_param_groups
+from lightning_emascale.rules import (
+    NoScalingRule,
+    RuleLike,
+    SavedGroups,
+    check_rule_fits,
+    restore_param_groups,
+    scale_param_groups,
+)
 
 #: The version of :meth:`ScaledEMA.state_dict`'s layout; a checkpoint of another version is refused.
-STATE_FORMAT = 1
+_STATE_FORMAT = 1
 _STATE_KEYS = ("format", "base_batch_size", "samples_seen", "optimizer_steps", "ema_updates", "pending_decay")
 
 
@@ -69,7 +75,8 @@ class ScaledEMA:
         warmup: use :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))` with :math:`t` = samples seen / base batch
             size (Morales-Brotons et al., 2024), so the warm-up spans the same samples at any batch size.
         ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` keeps
-            the model's dtype (half the memory, but updates smaller than the format's resolution are lost).
+            the model's dtype (half the memory, but updates smaller than the format's resolution are lost). It
+            applies to the Polyak copy only: teachers keep their own dtype.
         momentum_schedule: ``"constant"``; ``"cosine"`` from ``momentum`` to ``final_momentum`` over the
             training samples (BYOL's teacher schedule); or any callable of progress in :math:`[0, 1]` that
             returns the momentum at the base batch size (then leave ``momentum`` unset). Warm-up and
@@ -131,9 +138,7 @@ class ScaledEMA:
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-        self.options = EMAOptions(
+        options = EMAOptions(
             momentum=momentum,
             base_batch_size=base_batch_size,
             optimizer_rule=optimizer_rule,
@@ -146,37 +151,63 @@ class ScaledEMA:
             teachers=teachers,
             momentum_attributes=momentum_attributes,
         )
-        if not isinstance(auto_end_step, bool):
-            raise ValueError(f"`auto_end_step` must be True or False, got {auto_end_step!r}")
-        self.auto_end_step = auto_end_step
-        self.total_samples_from = total_samples_from
-        self.module = module
-        #: The averager: an :class:`EMAState` (Polyak copy) or a :class:`TeacherState` (teacher mode).
-        self.averager: Union[EMAState, TeacherState] = (
-            TeacherState.from_module(module, self.options.teachers)
-            if self.options.teachers
-            else EMAState.from_module(module, precision=self.options.ema_precision)
-        )
-        self._optimizers: list[Optimizer] = []
-        self._hooks: list[RemovableHandle] = []
-        self._saved_groups: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        self._attributes: list[MomentumAttribute] = []
-        self._reset_clock()
-        self.attach([] if optimizers is None else optimizers)
+        self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
     @classmethod
-    def from_options(
+    def _from_options(
         cls,
         module: torch.nn.Module,
         optimizers: Union[Optimizer, Sequence[Optimizer], None],
         options: EMAOptions,
-        **wiring: Any,
+        auto_end_step: bool = True,
+        total_samples_from: Optional[Callable[[], int]] = None,
     ) -> ScaledEMA:
-        """Build from already checked options (an adapter checks them when it is built); ``wiring``:
-        ``auto_end_step``, ``total_samples_from``."""
-        return cls(
-            module, optimizers, **{field.name: getattr(options, field.name) for field in fields(options)}, **wiring
+        """Build from options an adapter already checked when it was built (they are not checked again)."""
+        self = cls.__new__(cls)
+        self._setup(module, optimizers, options, auto_end_step, total_samples_from)
+        return self
+
+    def _setup(
+        self,
+        module: torch.nn.Module,
+        optimizers: Union[Optimizer, Sequence[Optimizer], None],
+        options: EMAOptions,
+        auto_end_step: bool,
+        total_samples_from: Optional[Callable[[], int]],
+    ) -> None:
+        if type(self).momentum_at is not ScaledEMA.momentum_at:
+            raise TypeError(
+                f"{type(self).__name__} overrides `momentum_at`, which does not shape the schedule: pass the shape"
+                " as `momentum_schedule=`, a callable of progress in [0, 1] that returns the momentum"
+            )
+        module = _unwrap_module(module)
+        if not isinstance(auto_end_step, bool):
+            raise ValueError(f"`auto_end_step` must be True or False, got {auto_end_step!r}")
+        if total_samples_from is not None and not callable(total_samples_from):
+            raise TypeError(
+                f"`total_samples_from` must be a callable that returns the total, got {total_samples_from!r}"
+            )
+        self.options = options
+        self._auto_end_step = auto_end_step
+        self.total_samples_from = total_samples_from
+        self.module = module
+        #: The averager: an EMAState (Polyak copy) or a TeacherState (teacher mode).
+        self.averager: Union[EMAState, TeacherState] = (
+            TeacherState.from_module(module, options.teachers)
+            if options.teachers
+            else EMAState.from_module(module, precision=options.ema_precision)
         )
+        self._optimizers: list[Optimizer] = []
+        self._hooks: list[RemovableHandle] = []
+        self._saved_groups: SavedGroups = []
+        self._attributes: list[MomentumAttribute] = []
+        self._reset_clock()
+        self.attach([] if optimizers is None else optimizers)
+
+    @property
+    def auto_end_step(self) -> bool:
+        """Whether the optimizer's post-step hook ends each step (set when built)."""
+        return self._auto_end_step
 
     def _reset_clock(self) -> None:
         self._base: Optional[int] = self.options.base_batch_size
@@ -186,6 +217,7 @@ class ScaledEMA:
         self._decay_since_update = 1.0  # the product of the rho-hats of the steps since the last EMA update
         self._step_samples = 0  # global samples counted into the optimizer step under way
         self._step_on_clock = False  # the step under way has been counted on the clock
+        self._ended_by_hook = False  # the optimizer's post-hook ended the last step (auto_end_step)
         self._kappa = math.nan
         self._step_momentum = math.nan
         self._step_batch = 0
@@ -200,17 +232,25 @@ class ScaledEMA:
         listed = [optimizers] if not isinstance(optimizers, Sequence) else list(optimizers)
         unwrapped = [_unwrap(optimizer) for optimizer in listed]
         check_rule_fits(self.options.rule, unwrapped)
-        if self.auto_end_step and len(unwrapped) > 1:
+        if self._auto_end_step and len(unwrapped) > 1:
             raise ValueError(
                 f"`auto_end_step=True` ends the step in an optimizer's post-hook, but {len(unwrapped)} optimizers"
                 " were given: pass `auto_end_step=False` and call `end_step()` once after all of them have stepped"
             )
-        self.detach()  # restores the attributes first, so that their originals are read unscaled
-        self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
-        self._attributes = [
+        if not unwrapped and not isinstance(self.options.rule, NoScalingRule):
+            raise ValueError(
+                f"`optimizer_rule`={self.options.rule!r} scales the optimizers' steps, but no optimizer was given:"
+                " pass `optimizers`, or `optimizer_rule=None` to scale the EMA only"
+            )
+        for attribute in self._attributes:
+            attribute.restore()  # so that the originals below are read unscaled
+        attributes = [  # resolved before anything else changes: a bad path leaves the hooks in place
             MomentumAttribute.resolve(self.module, path, base)
             for path, base in (self.options.momentum_attributes or {}).items()
         ]
+        self.detach()
+        self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
+        self._attributes = attributes
         self._optimizers = unwrapped
         self._step_lrs = [[] for _ in unwrapped]
         for optimizer in unwrapped:
@@ -250,6 +290,7 @@ class ScaledEMA:
             raise ValueError(f"`samples` must be a positive integer (the micro-batch's global size), got {samples!r}")
         if self._step_on_clock:  # the last step was counted but not ended: end it now
             self.end_step()
+        self._ended_by_hook = False
         self._step_samples += count
         if self._attributes:
             assert self._base is not None  # momentum_attributes need base_batch_size
@@ -273,6 +314,11 @@ class ScaledEMA:
 
     def _before_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
         self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
+        if self.is_swapped:
+            raise RuntimeError(
+                "optimizer.step() while the EMA weights are swapped into the module: the step would train the EMA"
+                " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
+            )
         kappa = self._step_kappa()
         self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
         index = next(i for i, hooked in enumerate(self._optimizers) if hooked is optimizer)
@@ -281,8 +327,9 @@ class ScaledEMA:
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
         self._restore_hyperparameters()
         self._count_step_on_clock()  # before a SampleClockLR stepped next reads the clock
-        if self.auto_end_step:
+        if self._auto_end_step:
             self.end_step()
+            self._ended_by_hook = True
 
     def _restore_hyperparameters(self) -> None:
         restore_param_groups(self._saved_groups)
@@ -308,9 +355,12 @@ class ScaledEMA:
         """End the optimizer step: count it on the clock (if no optimizer hook did) and move the EMA.
 
         Called by the optimizer's post-hook with ``auto_end_step=True``; call it yourself otherwise, once per
-        optimizer step, after every optimizer of the step has run (also when a step was skipped, e.g. by an
-        AMP grad scaler: its samples were still seen).
+        optimizer step, after every optimizer of the step has run. A step that never reached the optimizer (an
+        fp16 grad scaler skipped it) has no post-hook: call ``end_step()`` after every ``scaler.step()``, so that
+        its samples are counted as seen. After a step the post-hook already ended, this does nothing.
         """
+        if self._ended_by_hook:
+            return
         self._count_step_on_clock()
         self._step_samples = 0
         self._step_on_clock = False
@@ -321,7 +371,8 @@ class ScaledEMA:
             self._decay_since_update = 1.0
 
     def momentum_at(self, progress: float) -> float:
-        """The momentum at the base batch size at ``progress``, before warm-up and :math:`\\kappa`."""
+        """The momentum at the base batch size at ``progress``, before warm-up and kappa (not a hook: pass
+        ``momentum_schedule`` to shape it)."""
         return self.options.momentum_at(progress)
 
     # -------------------------------------------------------------------------------------- the clock
@@ -460,7 +511,7 @@ class ScaledEMA:
     def functional_call(self, module: torch.nn.Module, args: Any, kwargs: Optional[dict[str, Any]] = None) -> Any:
         """Run ``module`` on the EMA weights without touching its own (:func:`torch.func.functional_call`)."""
         state = self._polyak()
-        if module is not self.module:
+        if _unwrap_module(module) is not self.module:
             raise ValueError(
                 f"`module` must be the module this EMA averages ({type(self.module).__name__}),"
                 f" got {type(module).__name__}"
@@ -472,7 +523,7 @@ class ScaledEMA:
     def state_dict(self) -> dict[str, Any]:
         """The clock and, in Polyak mode, the EMA tensors (live): everything needed to resume exactly."""
         state: dict[str, Any] = {
-            "format": STATE_FORMAT,
+            "format": _STATE_FORMAT,
             "base_batch_size": self._base,
             "samples_seen": self._samples_seen,
             "optimizer_steps": self._optimizer_steps,
@@ -485,7 +536,12 @@ class ScaledEMA:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
-        check_state(state, "The saved ScaledEMA state")
+        _check_state(state, "The saved ScaledEMA state")
+        if isinstance(self.averager, TeacherState) and "ema" in state:
+            raise KeyError(
+                "The saved ScaledEMA state holds Polyak 'ema' tensors, but this one is in teacher mode (the teachers"
+                " are the module's own): load a state written with the same mode"
+            )
         if isinstance(self.averager, EMAState):
             if "ema" not in state:
                 raise KeyError(
@@ -510,16 +566,37 @@ class ScaledEMA:
         )
 
 
-def check_state(state: Mapping[str, Any], where: str) -> None:
+def _check_state(state: Mapping[str, Any], where: str) -> None:
     """Raise unless ``state`` is a :meth:`ScaledEMA.state_dict` of this version; ``where`` starts the message."""
-    if state.get("format") != STATE_FORMAT:
+    if state.get("format") != _STATE_FORMAT:
         raise ValueError(
             f"{where} has format {state.get('format')!r}; this version of lightning-emascale reads format"
-            f" {STATE_FORMAT}"
+            f" {_STATE_FORMAT}"
         )
     missing = [key for key in _STATE_KEYS if key not in state]
     if missing:
         raise KeyError(f"{where} lacks {missing}")
+    base = state["base_batch_size"]
+    if base is not None and (as_int(base) is None or base < 1):
+        raise ValueError(f"{where} has base_batch_size={base!r}; a positive integer or None is allowed")
+    for key in ("samples_seen", "optimizer_steps", "ema_updates"):
+        if as_int(state[key]) is None or state[key] < 0:
+            raise ValueError(f"{where} has {key}={state[key]!r}; an integer >= 0 is allowed")
+    decay = as_real(state["pending_decay"])
+    if decay is None or not 0.0 < decay <= 1.0:
+        raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")
+    for name, tensor in (state.get("ema") or {}).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
+
+
+def _unwrap_module(module: Any) -> torch.nn.Module:
+    """The module inside a DDP or Fabric wrapper (so that names and checkpoints match the module's own)."""
+    while isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
+        module = module.module
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+    return module
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

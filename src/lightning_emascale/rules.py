@@ -176,7 +176,8 @@ def resolve_rule(rule: RuleLike) -> OptimizerRule:
     )
 
 
-SavedGroups = list[tuple[dict[str, Any], dict[str, Any]]]
+#: (param group, its original values, the scaled values written in their place) for every group of a step.
+SavedGroups = list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
 
 
 def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any]], kappa: float) -> SavedGroups:
@@ -197,15 +198,18 @@ def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any
     scaled = [rule.scale(group, kappa) for group in param_groups]
     saved: SavedGroups = []
     for group, values in zip(param_groups, scaled):
-        saved.append((group, {key: group[key] for key in values}))
+        saved.append((group, {key: group[key] for key in values}, values))
         group.update(values)
     return saved
 
 
 def restore_param_groups(saved: SavedGroups) -> None:
-    """Put back the values :func:`scale_param_groups` replaced."""
-    for group, original in saved:
-        group.update(original)
+    """Put back the values :func:`scale_param_groups` replaced, where they still hold the scaled value.
+
+    A value changed since (a scheduler that stepped after a step which raised) is the newer one and stays.
+    """
+    for group, original, scaled in saved:
+        group.update({key: value for key, value in original.items() if group[key] == scaled[key]})
 
 
 def check_rule_fits(rule: OptimizerRule, optimizers: Sequence[torch.optim.Optimizer]) -> None:

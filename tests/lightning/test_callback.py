@@ -392,6 +392,7 @@ def test_logged_metrics_and_progress_bar():
     assert metrics["ema/samples_seen"] == 32
     assert metrics["ema/lr-SGD"] == pytest.approx(0.2)  # the effective (scaled) LR
     assert {"ema/kappa", "ema/momentum"} <= set(trainer.progress_bar_metrics)
+    assert (callback.global_batch_size, callback.ema_updates, callback.momentum_attributes) == (4, 8, {})
 
 
 class _ManualModel(TinyModel):

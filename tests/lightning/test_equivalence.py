@@ -65,7 +65,7 @@ def run_fabric(optimizer: str, rule: str):
     optimizer_ = model.configure_optimizers()
     wrapped_model, wrapped_optimizer = fabric.setup(model, optimizer_)
     data = fabric.setup_dataloaders(loader(model))
-    ema = ScaledEMA(model, wrapped_optimizer, optimizer_rule=rule, **OPTIONS)  # the Fabric wrapper is unwrapped
+    ema = ScaledEMA(wrapped_model, wrapped_optimizer, optimizer_rule=rule, **OPTIONS)  # Fabric's wrappers unwrapped
     rows: list = []
     for _ in range(EPOCHS):
         for index, batch in enumerate(data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -342,3 +343,116 @@ def test_only_torch_modules_and_optimizers():
         ScaledEMA({}, momentum=0.9)
     with pytest.raises(TypeError, match=r"`optimizers` must be torch optimizers, got str"):
         ScaledEMA(tiny_model(), "sgd", momentum=0.9)
+
+
+def test_a_skipped_step_is_ended_by_hand_and_does_not_inflate_the_next_kappa():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4, optimizer_rule="sgd")
+    ema.count_samples(4)  # a grad scaler found inf: optimizer.step() never ran, so no hook ended the step
+    ema.end_step()
+    assert (ema.optimizer_steps, ema.samples_seen, ema.kappa) == (1, 4, 1.0)
+    model(torch.randn(4, 3)).sum().backward()
+    ema.count_samples(4)
+    optimizer.step()
+    assert (ema.optimizer_steps, ema.samples_seen, ema.kappa, ema.step_lrs) == (2, 8, 1.0, [[0.1]])
+    ema.end_step()  # after a step the hook ended: nothing to do
+    assert (ema.optimizer_steps, ema.ema_updates) == (2, 2)
+
+
+def test_a_step_that_raises_leaves_a_newer_scheduler_value_in_place():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4, optimizer_rule="sgd")
+
+    def failing_closure():
+        raise RuntimeError("nan loss")
+
+    ema.count_samples(8)
+    with pytest.raises(RuntimeError, match="nan loss"):
+        optimizer.step(failing_closure)  # the pre-hook scaled the LR to 0.2, no post-hook restores it
+    optimizer.param_groups[0]["lr"] = 0.05  # a scheduler steps meanwhile
+    model(torch.randn(8, 3)).sum().backward()
+    optimizer.step()
+    assert ema.step_lrs == [[0.1]] and optimizer.param_groups[0]["lr"] == 0.05  # 0.05 x kappa 2, then restored
+
+
+def test_a_0d_tensor_buffer_is_a_momentum_attribute_too():
+    model = tiny_model()
+    model.register_buffer("center_momentum", torch.tensor(0.9, dtype=torch.float64))
+    ema = ScaledEMA(model, base_batch_size=4, momentum_attributes={"center_momentum": 0.9})
+    ema.count_samples(8)
+    assert model.center_momentum.item() == pytest.approx(0.81)
+    ema.detach()
+    assert model.center_momentum.item() == 0.9 and isinstance(model.center_momentum, torch.Tensor)
+
+
+def test_training_while_swapped_and_a_rule_without_optimizers_are_errors():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4)
+    model(torch.randn(4, 3)).sum().backward()
+    ema.count_samples(4)
+    with ema.swapped():
+        before = snapshot(model)
+        with pytest.raises(RuntimeError, match=r"optimizer.step\(\) while the EMA weights are swapped into the module"):
+            optimizer.step()
+        assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+    with pytest.raises(ValueError, match=r"`optimizer_rule`=SGDScalingRule\(\) scales the optimizers' steps, but no"):
+        ScaledEMA(model, momentum=0.9, optimizer_rule="sgd")
+
+
+def test_a_failed_attach_leaves_the_hooks_in_place():
+    model = tiny_model()
+    model.criterion = SimpleNamespace(center_momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, base_batch_size=4, momentum_attributes={"criterion.center_momentum": 0.9})
+    criterion = model.criterion
+    del model.criterion
+    with pytest.raises(ValueError, match=r"names 'criterion.center_momentum', which Sequential does not have"):
+        ema.attach(optimizer)
+    model.criterion = criterion
+    model(torch.randn(4, 3)).sum().backward()
+    ema.count_samples(4)
+    optimizer.step()
+    assert ema.optimizer_steps == 1  # still hooked
+
+
+def test_overriding_momentum_at_on_the_core_fails_loudly():
+    class Shaped(ScaledEMA):
+        def momentum_at(self, progress: float) -> float:
+            return 0.5
+
+    with pytest.raises(TypeError, match=r"Shaped overrides `momentum_at`, which does not shape the schedule"):
+        Shaped(tiny_model(), momentum=0.9)
+
+
+def test_saved_states_are_checked_value_by_value_and_mode_by_mode():
+    model = tiny_model()
+    ema = ScaledEMA(model, momentum=0.9, base_batch_size=4)
+    good = ema.state_dict()
+    for key, value, allowed in [
+        ("samples_seen", -5, r"an integer >= 0"),
+        ("ema_updates", 1.5, r"an integer >= 0"),
+        ("pending_decay", 3.0, r"a number in \(0, 1\]"),
+        ("pending_decay", float("nan"), r"a number in \(0, 1\]"),
+        ("base_batch_size", 0, r"a positive integer or None"),
+    ]:
+        with pytest.raises(ValueError, match=rf"The saved ScaledEMA state has {key}={value!r}; {allowed} is allowed"):
+            ema.load_state_dict({**good, key: value})
+    poisoned = {**good["ema"], "0.bias": torch.full((4,), float("nan"))}
+    with pytest.raises(ValueError, match=r"has a non-finite EMA of '0.bias'; the checkpoint is corrupt"):
+        ema.load_state_dict({**good, "ema": poisoned})
+    assert torch.isfinite(ema.ema_state_dict()["0.bias"]).all() and ema.samples_seen == 0
+    teacher = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
+    teacher["teacher"].requires_grad_(False)
+    with pytest.raises(KeyError, match=r"holds Polyak 'ema' tensors, but this one is in teacher mode"):
+        ScaledEMA(teacher, momentum=0.9, teachers={"online": "teacher"}).load_state_dict(good)
+
+
+def test_wiring_is_fixed_when_built():
+    ema = ScaledEMA(tiny_model(), momentum=0.9)
+    with pytest.raises(AttributeError):
+        ema.auto_end_step = False  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"`total_samples_from` must be a callable that returns the total, got 5"):
+        ScaledEMA(tiny_model(), momentum=0.9, total_samples_from=5)  # type: ignore[arg-type]
