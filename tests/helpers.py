@@ -89,6 +89,20 @@ class TinyModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class ReleaseProcessGroup(L.Callback):
+    """Destroys the gloo process group when fit ends in each worker.
+
+    Lightning registers no exit handler for gloo (only NCCL), and a worker that exits with a live gloo group
+    aborts now and then ("terminate called without an active exception"), failing a run that had succeeded.
+    Callbacks' ``teardown`` runs after the strategy's, and nothing collective follows it.
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def make_trainer(callbacks: list, **kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
@@ -104,6 +118,8 @@ def make_trainer(callbacks: list, **kwargs: Any) -> L.Trainer:
         deterministic=True,
     )
     defaults.update(kwargs)
+    if "ddp" in str(defaults.get("strategy", "")):
+        callbacks = [*callbacks, ReleaseProcessGroup()]
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
