@@ -591,9 +591,16 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
 
 
 def _unwrap_module(module: Any) -> torch.nn.Module:
-    """The module inside a DDP or Fabric wrapper (so that names and checkpoints match the module's own)."""
-    while isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
-        module = module.module
+    """The module inside DDP, Fabric or ``torch.compile`` wrappers (names and checkpoints are the module's own)."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), torch.nn.Module
+        ):
+            module = module._orig_mod
+        else:
+            break
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
     return module

@@ -112,3 +112,33 @@ def test_trainer_fabric_and_a_plain_loop_agree_bit_for_bit(optimizer, rule):
     for name, value in plain_ema.items():
         assert torch.equal(trainer_ema[name], value), name
         assert torch.equal(fabric_ema[name], value), name
+
+
+def test_fabric_save_and_load_resume_the_ema_exactly(tmp_path):
+    def build():
+        fabric = L.Fabric(accelerator="cpu", devices=1)
+        model = new_model("sgd")
+        wrapped, optimizer = fabric.setup(model, model.configure_optimizers())
+        ema = ScaledEMA(model, optimizer, optimizer_rule="sgd", **{**OPTIONS, "update_every": 3})
+        return fabric, model, wrapped, optimizer, ema
+
+    def train(fabric, wrapped, optimizer, ema, batches):
+        for batch in batches:
+            fabric.backward(loss_of(wrapped, batch))
+            ema.count_samples(len(batch[0]))
+            optimizer.step()
+            optimizer.zero_grad()
+
+    batches = list(loader(new_model("sgd")))  # 5 steps: 4, 4, 4, 4, 2 samples
+    fabric, _, wrapped, optimizer, full = build()
+    train(fabric, wrapped, optimizer, full, batches)
+    fabric, _, wrapped, optimizer, half = build()
+    train(fabric, wrapped, optimizer, half, batches[:2])
+    fabric.save(tmp_path / "run.ckpt", {"model": wrapped, "optimizer": optimizer, "ema": half})  # mid-window
+    fabric, _, wrapped, optimizer, resumed = build()
+    fabric.load(tmp_path / "run.ckpt", {"model": wrapped, "optimizer": optimizer, "ema": resumed})
+    assert (resumed.samples_seen, resumed.optimizer_steps) == (8, 2)
+    train(fabric, wrapped, optimizer, resumed, batches[2:])
+    assert (resumed.samples_seen, resumed.optimizer_steps, resumed.ema_updates) == (18, 5, 1)
+    for name, value in full.ema_state_dict().items():
+        assert torch.equal(resumed.ema_state_dict()[name], value), name

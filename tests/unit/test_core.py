@@ -456,3 +456,13 @@ def test_wiring_is_fixed_when_built():
         ema.auto_end_step = False  # type: ignore[misc]
     with pytest.raises(TypeError, match=r"`total_samples_from` must be a callable that returns the total, got 5"):
         ScaledEMA(tiny_model(), momentum=0.9, total_samples_from=5)  # type: ignore[arg-type]
+
+
+def test_wrappers_are_unwrapped_so_names_are_the_modules_own():
+    model = tiny_model()
+    compiled = torch.compile(model)  # compiles lazily: nothing runs here
+    ema = ScaledEMA(compiled, momentum=0.9)
+    assert ema.module is model and set(ema.ema_state_dict()) == set(model.state_dict())
+    x = torch.randn(2, 3)
+    model.eval()
+    torch.testing.assert_close(ema.functional_call(model, (x,)), model(x))  # the EMA equals the weights so far
