@@ -56,8 +56,8 @@ class MomentumAttribute:
         self._write(self.original)
 
     def _write(self, value: float) -> None:
-        current = getattr(self.owner, self.attribute, None)
-        if callable(getattr(current, "fill_", None)):  # a 0-d tensor (a registered buffer): write in place
-            current.fill_(value)
+        fill = getattr(getattr(self.owner, self.attribute, None), "fill_", None)
+        if callable(fill):  # a 0-d tensor (a registered buffer): write in place
+            fill(value)
         else:
             setattr(self.owner, self.attribute, value)

@@ -61,6 +61,16 @@ def check_positive(value: Any, name: str) -> float:
     return number
 
 
+def check_finite(value: Any, name: str) -> float:
+    """A finite real number."""
+    number = as_real(value)
+    if number is None:
+        raise TypeError(f"`{name}` must be a finite real number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {number}")
+    return number
+
+
 def check_non_negative(value: Any, name: str) -> float:
     """A finite real number >= 0."""
     number = as_real(value)

@@ -281,7 +281,19 @@ class TeacherState:
         submodule, a teacher does not mirror its twin (names or shapes) or still requires grad.
         """
         pairs: list[tuple[Tensor, Tensor]] = []
+        follows: dict[str, str] = {}  # teacher path -> the online path it follows
         for online_path, teacher_path in teachers.items():
+            if online_path == teacher_path:
+                raise ValueError(
+                    f"`teachers` maps {online_path!r} to itself: the teacher must be a separate, frozen copy"
+                    f" (e.g. `copy.deepcopy(self.{online_path}).requires_grad_(False)`)"
+                )
+            if teacher_path in follows:
+                raise ValueError(
+                    f"`teachers` maps both {follows[teacher_path]!r} and {online_path!r} to {teacher_path!r}: each"
+                    " teacher follows one online module"
+                )
+            follows[teacher_path] = online_path
             online = dict(_submodule(module, online_path).named_parameters())
             teacher = dict(_submodule(module, teacher_path).named_parameters())
             mirror = f"Teacher {teacher_path!r} does not mirror {online_path!r}"
@@ -302,6 +314,12 @@ class TeacherState:
                         f" {tuple(tensor.shape)} in the online module"
                     )
                 pairs.append((teacher[name], tensor))
+        onlines = {id(online) for _, online in pairs}
+        if any(id(teacher) in onlines for teacher, _ in pairs):
+            raise ValueError(
+                f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
+                " another), so the EMA would move the weights it averages"
+            )
         return cls(pairs)
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Union
 
 import torch
 
+from lightning_emascale._checks import as_real, check_positive
+
 __all__ = [
     "AdamScalingRule",
     "NoScalingRule",
@@ -88,7 +90,7 @@ class SGDScalingRule(OptimizerRule):
     optimizer_types = (torch.optim.SGD,)
 
     def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
-        return {"lr": group["lr"] * kappa}
+        return {"lr": _lr(group, self) * check_positive(kappa, "kappa")}
 
 
 class AdamScalingRule(OptimizerRule):
@@ -121,8 +123,9 @@ class AdamScalingRule(OptimizerRule):
     )
 
     def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        kappa = check_positive(kappa, "kappa")
         root = math.sqrt(kappa)
-        out: dict[str, Any] = {"lr": group["lr"] * root}
+        out: dict[str, Any] = {"lr": _lr(group, self) * root}
         if "betas" in group:
             out["betas"] = tuple(_scale_beta(beta, kappa, f"betas[{i}]") for i, beta in enumerate(group["betas"]))
         if "alpha" in group:
@@ -132,6 +135,13 @@ class AdamScalingRule(OptimizerRule):
         if group.get("weight_decay") and group.get("decoupled_weight_decay", False):
             out["weight_decay"] = group["weight_decay"] * root
         return out
+
+
+def _lr(group: Mapping[str, Any], rule: OptimizerRule) -> Any:
+    if "lr" not in group:
+        keys = sorted(key for key in group if key != "params")
+        raise KeyError(f"{rule!r} scales `lr`, which this param group does not have (its keys: {keys})")
+    return group["lr"]
 
 
 def _scale_beta(beta: float, kappa: float, name: str) -> float:
@@ -196,11 +206,40 @@ def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any
         0.1
     """
     scaled = [rule.scale(group, kappa) for group in param_groups]
+    for index, (group, values) in enumerate(zip(param_groups, scaled)):
+        _check_scaled(rule, index, group, values)
     saved: SavedGroups = []
     for group, values in zip(param_groups, scaled):
         saved.append((group, {key: group[key] for key in values}, values))
         group.update(values)
     return saved
+
+
+def _check_scaled(rule: OptimizerRule, index: int, group: Mapping[str, Any], values: Any) -> None:
+    """A rule's output must name existing hyperparameters (never ``params``) with finite values and ``lr >= 0``."""
+    where = f"{rule!r}.scale returned"
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{where} {values!r} for param group {index}; it must return a dict of the values that change")
+    for key, value in values.items():
+        if key == "params":
+            raise ValueError(f"{where} `params` for param group {index}: a rule scales hyperparameters, not parameters")
+        if key not in group:
+            keys = sorted(k for k in group if k != "params")
+            raise ValueError(f"{where} {key!r}, which param group {index} does not have (its keys: {keys})")
+        before = group[key]
+        numbers = value if isinstance(before, (tuple, list)) else (value,)
+        if isinstance(before, bool) or not all(as_real(item) is not None for item in _flatten(before)):
+            continue  # not a number before the rule either (a flag, a name): nothing to check
+        if not isinstance(numbers, (tuple, list)) or not all(
+            (number := as_real(item)) is not None and math.isfinite(number) for item in numbers
+        ):
+            raise ValueError(f"{where} {key}={value!r} for param group {index}; it must hold finite numbers")
+        if key == "lr" and as_real(value) < 0:  # type: ignore[operator]
+            raise ValueError(f"{where} lr={value!r} for param group {index}; a learning rate must be >= 0")
+
+
+def _flatten(value: Any) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def restore_param_groups(saved: SavedGroups) -> None:

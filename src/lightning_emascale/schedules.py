@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_emascale._checks import as_int, check_fraction, check_progress
+from lightning_emascale._checks import as_int, check_finite, check_fraction, check_progress
 
 __all__ = ["WarmupCosine", "batch_size_at", "check_batch_schedule", "cosine_schedule"]
 
@@ -40,8 +40,9 @@ def cosine_schedule(progress: float, start: float, end: float) -> float:
         1.0
     """
     progress = check_progress(progress)
+    start, end = check_finite(start, "start"), check_finite(end, "end")
     if progress == 1.0:
-        return float(end)  # cos(pi) is -1 up to rounding; hit the end value exactly
+        return end  # cos(pi) is -1 up to rounding; hit the end value exactly
     return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 

@@ -101,3 +101,19 @@ def test_teacher_state_lerps_every_pair_toward_its_online_twin():
     for t, b, o in zip(teacher, before, online):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * o.float(), rtol=1e-6, atol=1e-7)
     assert teacher[2].dtype == torch.float32 and online[2].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("teachers", "match"),
+    [
+        ({"a": "a"}, r"`teachers` maps 'a' to itself: the teacher must be a separate, frozen copy"),
+        ({"a": "t", "b": "t"}, r"`teachers` maps both 'a' and 'b' to 't': each teacher follows one online module"),
+    ],
+)
+def test_teacher_pairs_must_be_one_to_one(teachers, match):
+    from lightning_emascale._ema import TeacherState
+
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "t": torch.nn.Linear(2, 2)})
+    module["t"].requires_grad_(False)
+    with pytest.raises(ValueError, match=match):
+        TeacherState.from_module(module, teachers)

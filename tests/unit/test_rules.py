@@ -89,3 +89,49 @@ def test_resolve_unknown():
         resolve_rule("lars")
     with pytest.raises(ValueError, match=r"got 3"):
         resolve_rule(3)
+
+
+class _Returns(OptimizerRule):
+    def __init__(self, values):
+        self.values = values
+
+    def scale(self, group, kappa):
+        return self.values
+
+    def __repr__(self):
+        return "Custom()"
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "match"),
+    [
+        ({"lr": float("nan")}, ValueError, r"Custom\(\).scale returned lr=nan for param group 0; it must hold finite"),
+        ({"lr": -0.1}, ValueError, r"returned lr=-0.1 for param group 0; a learning rate must be >= 0"),
+        ({"params": []}, ValueError, r"returned `params` for param group 0: a rule scales hyperparameters"),
+        (
+            {"lrr": 0.1},
+            ValueError,
+            r"returned 'lrr', which param group 0 does not have \(its keys: \['lr', 'momentum'\]\)",
+        ),
+        ({"momentum": (0.9, float("inf"))}, ValueError, r"returned momentum=\(0.9, inf\) for param group 0"),
+        ([("lr", 0.1)], TypeError, r"returned \[\('lr', 0.1\)\] for param group 0; it must return a dict"),
+    ],
+)
+def test_a_rules_output_is_checked_before_anything_changes(values, error, match):
+    from lightning_emascale.rules import scale_param_groups
+
+    groups = [{"params": [], "lr": 0.1, "momentum": 0.9}]
+    with pytest.raises(error, match=match):
+        scale_param_groups(_Returns(values), groups, kappa=2)
+    assert groups == [{"params": [], "lr": 0.1, "momentum": 0.9}]
+
+
+def test_the_public_rules_check_kappa_and_the_group():
+    for rule in (SGDScalingRule(), AdamScalingRule()):
+        for kappa, match in ((float("nan"), r"`kappa` must be a positive finite number, got nan"), (0, r"got 0.0")):
+            with pytest.raises(ValueError, match=match):
+                rule.scale({"lr": 0.1, "betas": (0.9, 0.999)}, kappa=kappa)
+        with pytest.raises(
+            KeyError, match=r"scales `lr`, which this param group does not have \(its keys: \['eps'\]\)"
+        ):
+            rule.scale({"params": [], "eps": 1e-8}, kappa=2)

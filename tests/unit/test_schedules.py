@@ -112,3 +112,10 @@ def test_sample_clock_lr_errors():
         SampleClockLR(optimizer(), lambda p: -1.0, clock=Clock())
     with pytest.raises(ValueError, match=r"`schedule` must return a finite number >= 0, got nan"):
         SampleClockLR(optimizer(), lambda p: math.nan, clock=Clock())
+
+
+def test_cosine_schedule_refuses_non_finite_ends():
+    with pytest.raises(ValueError, match=r"`start` must be a finite number, got nan"):
+        cosine_schedule(0.5, float("nan"), 1.0)
+    with pytest.raises(TypeError, match=r"`end` must be a finite real number, got '1'"):
+        cosine_schedule(0.5, 0.9, "1")
