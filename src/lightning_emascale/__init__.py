@@ -17,11 +17,13 @@ from lightning_emascale.functional import (
     warmup_momentum,
 )
 from lightning_emascale.lr_scheduler import SampleClockLR
+from lightning_emascale.post_hoc import PostHocReconstruction, reconstruct_post_hoc
 from lightning_emascale.rules import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
 from lightning_emascale.schedules import WarmupCosine, cosine_schedule
 
 if TYPE_CHECKING:
     from lightning_emascale.callback import EMAScalingCallback
+    from lightning_emascale.post_hoc_callback import PostHocEMACallback
     from lightning_emascale.progressive import ProgressiveBatchCallback
 
 __version__ = "0.1.0"
@@ -31,6 +33,8 @@ __all__ = [
     "EMAScalingCallback",
     "NoScalingRule",
     "OptimizerRule",
+    "PostHocEMACallback",
+    "PostHocReconstruction",
     "ProgressiveBatchCallback",
     "SGDScalingRule",
     "SampleClockLR",
@@ -39,6 +43,7 @@ __all__ = [
     "cosine_schedule",
     "half_life_from_momentum",
     "momentum_from_half_life",
+    "reconstruct_post_hoc",
     "scale_ema_momentum",
     "warmup_momentum",
 ]
@@ -46,6 +51,7 @@ __all__ = [
 # The names that need Lightning, and the module each one lives in.
 _LIGHTNING = {
     "EMAScalingCallback": "lightning_emascale.callback",
+    "PostHocEMACallback": "lightning_emascale.post_hoc_callback",
     "ProgressiveBatchCallback": "lightning_emascale.progressive",
 }
 

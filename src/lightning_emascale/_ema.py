@@ -5,7 +5,8 @@ Two averagers, one small protocol (:class:`Averager`, ``update(decay)``):
 - :class:`EMAState` holds one averaged copy of a module's parameters and buffers (the Polyak EMA) without
   copying the module, so it works for modules that cannot be deep-copied and it is never registered where DDP
   or a module ``state_dict`` would see it;
-- :class:`TeacherState` moves a module's existing teacher submodules toward their online twins (BYOL, DINO).
+- :class:`TeacherState` moves a module's existing teacher submodules toward their online twins (BYOL, DINO);
+- :class:`PowerEMAState` keeps power-function EMAs on the sample clock, for the post-hoc EMA (``advance``).
 
 :func:`reference_update` is the readable per-tensor version of :meth:`EMAState.update`; the tests check that
 they agree.
@@ -20,6 +21,8 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
 EMAPrecision = Literal["fp32", "model"]
 
@@ -225,9 +228,8 @@ class EMAState:
         """The EMA tensors by their first names (the live tensors, not copies)."""
         return dict(zip(self.names, self.averages))
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy saved EMA values in. Raises ``KeyError`` naming missing and unexpected names."""
+    def check_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Raise ``KeyError`` naming missing and unexpected names, ``ValueError`` for a shape that differs."""
         missing = sorted(set(self.names) - set(state))
         unexpected = sorted(set(state) - set(self.names))
         if missing or unexpected:
@@ -235,11 +237,16 @@ class EMAState:
                 f"The saved EMA does not match the model: missing {missing}, unexpected {unexpected}."
                 " Was the checkpoint written for another model?"
             )
-        for name, ema in zip(self.names, self.averages):  # every check before the first copy
+        for name, ema in zip(self.names, self.averages):
             if state[name].shape != ema.shape:
                 raise ValueError(
                     f"The saved EMA of {name!r} has shape {tuple(state[name].shape)}, the model's is {tuple(ema.shape)}"
                 )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy saved EMA values in, after :meth:`check_state_dict` (every check before the first copy)."""
+        self.check_state_dict(state)
         for name, ema in zip(self.names, self.averages):
             ema.copy_(state[name])
 
@@ -340,3 +347,34 @@ def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
             f"`teachers` names {path!r}, which is not a submodule of {type(module).__name__}; its children are"
             f" {children}"
         ) from None
+
+
+class PowerEMAState:
+    """Power-function EMAs of a module's parameters and buffers, one fp32 copy per ``sigma_rel`` (EDM2).
+
+    Each is an :class:`EMAState` moved by :meth:`advance` with :math:`\\beta = (s / s')^{\\gamma + 1}` from
+    ``s`` to ``s'`` samples seen, so its profile in samples does not depend on the batch size.
+    """
+
+    def __init__(self, module: torch.nn.Module, sigma_rels: Sequence[float]) -> None:
+        self.sigma_rels = tuple(sigma_rels)
+        self.gammas = tuple(gamma_from_sigma_rel(sigma_rel) for sigma_rel in self.sigma_rels)
+        self.states = [EMAState.from_module(module, precision="fp32") for _ in self.sigma_rels]
+
+    def advance(self, samples_before: int, samples_after: int) -> None:
+        """Move every power EMA from ``samples_before`` to ``samples_after`` samples seen."""
+        for gamma, state in zip(self.gammas, self.states):
+            state.update(power_beta(samples_before, samples_after, gamma))
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """The averages of every power EMA, keyed by its ``sigma_rel`` (as a string), live tensors."""
+        return {repr(sigma_rel): state.state_dict() for sigma_rel, state in zip(self.sigma_rels, self.states)}
+
+    def load_state_dict(self, saved: dict[str, dict[str, Tensor]]) -> None:
+        expected = sorted(repr(sigma_rel) for sigma_rel in self.sigma_rels)
+        if sorted(saved) != expected:
+            raise KeyError(f"The saved post-hoc EMA tracks sigma_rel {sorted(saved)}, this one {expected}")
+        for sigma_rel, state in zip(self.sigma_rels, self.states):  # every check before the first copy
+            state.check_state_dict(saved[repr(sigma_rel)])
+        for sigma_rel, state in zip(self.sigma_rels, self.states):
+            state.load_state_dict(saved[repr(sigma_rel)])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -16,6 +17,7 @@ from lightning_emascale._checks import (
     check_positive_int,
 )
 from lightning_emascale._ema import EMAPrecision
+from lightning_emascale.post_hoc_math import check_sigma_rel
 from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
 from lightning_emascale.schedules import cosine_schedule
 
@@ -43,13 +45,20 @@ class EMAOptions:
     total_samples: Optional[int] = None
     teachers: Optional[Mapping[str, str]] = None
     momentum_attributes: Optional[Mapping[str, float]] = None
+    sigma_rels: Optional[Sequence[float]] = None
+    snapshot_every_samples: Optional[int] = None
+    snapshot_dir: Optional[Union[str, os.PathLike]] = None
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
         schedule = self.momentum_schedule
-        if callable(schedule):
+        if self.sigma_rels is not None:
+            self._check_post_hoc(store)  # no momentum: nothing of the schedule below applies to it
+        elif self.snapshot_every_samples is not None or self.snapshot_dir is not None:
+            raise ValueError("`snapshot_every_samples` and `snapshot_dir` belong to a post-hoc EMA: give `sigma_rels`")
+        elif callable(schedule):
             for name in ("momentum", "final_momentum"):
                 if getattr(self, name) is not None:
                     raise ValueError(
@@ -94,6 +103,35 @@ class EMAOptions:
                 " `base_batch_size` (the global batch size their momenta were tuned at)"
             )
 
+    def _check_post_hoc(self, store: Callable[[str, Any], None]) -> None:
+        given = {
+            name: getattr(self, name)
+            for name, default in (
+                ("momentum", None), ("final_momentum", None), ("momentum_schedule", "constant"), ("warmup", False),
+                ("teachers", None), ("ema_precision", "fp32"),
+            )
+            if getattr(self, name) != default
+        }  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{given} have no effect on a post-hoc EMA, whose power EMAs have no momentum and stay in fp32:"
+                " drop them"
+            )
+        if (
+            isinstance(self.sigma_rels, (str, bytes))
+            or not isinstance(self.sigma_rels, Sequence)
+            or not self.sigma_rels
+        ):
+            raise ValueError(f"`sigma_rels` must be a non-empty sequence of numbers, got {self.sigma_rels!r}")
+        checked = tuple(check_sigma_rel(value) for value in self.sigma_rels)
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"`sigma_rels` must be distinct, got {list(checked)}")
+        store("sigma_rels", checked)
+        store("snapshot_every_samples", check_positive_int(self.snapshot_every_samples, "snapshot_every_samples"))
+        if not isinstance(self.snapshot_dir, (str, os.PathLike)) or not str(self.snapshot_dir):
+            raise ValueError(f"`snapshot_dir` must be a directory path, got {self.snapshot_dir!r}")
+        store("snapshot_dir", os.fspath(self.snapshot_dir))
+
     @property
     def rule(self) -> OptimizerRule:
         """The resolved optimizer rule."""
@@ -103,7 +141,7 @@ class EMAOptions:
     @property
     def schedule_uses_progress(self) -> bool:
         """Whether the momentum depends on training progress (so the run's total samples must be known)."""
-        return self.momentum_schedule != "constant"
+        return self.sigma_rels is None and self.momentum_schedule != "constant"
 
     def momentum_at(self, progress: float) -> float:
         """The momentum at the base batch size at ``progress``, before warm-up and :math:`\\kappa`."""

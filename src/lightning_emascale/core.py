@@ -7,6 +7,7 @@ thin adapter that builds one of these when fit starts and forwards the Trainer's
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -18,9 +19,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
 from lightning_emascale._checks import as_int, as_real
-from lightning_emascale._ema import EMAPrecision, EMAState, TeacherState
+from lightning_emascale._ema import EMAPrecision, EMAState, PowerEMAState, TeacherState
 from lightning_emascale._options import EMAOptions, MomentumSchedule
 from lightning_emascale.functional import scale_ema_momentum, warmup_momentum
+from lightning_emascale.post_hoc import snapshot_path, write_snapshot
+from lightning_emascale.post_hoc_math import power_beta
 from lightning_emascale.rules import (
     NoScalingRule,
     RuleLike,
@@ -92,6 +95,15 @@ class ScaledEMA:
             value at ``base_batch_size``, e.g. ``{"criterion.center_momentum": 0.9}`` for DINO's loss center.
             :meth:`count_samples` sets each to :math:`\rho^{b/B}` for the micro-batch's global size :math:`b`;
             :meth:`detach` restores them. Needs ``base_batch_size``.
+        sigma_rels: **post-hoc mode** (Karras et al., EDM2): instead of one EMA, track a power-function EMA of
+            each of these lengths (in :math:`(0, 0.2887]`; 0.05 and 0.10 are EDM2's), moved on the sample clock by
+            :math:`\beta = (s / (s + b))^{\gamma + 1}`, so batch-size invariant by construction; after training,
+            :func:`~lightning_emascale.reconstruct_post_hoc` gives the EMA of any length. Takes no momentum,
+            schedule, warm-up or teachers; the power EMAs are fp32 (one copy each).
+        snapshot_every_samples: post-hoc mode: write a snapshot of the power EMAs every this many samples seen
+            (not steps, so progressive batch growth does not change where they fall). Call :meth:`save_snapshot`
+            once more when training ends.
+        snapshot_dir: post-hoc mode: the directory of the snapshots (written by rank 0 only).
         auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
             ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
             have stepped (the Lightning callback does, at the end of each batch).
@@ -135,6 +147,9 @@ class ScaledEMA:
         total_samples: Optional[int] = None,
         teachers: Optional[Mapping[str, str]] = None,
         momentum_attributes: Optional[Mapping[str, float]] = None,
+        sigma_rels: Optional[Sequence[float]] = None,
+        snapshot_every_samples: Optional[int] = None,
+        snapshot_dir: Optional[Union[str, os.PathLike]] = None,
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
@@ -150,6 +165,9 @@ class ScaledEMA:
             total_samples=total_samples,
             teachers=teachers,
             momentum_attributes=momentum_attributes,
+            sigma_rels=sigma_rels,
+            snapshot_every_samples=snapshot_every_samples,
+            snapshot_dir=snapshot_dir,
         )
         self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
@@ -192,11 +210,13 @@ class ScaledEMA:
         self.total_samples_from = total_samples_from
         self.module = module
         #: The averager: an EMAState (Polyak copy) or a TeacherState (teacher mode).
-        self.averager: Union[EMAState, TeacherState] = (
-            TeacherState.from_module(module, options.teachers)
-            if options.teachers
-            else EMAState.from_module(module, precision=options.ema_precision)
-        )
+        self.averager: Union[EMAState, TeacherState, PowerEMAState]
+        if options.teachers:
+            self.averager = TeacherState.from_module(module, options.teachers)
+        elif options.sigma_rels:
+            self.averager = PowerEMAState(module, options.sigma_rels)
+        else:
+            self.averager = EMAState.from_module(module, precision=options.ema_precision)
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
         self._saved_groups: SavedGroups = []
@@ -222,6 +242,8 @@ class ScaledEMA:
         self._step_momentum = math.nan
         self._step_batch = 0
         self._step_lrs: list[list[float]] = [[] for _ in self._optimizers]
+        self._samples_at_update = 0  # samples seen at the last EMA update (the power EMAs' clock)
+        self._next_snapshot = self.options.snapshot_every_samples or 0  # post-hoc: samples of the next snapshot
 
     # ------------------------------------------------------------------------------------------ wiring
     def attach(self, optimizers: Union[Optimizer, Sequence[Optimizer]]) -> None:
@@ -341,11 +363,15 @@ class ScaledEMA:
             return
         kappa = self._step_kappa()
         assert self._base is not None
-        momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
-        assert momentum is not None
-        if self.options.warmup:
-            momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
-        self._step_momentum = scale_ema_momentum(momentum, kappa)
+        if isinstance(self.averager, PowerEMAState):  # its decay comes from the clock: report the first one's
+            after = self._samples_seen + self._step_samples
+            self._step_momentum = power_beta(self._samples_seen, after, self.averager.gammas[0])
+        else:
+            momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
+            assert momentum is not None
+            if self.options.warmup:
+                momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
+            self._step_momentum = scale_ema_momentum(momentum, kappa)
         self._kappa, self._step_batch = kappa, self._step_samples
         self._samples_seen += self._step_samples
         self._optimizer_steps += 1
@@ -366,9 +392,35 @@ class ScaledEMA:
         self._step_on_clock = False
         self._decay_since_update *= self._step_momentum
         if self._optimizer_steps % self.options.update_every == 0:
-            self.averager.update(self._decay_since_update)
+            if isinstance(self.averager, PowerEMAState):
+                self.averager.advance(self._samples_at_update, self._samples_seen)
+            else:
+                self.averager.update(self._decay_since_update)
+            self._samples_at_update = self._samples_seen
             self._ema_updates += 1
             self._decay_since_update = 1.0
+            if self._next_snapshot and self._samples_seen >= self._next_snapshot:
+                self.save_snapshot()
+
+    def save_snapshot(self) -> Optional[str]:
+        """Post-hoc EMA: write the power EMAs' snapshot at the samples seen (rank 0 only) and return its path.
+
+        Called on the sample clock every ``snapshot_every_samples``; call it once more when training ends (the
+        Lightning callback does), so that the reconstruction can end at the last sample. Nothing is written
+        again for a sample count that already has its snapshot, nor before the first update.
+        """
+        if not isinstance(self.averager, PowerEMAState):
+            raise RuntimeError("`save_snapshot()` belongs to a post-hoc EMA (`sigma_rels=...`)")
+        every = self.options.snapshot_every_samples
+        assert every is not None and self.options.snapshot_dir is not None
+        self._next_snapshot = (self._samples_at_update // every + 1) * every
+        if self._ema_updates == 0:
+            return None
+        path = snapshot_path(self.options.snapshot_dir, self._samples_at_update)
+        if _is_rank_zero() and not path.exists():
+            averages = [state.state_dict() for state in self.averager.states]
+            write_snapshot(self.options.snapshot_dir, self._samples_at_update, self.averager.sigma_rels, averages)
+        return str(path)
 
     def momentum_at(self, progress: float) -> float:
         """The momentum at the base batch size at ``progress``, before warm-up and kappa (not a hook: pass
@@ -474,6 +526,11 @@ class ScaledEMA:
 
     # ------------------------------------------------------------------------------------ the Polyak EMA
     def _polyak(self) -> EMAState:
+        if isinstance(self.averager, PowerEMAState):
+            raise RuntimeError(
+                "A post-hoc EMA keeps power EMAs, not one EMA: reconstruct the EMA of the length you want with"
+                f" `reconstruct_post_hoc({self.options.snapshot_dir!r}, sigma_rel=...)` and load it into the module"
+            )
         if not isinstance(self.averager, EMAState):
             raise RuntimeError(
                 "Teacher mode keeps no separate EMA: the EMA weights are the module's teacher submodules"
@@ -532,23 +589,31 @@ class ScaledEMA:
         }
         if isinstance(self.averager, EMAState):  # teacher mode: the teachers are in the module's state_dict
             state["ema"] = self.averager.state_dict()
+        elif isinstance(self.averager, PowerEMAState):
+            state.update(
+                power_ema=self.averager.state_dict(),
+                samples_at_update=self._samples_at_update,
+                next_snapshot=self._next_snapshot,
+            )
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
         _check_state(state, "The saved ScaledEMA state")
-        if isinstance(self.averager, TeacherState) and "ema" in state:
-            raise KeyError(
-                "The saved ScaledEMA state holds Polyak 'ema' tensors, but this one is in teacher mode (the teachers"
-                " are the module's own): load a state written with the same mode"
-            )
-        if isinstance(self.averager, EMAState):
-            if "ema" not in state:
+        key = {EMAState: "ema", PowerEMAState: "power_ema"}.get(type(self.averager))
+        for other, mode in (("ema", "a Polyak EMA"), ("power_ema", "a post-hoc EMA")):
+            if other in state and other != key:
                 raise KeyError(
-                    "The saved ScaledEMA state has no 'ema' tensors (it was written in teacher mode), but this one"
-                    " keeps a Polyak copy: load a state written with the same mode"
+                    f"The saved ScaledEMA state holds the {other!r} tensors of {mode}, but this one is"
+                    f" {self._mode()}: load a state written in the same mode"
                 )
-            self.averager.load_state_dict(state["ema"])
+            if other == key and other not in state:
+                raise KeyError(
+                    f"The saved ScaledEMA state lacks the {other!r} tensors this one needs, {self._mode()} (it was"
+                    " written in another mode): load a state written in the same mode"
+                )
+        if key is not None and isinstance(self.averager, (EMAState, PowerEMAState)):
+            self.averager.load_state_dict(state[key])  # checks every tensor before the first copy
         self._restore_hyperparameters()
         self._reset_clock()
         if self._base is None:  # the base saved by the first run keeps the EMA horizon in samples
@@ -557,13 +622,28 @@ class ScaledEMA:
         self._optimizer_steps = state["optimizer_steps"]
         self._ema_updates = state["ema_updates"]
         self._decay_since_update = state["pending_decay"]
+        if isinstance(self.averager, PowerEMAState):
+            self._samples_at_update = state["samples_at_update"]
+            self._next_snapshot = state["next_snapshot"]
+
+    def _mode(self) -> str:
+        if isinstance(self.averager, PowerEMAState):
+            return f"a post-hoc EMA of sigma_rel {list(self.averager.sigma_rels)}"
+        if isinstance(self.averager, TeacherState):
+            return f"in teacher mode ({dict(self.options.teachers or {})})"
+        return "a Polyak EMA"
 
     def __repr__(self) -> str:
-        mode = f"teachers={dict(self.options.teachers)}" if self.options.teachers else "polyak"
         return (
-            f"{type(self).__name__}({mode}, base_batch_size={self._base}, rule={self.options.rule!r},"
+            f"{type(self).__name__}({self._mode()}, base_batch_size={self._base}, rule={self.options.rule!r},"
             f" samples_seen={self._samples_seen}, optimizer_steps={self._optimizer_steps})"
         )
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process writes files: the only one, or rank 0 of a torch.distributed group."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def _check_state(state: Mapping[str, Any], where: str) -> None:
@@ -585,9 +665,14 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
     decay = as_real(state["pending_decay"])
     if decay is None or not 0.0 < decay <= 1.0:
         raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")
-    for name, tensor in (state.get("ema") or {}).items():
+    tensors = [state.get("ema") or {}, *(state.get("power_ema") or {}).values()]
+    for name, tensor in ((name, tensor) for averages in tensors for name, tensor in averages.items()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
+    if "power_ema" in state:
+        for key in ("samples_at_update", "next_snapshot"):
+            if as_int(state.get(key)) is None or state[key] < 0:
+                raise ValueError(f"{where} has {key}={state.get(key)!r}; an integer >= 0 is allowed")
 
 
 def _unwrap_module(module: Any) -> torch.nn.Module:

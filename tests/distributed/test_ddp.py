@@ -77,3 +77,15 @@ def test_fabric_ddp_two_processes_kappa_counts_both_ranks_and_the_ema_matches_on
     assert result["kappas"] == [2.0] * 4
     assert (result["samples_seen"], result["steps"]) == (48, 4)
     assert max(result["errors"].values()) < 1e-6
+
+
+def test_ddp_post_hoc_snapshots_are_written_by_rank_zero_and_reconstruct(tmp_path):
+    from lightning_emascale import reconstruct_post_hoc
+
+    run_script("ddp_post_hoc_run.py", tmp_path, tmp_path)
+    # per rank 12 samples per epoch, micro-batch 3, accumulation 2: global steps of 12, a snapshot at each
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert [int(name[9:-3]) for name in names] == [12, 24, 36, 48]
+    assert (tmp_path / "writer-0.txt").read_text().split() == ["12", "24", "36", "48"]
+    assert not (tmp_path / "writer-1.txt").exists()
+    assert reconstruct_post_hoc(tmp_path / "snapshots", sigma_rel=0.05).residual < 1e-6

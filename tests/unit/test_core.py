@@ -256,7 +256,9 @@ def test_load_state_dict_checks_everything_before_changing_anything():
     with pytest.raises(ValueError, match=r"The saved EMA of '0.weight' has shape \(5, 5\), the model's is \(4, 3\)"):
         ema.load_state_dict(wrong)
     assert ema.samples_seen == 0 and not torch.equal(ema.ema_state_dict()["0.bias"], torch.zeros(4))
-    with pytest.raises(KeyError, match=r"has no 'ema' tensors \(it was written in teacher mode\)"):
+    with pytest.raises(
+        KeyError, match=r"lacks the 'ema' tensors this one needs, a Polyak EMA \(it was written in another mode\)"
+    ):
         ema.load_state_dict({k: v for k, v in good.items() if k != "ema"})
 
 
@@ -446,7 +448,7 @@ def test_saved_states_are_checked_value_by_value_and_mode_by_mode():
     assert torch.isfinite(ema.ema_state_dict()["0.bias"]).all() and ema.samples_seen == 0
     teacher = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
     teacher["teacher"].requires_grad_(False)
-    with pytest.raises(KeyError, match=r"holds Polyak 'ema' tensors, but this one is in teacher mode"):
+    with pytest.raises(KeyError, match=r"holds the 'ema' tensors of a Polyak EMA, but this one is in teacher mode"):
         ScaledEMA(teacher, momentum=0.9, teachers={"online": "teacher"}).load_state_dict(good)
 
 
