@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -32,6 +33,9 @@ from lightning_emascale.rules import (
     restore_param_groups,
     scale_param_groups,
 )
+
+# Which ScaledEMA applies its optimizer rule to an optimizer: a second rule on the same one would compound.
+_SCALED_BY: weakref.WeakKeyDictionary[Optimizer, ScaledEMA] = weakref.WeakKeyDictionary()
 
 #: The version of :meth:`ScaledEMA.state_dict`'s layout; a checkpoint of another version is refused.
 _STATE_FORMAT = 1
@@ -264,6 +268,15 @@ class ScaledEMA:
                 f"`optimizer_rule`={self.options.rule!r} scales the optimizers' steps, but no optimizer was given:"
                 " pass `optimizers`, or `optimizer_rule=None` to scale the EMA only"
             )
+        scaling = not isinstance(self.options.rule, NoScalingRule)
+        for index, optimizer in enumerate(unwrapped):
+            owner = _SCALED_BY.get(optimizer)
+            if scaling and owner is not None and owner is not self:
+                raise ValueError(
+                    f"optimizer {index} ({type(optimizer).__name__}) is already scaled by the rule of {owner!r}: two"
+                    " rules would compound (lr x kappa x kappa). Give `optimizer_rule` to one EMA only; the others"
+                    " scale their momentum alone (`optimizer_rule=None`)"
+                )
         for attribute in self._attributes:
             attribute.restore()  # so that the originals below are read unscaled
         attributes = [  # resolved before anything else changes: a bad path leaves the hooks in place
@@ -274,6 +287,8 @@ class ScaledEMA:
         self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
         self._attributes = attributes
         self._optimizers = unwrapped
+        if scaling:
+            _SCALED_BY.update(dict.fromkeys(unwrapped, self))
         self._step_lrs = [[] for _ in unwrapped]
         for optimizer in unwrapped:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
@@ -281,6 +296,9 @@ class ScaledEMA:
 
     def detach(self) -> None:
         """Remove the optimizer hooks and restore what this object changed (hyperparameters, attributes)."""
+        for optimizer in self._optimizers:
+            if _SCALED_BY.get(optimizer) is self:
+                del _SCALED_BY[optimizer]
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

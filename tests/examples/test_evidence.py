@@ -128,6 +128,23 @@ def test_byol_study_script_runs_every_arm(tmp_path):
     assert (tmp_path / "out" / "byol_study.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_post_hoc_study_runs_end_to_end_tiny(tmp_path):
+    args = (
+        "--epochs 2 --train-samples 256 --val-samples 128 --base-batch 16 --kappa 4 --snapshot-every 128 --out-dir out"
+    )
+    proc = run_example("studies/post_hoc_study.py", args, tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["kappa"], r["batch"], r["samples"]) for r in results] == [(1, 16, 512), (4, 64, 512)]
+    for result in results:
+        assert [row["momentum"] for row in result["parallel"]] == [0.968, 0.984, 0.992, 0.996, 0.998]
+        tracked = {row["sigma_rel"]: row["residual"] for row in result["post_hoc_sigma_rels"]}
+        assert tracked[0.05] < 1e-6 and tracked[0.1] < 1e-6
+        assert result["memory"]["parallel_copies"] == 5 and result["memory"]["post_hoc_copies"] == 2
+        assert result["memory"]["snapshots"] == 4  # every 128 of 512 samples
+    assert "best of the five EMAs" in proc.stdout
+    assert (tmp_path / "out" / "post_hoc_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §1 (about 3 minutes): the claims made there."""
@@ -182,3 +199,22 @@ def test_byol_study_default_run_supports_docs_results(tmp_path):
     assert runs["kappa 4, no rule"]["mean_teacher_lag"] > 1.25 * base
     # kNN accuracy is not claimed to separate the arms; only that every run measured it at every epoch
     assert all(len(run["knn"]) == 9 for run in runs.values())
+
+
+@pytest.mark.slow
+def test_post_hoc_study_supports_what_results_md_claims(tmp_path):
+    run_example("studies/post_hoc_study.py", "--out-dir out", tmp_path)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["batch"] for r in results] == [32, 256]
+    for result in results:
+        pairs = list(zip(result["parallel"], result["post_hoc_half_lives"]))
+        well_fit = [(ema, rebuilt) for ema, rebuilt in pairs if rebuilt["residual"] < 0.002]
+        assert [round(rebuilt["half_life_samples"]) for _, rebuilt in well_fit] == [2761, 5534]
+        assert all(abs(ema["accuracy"] - rebuilt["accuracy"]) <= 0.0015 for ema, rebuilt in well_fit)
+        best_five = max(row["accuracy"] for row in result["parallel"])
+        best_post_hoc = max(row["accuracy"] for row in result["post_hoc_half_lives"] + result["post_hoc_sigma_rels"])
+        assert best_post_hoc >= best_five - 0.001  # matches or beats the best of five
+        assert (result["memory"]["post_hoc_copies"], result["memory"]["parallel_copies"]) == (2, 5)
+        assert result["memory"]["snapshots"] == 16
+    base = results[0]
+    assert max(r["accuracy"] for r in base["post_hoc_sigma_rels"]) - max(r["accuracy"] for r in base["parallel"]) > 0.02

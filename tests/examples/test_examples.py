@@ -85,3 +85,16 @@ def test_fabric_loop_grows_the_batch_and_runs_the_lr_on_the_sample_clock(tmp_pat
     last_batch = 64 * int(devices)
     expected = 0.05 * WarmupCosine(warmup=0.1, final=0.05)((2048 - last_batch) / 2048) * 2
     assert float(re.search(r"epoch 1: .* lr (\d\.\d+)", proc.stdout).group(1)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_post_hoc_example_sweeps_lengths_after_one_run(tmp_path):
+    args = "--epochs 2 --samples 2048 --snapshot-every 512 --snapshots snaps --out plot.png"
+    proc = run_example("post_hoc.py", args, tmp_path)
+    rows = re.findall(r"^\s+(sigma_rel|half_life_samples) ([\d.]+)\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M)
+    assert len(rows) == 12
+    residuals = {(kind, float(value)): float(residual) for kind, value, residual, _ in rows}
+    assert residuals[("sigma_rel", 0.05)] < 1e-4 and residuals[("sigma_rel", 0.1)] < 1e-4  # the tracked lengths
+    assert re.search(r"^best: \w+ [\d.]+ \(validation accuracy 0\.\d+, residual 0\.0\d+\)$", proc.stdout, re.M)
+    # 2 epochs of the 1844 training samples (random_split of 90 % of 2048): a snapshot every 512, one at the end
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir())[-1] == "post_hoc-000000000003688.pt"
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -465,3 +465,10 @@ def test_short_dataloader_passed_to_fit():
     callback = EMAScalingCallback(momentum=0.9, base_batch_size=4)
     make_trainer([callback]).fit(TinyModel(), train_dataloaders=data)
     assert callback.kappa == 0.5 and callback.samples_seen == 10
+
+
+def test_two_callbacks_with_rules_fail_at_fit_start():
+    first = EMAScalingCallback(momentum=0.9, name="a", optimizer_rule="sgd", evaluate_with_ema=False)
+    second = EMAScalingCallback(momentum=0.99, name="b", optimizer_rule="sgd")
+    with pytest.raises(ValueError, match=r"already scaled by the rule of .*: two rules would compound"):
+        make_trainer([first, second]).fit(TinyModel())

@@ -468,3 +468,16 @@ def test_wrappers_are_unwrapped_so_names_are_the_modules_own():
     x = torch.randn(2, 3)
     model.eval()
     torch.testing.assert_close(ema.functional_call(model, (x,)), model(x))  # the EMA equals the weights so far
+
+
+def test_two_rules_on_one_optimizer_would_compound_and_are_refused():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = ScaledEMA(model, optimizer, momentum=0.9, optimizer_rule="sgd")
+    with pytest.raises(
+        ValueError, match=r"optimizer 0 \(SGD\) is already scaled by the rule of ScaledEMA\(a Polyak EMA"
+    ):
+        ScaledEMA(model, optimizer, momentum=0.99, optimizer_rule="sgd")
+    ScaledEMA(model, optimizer, momentum=0.99)  # momentum only: fine
+    first.detach()
+    ScaledEMA(model, optimizer, momentum=0.99, optimizer_rule="sgd")  # the first one let go
