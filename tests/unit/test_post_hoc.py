@@ -153,7 +153,7 @@ def test_an_intermediate_length_is_close_to_tracking_it_directly(tmp_path):
     error = sum(float((rebuilt[n] - tracked[n]).norm() ** 2) for n in floats) ** 0.5
     scale = sum(float((model.state_dict()[n] - tracked[n]).norm() ** 2) for n in floats) ** 0.5  # EMA lag
     assert 0 < rebuilt.residual < 0.02
-    assert error < 0.05 * scale  # measured: about 1 % of the EMA's distance from the raw weights
+    assert error < 0.01 * scale  # measured: 0.34 % of the EMA's distance from the raw weights (residual 0.0035)
     model.load_state_dict(rebuilt)  # a state dict the module loads as it is
 
 
