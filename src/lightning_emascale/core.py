@@ -247,7 +247,6 @@ class ScaledEMA:
         self._step_batch = 0
         self._step_lrs: list[list[float]] = [[] for _ in self._optimizers]
         self._samples_at_update = 0  # samples seen at the last EMA update (the power EMAs' clock)
-        self._next_snapshot = self.options.snapshot_every_samples or 0  # post-hoc: samples of the next snapshot
 
     # ------------------------------------------------------------------------------------------ wiring
     def attach(self, optimizers: Union[Optimizer, Sequence[Optimizer]]) -> None:
@@ -410,14 +409,15 @@ class ScaledEMA:
         self._step_on_clock = False
         self._decay_since_update *= self._step_momentum
         if self._optimizer_steps % self.options.update_every == 0:
+            before, self._samples_at_update = self._samples_at_update, self._samples_seen
             if isinstance(self.averager, PowerEMAState):
-                self.averager.advance(self._samples_at_update, self._samples_seen)
+                self.averager.advance(before, self._samples_seen)
             else:
                 self.averager.update(self._decay_since_update)
-            self._samples_at_update = self._samples_seen
             self._ema_updates += 1
             self._decay_since_update = 1.0
-            if self._next_snapshot and self._samples_seen >= self._next_snapshot:
+            every = self.options.snapshot_every_samples  # post-hoc: a snapshot at each multiple of N samples crossed
+            if every and before // every < self._samples_seen // every:
                 self.save_snapshot()
 
     def save_snapshot(self) -> Optional[str]:
@@ -431,7 +431,6 @@ class ScaledEMA:
             raise RuntimeError("`save_snapshot()` belongs to a post-hoc EMA (`sigma_rels=...`)")
         every = self.options.snapshot_every_samples
         assert every is not None and self.options.snapshot_dir is not None
-        self._next_snapshot = (self._samples_at_update // every + 1) * every
         if self._ema_updates == 0:
             return None
         path = snapshot_path(self.options.snapshot_dir, self._samples_at_update)
@@ -611,7 +610,6 @@ class ScaledEMA:
             state.update(
                 power_ema=self.averager.state_dict(),
                 samples_at_update=self._samples_at_update,
-                next_snapshot=self._next_snapshot,
             )
         return state
 
@@ -642,7 +640,6 @@ class ScaledEMA:
         self._decay_since_update = state["pending_decay"]
         if isinstance(self.averager, PowerEMAState):
             self._samples_at_update = state["samples_at_update"]
-            self._next_snapshot = state["next_snapshot"]
 
     def _mode(self) -> str:
         if isinstance(self.averager, PowerEMAState):
@@ -688,9 +685,10 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
     if "power_ema" in state:
-        for key in ("samples_at_update", "next_snapshot"):
-            if as_int(state.get(key)) is None or state[key] < 0:
-                raise ValueError(f"{where} has {key}={state.get(key)!r}; an integer >= 0 is allowed")
+        if as_int(state.get("samples_at_update")) is None or state["samples_at_update"] < 0:
+            raise ValueError(
+                f"{where} has samples_at_update={state.get('samples_at_update')!r}; an integer >= 0 is allowed"
+            )
 
 
 def _unwrap_module(module: Any) -> torch.nn.Module:
