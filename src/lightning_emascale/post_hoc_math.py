@@ -24,7 +24,15 @@ import torch
 
 from lightning_emascale._checks import check_positive
 
-__all__ = ["Profile", "gamma_from_sigma_rel", "least_squares_weights", "power_beta", "sigma_rel_from_gamma"]
+__all__ = [
+    "Profile",
+    "check_sigma_rel",
+    "gamma_from_sigma_rel",
+    "inner_product",
+    "least_squares_weights",
+    "power_beta",
+    "sigma_rel_from_gamma",
+]
 
 #: The largest sigma_rel a power EMA with gamma >= 0 has (gamma = 0: the plain running mean).
 MAX_SIGMA_REL = math.sqrt(1 / 12)
