@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Optional
 
 
@@ -157,3 +157,20 @@ def check_paths(value: Any, name: str, item: Callable[[Any], Any], kind: str) ->
 
 def as_str(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and value else None
+
+
+def check_names(value: Any, name: str) -> Optional[tuple[str, ...]]:
+    """A sequence of distinct non-empty strings (tensor names or submodule paths), as a tuple; ``None`` stays."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"`{name}` must be a list of parameter, buffer or submodule names, got {value!r}"
+            + (f" (write [{value!r}] for one name)" if isinstance(value, str) else "")
+        )
+    bad = [entry for entry in value if not isinstance(entry, str) or not entry]
+    if bad:
+        raise ValueError(f"`{name}` must hold non-empty strings (names), got {bad[0]!r} in {list(value)!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"`{name}` lists a name twice: {list(value)!r}")
+    return tuple(value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -87,8 +87,9 @@ class _Group:
 class Averager(Protocol):
     """What :class:`~lightning_emascale.ScaledEMA` needs of an EMA: move it by one update."""
 
-    def update(self, decay: float) -> None:
-        """``average <- decay * average + (1 - decay) * current`` for every tracked tensor."""
+    def update(self, decay: float, only_if: Optional[Tensor] = None) -> None:
+        """``average <- decay * average + (1 - decay) * current`` for every tracked tensor, unless ``only_if``
+        (a 0-d bool tensor) is False."""
         ...  # pragma: no cover
 
 
@@ -128,6 +129,9 @@ class EMAState:
                 else t.detach().clone()
                 for t in self.tracked
             ]
+        #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
+        self.untracked_names: frozenset[str] = frozenset()
+        self._seen_versions: list[int] = []
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype], _Group] = {}
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._loose: list[tuple[Tensor, Tensor]] = []
@@ -151,15 +155,35 @@ class EMAState:
                 group.build_blocks()
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, precision: EMAPrecision = "fp32") -> EMAState:
-        """Track every parameter and buffer of ``module``, tied ones once, under all of their names."""
-        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-        return cls(named, precision=precision)
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        precision: EMAPrecision = "fp32",
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+    ) -> EMAState:
+        """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
+        selected, untracked = select_tensors(module, include, exclude)
+        state = cls(selected, precision=precision)
+        state.untracked_names = untracked
+        return state
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
-        """``ζ ← decay·ζ + (1 − decay)·θ`` for every floating-point tensor; copy the rest. No host sync."""
+    def update(self, decay: float, only_if: Optional[Tensor] = None) -> None:
+        """``ζ ← decay·ζ + (1 − decay)·θ`` for every floating-point tensor; copy the rest. No host sync.
+
+        ``only_if``: a 0-d bool tensor (e.g. :func:`all_finite` of the tracked tensors); where it is False every
+        average keeps its value, decided on the device without a host sync (a slower, per-tensor path).
+        """
         weight = 1.0 - decay
+        if only_if is not None:
+            for ema, model in zip(self.averages, self.tracked):
+                source = model.detach().to(ema.dtype)
+                if ema.is_floating_point():
+                    ema.lerp_(torch.where(only_if, source, ema), weight)
+                else:
+                    ema.copy_(torch.where(only_if, source, ema))
+            return
         for group in self._groups:
             if not group.blocks:
                 torch._foreach_lerp_(group.averages, group.tracked, weight)
@@ -231,7 +255,7 @@ class EMAState:
     def check_state_dict(self, state: dict[str, Tensor]) -> None:
         """Raise ``KeyError`` naming missing and unexpected names, ``ValueError`` for a shape that differs."""
         missing = sorted(set(self.names) - set(state))
-        unexpected = sorted(set(state) - set(self.names))
+        unexpected = sorted(set(state) - set(self.names) - self.untracked_names)  # 0.1 averaged every buffer
         if missing or unexpected:
             raise KeyError(
                 f"The saved EMA does not match the model: missing {missing}, unexpected {unexpected}."
@@ -243,12 +267,84 @@ class EMAState:
                     f"The saved EMA of {name!r} has shape {tuple(state[name].shape)}, the model's is {tuple(ema.shape)}"
                 )
 
+    def mark_seen(self) -> None:
+        """Remember the tracked tensors' version counters: :meth:`changed_since_seen` compares against them."""
+        self._seen_versions = [tensor._version for tensor in self.tracked]
+
+    def changed_since_seen(self) -> list[str]:
+        """The names of tracked tensors written in place since :meth:`mark_seen` (e.g. weights loaded by hand)."""
+        if not self._seen_versions:
+            return []
+        return [
+            name for name, tensor, seen in zip(self.names, self.tracked, self._seen_versions) if tensor._version != seen
+        ]
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy saved EMA values in, after :meth:`check_state_dict` (every check before the first copy)."""
         self.check_state_dict(state)
         for name, ema in zip(self.names, self.averages):
             ema.copy_(state[name])
+
+
+def select_tensors(
+    module: torch.nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> tuple[list[tuple[str, Tensor]], frozenset[str]]:
+    """The named parameters and buffers of ``module`` to average, and the names left out.
+
+    A name is selected by an entry of ``include`` (or by default when ``include`` is ``None``) and left out by
+    one of ``exclude``; an entry matches a tensor's name or any tensor under a submodule path (``"disc"``
+    matches ``"disc.0.weight"``). Non-persistent buffers (not in the module's ``state_dict``, e.g. an annealed
+    temperature) are left out unless ``include`` names them. A tied tensor left out under one name is left out.
+    Raises ``ValueError`` for an entry that matches nothing and when nothing is left to average.
+    """
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    non_persistent = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, submodule in module.named_modules(remove_duplicate=False)
+        for name in submodule._non_persistent_buffers_set
+    }
+
+    def matches(name: str, entries: Sequence[str]) -> bool:
+        return any(name == entry or name.startswith(entry + ".") for entry in entries)
+
+    for option, entries in (("include", include), ("exclude", exclude)):
+        for entry in entries or ():
+            if not any(matches(name, [entry]) for name, _ in named):
+                children = [name for name, _ in module.named_children()]
+                raise ValueError(
+                    f"`{option}` names {entry!r}, which is no parameter, buffer or submodule of"
+                    f" {type(module).__name__}; its children are {children}"
+                )
+    left_out = {
+        id(tensor)
+        for name, tensor in named
+        if matches(name, exclude or ())
+        or (include is not None and not matches(name, include))
+        or (name in non_persistent and not matches(name, include or ()))
+    }
+    selected = [(name, tensor) for name, tensor in named if id(tensor) not in left_out]
+    if named and not selected:
+        raise ValueError(
+            f"`include`={include!r} and `exclude`={exclude!r} leave nothing of {type(module).__name__} to average"
+        )
+    return selected, frozenset(name for name, tensor in named if id(tensor) in left_out)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-d bool tensor: whether every floating-point tensor of ``tensors`` is finite. No host sync."""
+    floats = [tensor.detach() for tensor in tensors if tensor.is_floating_point()]
+    if not floats:
+        return torch.tensor(True)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for tensor in floats:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    device = floats[0].device
+    flags = [  # the max-norm is inf for an inf and nan for a nan, and never overflows
+        torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))).float()).all().to(device)
+        for group in by_device.values()
+    ]
+    return torch.stack(flags).all()
 
 
 @torch.no_grad()
@@ -270,9 +366,17 @@ class TeacherState:
     """
 
     def __init__(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self._module: Optional[torch.nn.Module] = None  # set by from_module: then the paths are followed
+        self._teachers: dict[str, str] = {}
+        self._submodules: list[torch.nn.Module] = []  # the submodules at the paths when they were paired
+        self._group(pairs)
+
+    def _group(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+        #: (teacher, online) tensor pairs.
+        self.pairs = list(pairs)
         self.groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         self.mixed: list[tuple[Tensor, Tensor]] = []
-        for teacher, online in pairs:
+        for teacher, online in self.pairs:
             if teacher.dtype != online.dtype or teacher.device != online.device:
                 self.mixed.append((teacher, online))
                 continue
@@ -286,56 +390,97 @@ class TeacherState:
 
         ``teachers`` maps online submodule paths to teacher paths. Raises ``ValueError`` when a path is not a
         submodule, a teacher does not mirror its twin (names or shapes) or still requires grad.
+
+        The paths are followed: a submodule replaced at its path (lightly's SMoG swaps in deep copies every few
+        hundred steps) is paired again, with the same checks, before the next update.
         """
-        pairs: list[tuple[Tensor, Tensor]] = []
-        follows: dict[str, str] = {}  # teacher path -> the online path it follows
-        for online_path, teacher_path in teachers.items():
-            if online_path == teacher_path:
-                raise ValueError(
-                    f"`teachers` maps {online_path!r} to itself: the teacher must be a separate, frozen copy"
-                    f" (e.g. `copy.deepcopy(self.{online_path}).requires_grad_(False)`)"
-                )
-            if teacher_path in follows:
-                raise ValueError(
-                    f"`teachers` maps both {follows[teacher_path]!r} and {online_path!r} to {teacher_path!r}: each"
-                    " teacher follows one online module"
-                )
-            follows[teacher_path] = online_path
-            online = dict(_submodule(module, online_path).named_parameters())
-            teacher = dict(_submodule(module, teacher_path).named_parameters())
-            mirror = f"Teacher {teacher_path!r} does not mirror {online_path!r}"
-            if online.keys() != teacher.keys():
-                only = sorted(online.keys() ^ teacher.keys())
-                raise ValueError(f"{mirror}: parameters {only[:5]} are in only one of them")
-            trainable = [f"{teacher_path}.{name}" for name, tensor in teacher.items() if tensor.requires_grad]
-            if trainable:
-                raise ValueError(
-                    f"Teacher {teacher_path!r} still requires grad ({', '.join(trainable[:3])}, ...): freeze it with"
-                    f" `self.{teacher_path}.requires_grad_(False)` (lightly: `deactivate_requires_grad`), so that"
-                    " only the EMA moves it"
-                )
-            for name, tensor in online.items():
-                if teacher[name].shape != tensor.shape:
-                    raise ValueError(
-                        f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
-                        f" {tuple(tensor.shape)} in the online module"
-                    )
-                pairs.append((teacher[name], tensor))
-        onlines = {id(online) for _, online in pairs}
-        if any(id(teacher) in onlines for teacher, _ in pairs):
-            raise ValueError(
-                f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
-                " another), so the EMA would move the weights it averages"
-            )
-        return cls(pairs)
+        state = cls(_pair(module, teachers))
+        state._module, state._teachers = module, dict(teachers)
+        state._submodules = _at_paths(module, state._teachers)
+        return state
+
+    def follow_paths(self) -> None:
+        """Pair again if a submodule at one of the paths was replaced since the last pairing."""
+        if self._module is None:
+            return
+        current = _at_paths(self._module, self._teachers)
+        if any(now is not then for now, then in zip(current, self._submodules)):
+            self._group(_pair(self._module, self._teachers))
+            self._submodules = current
+
+    def online_tensors(self) -> list[Tensor]:
+        """The online tensors the teachers follow (what :func:`all_finite` checks before an update)."""
+        self.follow_paths()
+        return [online for _, online in self.pairs]
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
+    def update(self, decay: float, only_if: Optional[Tensor] = None) -> None:
+        """Move every teacher; with ``only_if`` (a 0-d bool tensor) False, leave them as they are (no host sync)."""
+        self.follow_paths()
         weight = 1.0 - decay
+        if only_if is not None:
+            for teacher, online in self.pairs:
+                teacher.lerp_(torch.where(only_if, online.to(teacher.dtype), teacher), weight)
+            return
         for teachers, onlines in self.groups.values():
             torch._foreach_lerp_(teachers, onlines, weight)
         for teacher, online in self.mixed:
             teacher.lerp_(online.to(teacher.dtype), weight)
+
+
+def freeze_teachers(module: torch.nn.Module, teachers: Mapping[str, str]) -> None:
+    """``requires_grad_(False)`` on every teacher submodule (lightly's I-JEPA leaves its target trainable)."""
+    for teacher_path in teachers.values():
+        _submodule(module, teacher_path).requires_grad_(False)
+
+
+def _at_paths(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[torch.nn.Module]:
+    return [_submodule(module, path) for pair in teachers.items() for path in pair]
+
+
+def _pair(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[tuple[Tensor, Tensor]]:
+    """The (teacher, online) parameter pairs of ``teachers`` (online path -> teacher path), checked."""
+    pairs: list[tuple[Tensor, Tensor]] = []
+    follows: dict[str, str] = {}  # teacher path -> the online path it follows
+    for online_path, teacher_path in teachers.items():
+        if online_path == teacher_path:
+            raise ValueError(
+                f"`teachers` maps {online_path!r} to itself: the teacher must be a separate, frozen copy"
+                f" (e.g. `copy.deepcopy(self.{online_path}).requires_grad_(False)`)"
+            )
+        if teacher_path in follows:
+            raise ValueError(
+                f"`teachers` maps both {follows[teacher_path]!r} and {online_path!r} to {teacher_path!r}: each"
+                " teacher follows one online module"
+            )
+        follows[teacher_path] = online_path
+        online = dict(_submodule(module, online_path).named_parameters())
+        teacher = dict(_submodule(module, teacher_path).named_parameters())
+        mirror = f"Teacher {teacher_path!r} does not mirror {online_path!r}"
+        if online.keys() != teacher.keys():
+            only = sorted(online.keys() ^ teacher.keys())
+            raise ValueError(f"{mirror}: parameters {only[:5]} are in only one of them")
+        trainable = [f"{teacher_path}.{name}" for name, tensor in teacher.items() if tensor.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"Teacher {teacher_path!r} still requires grad ({', '.join(trainable[:3])}, ...): freeze it with"
+                f" `self.{teacher_path}.requires_grad_(False)` (lightly: `deactivate_requires_grad`) or pass"
+                " `freeze_teachers=True`, so that only the EMA moves it"
+            )
+        for name, tensor in online.items():
+            if teacher[name].shape != tensor.shape:
+                raise ValueError(
+                    f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
+                    f" {tuple(tensor.shape)} in the online module"
+                )
+            pairs.append((teacher[name], tensor))
+    onlines = {id(online) for _, online in pairs}
+    if any(id(teacher) in onlines for teacher, _ in pairs):
+        raise ValueError(
+            f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
+            " another), so the EMA would move the weights it averages"
+        )
+    return pairs
 
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -356,15 +501,21 @@ class PowerEMAState:
     ``s`` to ``s'`` samples seen, so its profile in samples does not depend on the batch size.
     """
 
-    def __init__(self, module: torch.nn.Module, sigma_rels: Sequence[float]) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        sigma_rels: Sequence[float],
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+    ) -> None:
         self.sigma_rels = tuple(sigma_rels)
         self.gammas = tuple(gamma_from_sigma_rel(sigma_rel) for sigma_rel in self.sigma_rels)
-        self.states = [EMAState.from_module(module, precision="fp32") for _ in self.sigma_rels]
+        self.states = [EMAState.from_module(module, "fp32", include, exclude) for _ in self.sigma_rels]
 
-    def advance(self, samples_before: int, samples_after: int) -> None:
-        """Move every power EMA from ``samples_before`` to ``samples_after`` samples seen."""
+    def advance(self, samples_before: int, samples_after: int, only_if: Optional[Tensor] = None) -> None:
+        """Move every power EMA from ``samples_before`` to ``samples_after`` samples seen (see ``EMAState.update``)."""
         for gamma, state in zip(self.gammas, self.states):
-            state.update(power_beta(samples_before, samples_after, gamma))
+            state.update(power_beta(samples_before, samples_after, gamma), only_if)
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         """The averages of every power EMA, keyed by its ``sigma_rel`` (as a string), live tensors."""

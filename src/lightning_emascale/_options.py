@@ -13,6 +13,7 @@ from lightning_emascale._checks import (
     check_bool,
     check_choice,
     check_momentum,
+    check_names,
     check_paths,
     check_positive_int,
 )
@@ -48,6 +49,10 @@ class EMAOptions:
     sigma_rels: Optional[Sequence[float]] = None
     snapshot_every_samples: Optional[int] = None
     snapshot_dir: Optional[Union[str, os.PathLike]] = None
+    include: Optional[Sequence[str]] = None
+    exclude: Optional[Sequence[str]] = None
+    skip_non_finite: bool = False
+    freeze_teachers: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -97,6 +102,17 @@ class EMAOptions:
             "momentum_attributes",
             {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in attributes.items()},
         )
+        store("include", check_names(self.include, "include"))
+        store("exclude", check_names(self.exclude, "exclude"))
+        store("skip_non_finite", check_bool(self.skip_non_finite, "skip_non_finite"))
+        store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
+        if (self.include is not None or self.exclude) and self.teachers:
+            raise ValueError(
+                "`include` and `exclude` choose what the Polyak copy averages; in teacher mode the teachers are"
+                " averaged whole: drop them, or map only the submodules you want in `teachers`"
+            )
+        if self.freeze_teachers and not self.teachers:
+            raise ValueError("`freeze_teachers=True` freezes the teachers of teacher mode: give `teachers` too")
         if self.momentum_attributes and self.base_batch_size is None:
             raise ValueError(
                 "`momentum_attributes` are scaled per micro-batch from its first forward on, so they need"
@@ -174,3 +190,7 @@ class OptionsView:
     total_samples = _option("total_samples")
     teachers = _option("teachers")
     momentum_attributes = _option("momentum_attributes")
+    include = _option("include")
+    exclude = _option("exclude")
+    skip_non_finite = _option("skip_non_finite")
+    freeze_teachers = _option("freeze_teachers")

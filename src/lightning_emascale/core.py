@@ -20,7 +20,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
 from lightning_emascale._checks import as_int, as_real
-from lightning_emascale._ema import EMAPrecision, EMAState, PowerEMAState, TeacherState
+from lightning_emascale._ema import (
+    EMAPrecision,
+    EMAState,
+    PowerEMAState,
+    TeacherState,
+    all_finite,
+    freeze_teachers,
+)
 from lightning_emascale._options import EMAOptions, MomentumSchedule
 from lightning_emascale.functional import scale_ema_momentum, warmup_momentum
 from lightning_emascale.post_hoc import snapshot_path, write_snapshot
@@ -108,6 +115,18 @@ class ScaledEMA:
             (not steps, so progressive batch growth does not change where they fall). Call :meth:`save_snapshot`
             once more when training ends.
         snapshot_dir: post-hoc mode: the directory of the snapshots (written by rank 0 only).
+        include: average only these parameters, buffers or submodules (names or submodule paths of ``module``,
+            e.g. ``["generator"]`` in a GAN); the rest is neither averaged nor swapped. ``None``: everything but
+            non-persistent buffers (which are not in the module's ``state_dict``, e.g. an annealed temperature);
+            name one here to average it.
+        exclude: leave these parameters, buffers or submodules out (e.g. ``["discriminator"]``, a frozen feature
+            extractor). Every entry of ``include`` and ``exclude`` must match something.
+        skip_non_finite: before every EMA update, check that the weights it reads are finite and skip the
+            update if not (counted in :attr:`skipped_updates`), so one NaN step does not poison the EMA for the
+            rest of the run. Decided on the device, without a host sync; costs one read of the weights and a
+            slower per-tensor update.
+        freeze_teachers: teacher mode: ``requires_grad_(False)`` on the teachers when built, instead of raising
+            that they still require grad (lightly's I-JEPA leaves its target encoder trainable).
         auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
             ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
             have stepped (the Lightning callback does, at the end of each batch).
@@ -154,6 +173,10 @@ class ScaledEMA:
         sigma_rels: Optional[Sequence[float]] = None,
         snapshot_every_samples: Optional[int] = None,
         snapshot_dir: Optional[Union[str, os.PathLike]] = None,
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        skip_non_finite: bool = False,
+        freeze_teachers: bool = False,
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
@@ -172,6 +195,10 @@ class ScaledEMA:
             sigma_rels=sigma_rels,
             snapshot_every_samples=snapshot_every_samples,
             snapshot_dir=snapshot_dir,
+            include=include,
+            exclude=exclude,
+            skip_non_finite=skip_non_finite,
+            freeze_teachers=freeze_teachers,
         )
         self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
@@ -216,11 +243,13 @@ class ScaledEMA:
         #: The averager: an EMAState (Polyak copy) or a TeacherState (teacher mode).
         self.averager: Union[EMAState, TeacherState, PowerEMAState]
         if options.teachers:
+            if options.freeze_teachers:
+                freeze_teachers(module, options.teachers)
             self.averager = TeacherState.from_module(module, options.teachers)
         elif options.sigma_rels:
-            self.averager = PowerEMAState(module, options.sigma_rels)
+            self.averager = PowerEMAState(module, options.sigma_rels, options.include, options.exclude)
         else:
-            self.averager = EMAState.from_module(module, precision=options.ema_precision)
+            self.averager = EMAState.from_module(module, options.ema_precision, options.include, options.exclude)
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
         self._saved_groups: SavedGroups = []
@@ -246,7 +275,9 @@ class ScaledEMA:
         self._step_momentum = math.nan
         self._step_batch = 0
         self._step_lrs: list[list[float]] = [[] for _ in self._optimizers]
+        self._group_names: list[list[Optional[str]]] = [[] for _ in self._optimizers]  # param groups' "name"
         self._samples_at_update = 0  # samples seen at the last EMA update (the power EMAs' clock)
+        self._skipped = torch.zeros((), dtype=torch.int64)  # updates skipped for non-finite weights (on device)
 
     # ------------------------------------------------------------------------------------------ wiring
     def attach(self, optimizers: Union[Optimizer, Sequence[Optimizer]]) -> None:
@@ -289,6 +320,7 @@ class ScaledEMA:
         if scaling:
             _SCALED_BY.update(dict.fromkeys(unwrapped, self))
         self._step_lrs = [[] for _ in unwrapped]
+        self._group_names = [[] for _ in unwrapped]
         for optimizer in unwrapped:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -362,6 +394,7 @@ class ScaledEMA:
         self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
         index = next(i for i, hooked in enumerate(self._optimizers) if hooked is optimizer)
         self._step_lrs[index] = [group["lr"] for group in optimizer.param_groups]
+        self._group_names[index] = [group.get("name") for group in optimizer.param_groups]
 
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
         self._restore_hyperparameters()
@@ -410,15 +443,37 @@ class ScaledEMA:
         self._decay_since_update *= self._step_momentum
         if self._optimizer_steps % self.options.update_every == 0:
             before, self._samples_at_update = self._samples_at_update, self._samples_seen
+            finite = self._weights_finite()
             if isinstance(self.averager, PowerEMAState):
-                self.averager.advance(before, self._samples_seen)
+                self.averager.advance(before, self._samples_seen, finite)
             else:
-                self.averager.update(self._decay_since_update)
+                self.averager.update(self._decay_since_update, finite)
             self._ema_updates += 1
             self._decay_since_update = 1.0
             every = self.options.snapshot_every_samples  # post-hoc: a snapshot at each multiple of N samples crossed
             if every and before // every < self._samples_seen // every:
                 self.save_snapshot()
+
+    def _weights_finite(self) -> Optional[Tensor]:
+        """With ``skip_non_finite``: a 0-d bool tensor, whether the weights the update reads are finite; the
+        skipped count grows on the device where they are not. ``None`` otherwise."""
+        if not self.options.skip_non_finite:
+            return None
+        averager = self.averager
+        if isinstance(averager, TeacherState):
+            sources = averager.online_tensors()
+        else:
+            sources = (averager.states[0] if isinstance(averager, PowerEMAState) else averager).tracked
+        finite = all_finite(sources)
+        if self._skipped.device != finite.device:
+            self._skipped = self._skipped.to(finite.device)
+        self._skipped += (~finite).long()
+        return finite
+
+    @property
+    def skipped_updates(self) -> int:
+        """EMA updates skipped because the weights were not finite (``skip_non_finite``; reading it syncs)."""
+        return int(self._skipped)
 
     def save_snapshot(self) -> Optional[str]:
         """Post-hoc EMA: write the power EMAs' snapshot at the samples seen (rank 0 only) and return its path.
@@ -514,9 +569,11 @@ class ScaledEMA:
 
     def metrics(self, prefix: str = "ema") -> dict[str, float]:
         r"""What the latest step did, for a logger: ``<prefix>/kappa``, ``/momentum`` (:math:`\hat\rho`),
-        ``/batch_size`` (global), ``/samples_seen``, ``/lr-<Optimizer>`` (the effective learning rate; ``-<i>``
-        added when two optimizers share a type, ``/pg<j>`` for the j-th param group after the first) and
-        ``/<path>`` for every momentum attribute. The Lightning callback logs exactly these.
+        ``/half_life`` (:attr:`half_life`, in samples), ``/batch_size`` (global), ``/samples_seen``,
+        ``/lr-<Optimizer>`` (the effective learning rate, named as Lightning's ``LearningRateMonitor`` names it:
+        ``-1``, ``-2`` for the second and third optimizer of a type, ``/pg1``, ``/pg2`` or the group's ``"name"``
+        with several param groups), ``/<path>`` for every momentum attribute and ``/skipped_updates`` with
+        ``skip_non_finite``. The Lightning callback logs exactly these.
 
         Example:
             >>> import torch
@@ -525,21 +582,44 @@ class ScaledEMA:
             >>> ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4, optimizer_rule="sgd")
             >>> ema.count_samples(8)
             >>> optimizer.step()
-            >>> {key: round(value, 6) for key, value in ema.metrics().items()}
-            {'ema/kappa': 2.0, 'ema/momentum': 0.81, 'ema/batch_size': 8.0, 'ema/samples_seen': 8.0, 'ema/lr-SGD': 0.2}
+            >>> {key: round(value, 6) for key, value in ema.metrics().items()}  # doctest: +NORMALIZE_WHITESPACE
+            {'ema/kappa': 2.0, 'ema/momentum': 0.81, 'ema/half_life': 26.315254, 'ema/batch_size': 8.0,
+             'ema/samples_seen': 8.0, 'ema/lr-SGD': 0.2}
         """
         metrics = {
             f"{prefix}/kappa": self._kappa,
             f"{prefix}/momentum": self._step_momentum,
+            f"{prefix}/half_life": self.half_life,
             f"{prefix}/batch_size": float(self._step_batch),
             f"{prefix}/samples_seen": float(self._samples_seen),
         }
-        types = [type(optimizer) for optimizer in self._optimizers]
-        for position, (kind, lrs) in enumerate(zip(types, self._step_lrs)):
-            key = f"{prefix}/lr-{kind.__name__}" + (f"-{position}" if types.count(kind) > 1 else "")
-            metrics.update({key + (f"/pg{index + 1}" if index else ""): lr for index, lr in enumerate(lrs)})
+        seen: dict[type, int] = {}
+        for optimizer, lrs, names in zip(self._optimizers, self._step_lrs, self._group_names):
+            kind = type(optimizer)
+            seen[kind] = seen.get(kind, 0) + 1  # LearningRateMonitor's names: lr-SGD, lr-SGD-1, ...
+            key = f"{prefix}/lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
+            for index, (lr, name) in enumerate(zip(lrs, names)):
+                group = name or (f"pg{index + 1}" if len(lrs) > 1 else None)
+                metrics[f"{key}/{group}" if group else key] = lr
         metrics.update({f"{prefix}/{path}": value for path, value in self.momentum_attribute_values().items()})
+        if self.options.skip_non_finite:
+            metrics[f"{prefix}/skipped_updates"] = float(self.skipped_updates)
         return metrics
+
+    @property
+    def half_life(self) -> float:
+        r"""The EMA's half-life in samples at the latest step: the samples after which a weight's share of the
+        average has halved, :math:`b \ln\frac12 / \ln\hat\rho` for a global batch :math:`b` (``inf`` at
+        :math:`\hat\rho = 1`, ``nan`` before the first step). The same at every batch size under the rule, and
+        readable where :math:`\hat\rho` rounds to 1.000."""
+        momentum, batch = self._step_momentum, self._step_batch
+        if math.isnan(momentum) or batch == 0:
+            return math.nan
+        if momentum >= 1.0:
+            return math.inf
+        if momentum <= 0.0:
+            return 0.0
+        return batch * math.log(0.5) / math.log(momentum)
 
     # ------------------------------------------------------------------------------------ the Polyak EMA
     def _polyak(self) -> EMAState:
@@ -604,6 +684,8 @@ class ScaledEMA:
             "ema_updates": self._ema_updates,
             "pending_decay": self._decay_since_update,
         }
+        if self.options.skip_non_finite:
+            state["skipped_updates"] = self.skipped_updates
         if isinstance(self.averager, EMAState):  # teacher mode: the teachers are in the module's state_dict
             state["ema"] = self.averager.state_dict()
         elif isinstance(self.averager, PowerEMAState):
@@ -638,6 +720,7 @@ class ScaledEMA:
         self._optimizer_steps = state["optimizer_steps"]
         self._ema_updates = state["ema_updates"]
         self._decay_since_update = state["pending_decay"]
+        self._skipped = torch.tensor(int(state.get("skipped_updates", 0)), device=self._skipped.device)
         if isinstance(self.averager, PowerEMAState):
             self._samples_at_update = state["samples_at_update"]
 

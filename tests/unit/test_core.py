@@ -129,7 +129,7 @@ def test_several_optimizers_end_the_step_together():
     second.step()
     ema.end_step()
     assert (ema.optimizer_steps, ema.ema_updates, ema.step_lrs) == (1, 1, [[0.2], [0.4]])
-    assert ema.metrics()["ema/lr-SGD-0"] == 0.2 and ema.metrics()["ema/lr-SGD-1"] == 0.4
+    assert ema.metrics()["ema/lr-SGD"] == 0.2 and ema.metrics()["ema/lr-SGD-1"] == 0.4  # LearningRateMonitor names
 
 
 def test_no_optimizer_means_end_step_by_hand():
