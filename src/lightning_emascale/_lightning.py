@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader
 
 
 def is_one_of(instance: Any, classes: tuple[type, ...]) -> bool:
@@ -23,6 +26,14 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
         return None, "fit has not started"
     if trainer.max_epochs is None or trainer.max_epochs < 0:
         return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
+    if trainer.max_steps != -1:
+        batches = trainer.num_training_batches
+        epoch_steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+        if trainer.max_steps < trainer.max_epochs * epoch_steps:
+            return None, (
+                f"`max_steps`={trainer.max_steps} stops the run before `max_epochs`={trainer.max_epochs}"
+                f" ({trainer.max_epochs} x {epoch_steps} steps)"
+            )
     limited = trainer.limit_train_batches != 1.0 or trainer.overfit_batches  # type: ignore[attr-defined]
     if limited and not trainer.fast_dev_run:  # type: ignore[attr-defined]  # a smoke test needs a clock only
         return None, "`limit_train_batches` or `overfit_batches` is set"
@@ -87,3 +98,63 @@ def swap_ema_into(model_state: dict[str, Any], averages: dict[str, Any], raw: di
             replaced[key] = raw[key]
             model_state[key] = average.to(model_state[key].dtype)
     return replaced
+
+
+def check_first_batch(loader: Any, measured: int) -> None:
+    """Raise if the first batch of a fit holds another number of samples than the dataloader's ``batch_size``.
+
+    A mismatch means the batch was measured from the wrong entry (or a collate function changed it): kappa would
+    be off by that factor for the whole run. A dataset shorter than one batch is fine.
+    """
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or measured == loader.batch_size:
+        return
+    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    short = hasattr(sampler, "__len__") and len(sampler) < loader.batch_size  # type: ignore[arg-type]
+    if measured < loader.batch_size and short:  # a dataset smaller than one batch
+        return
+    raise ValueError(
+        f"The first batch measures {measured} samples, but the train dataloader's `batch_size` is"
+        f" {loader.batch_size}: kappa would be counted from the wrong dimension. Override"
+        " `EMAScalingCallback.batch_size_of(batch)` to return the samples in one micro-batch on this device"
+    )
+
+
+def spawned_workers(trainer: pl.Trainer) -> bool:
+    """Whether fit runs in processes started for it (``ddp_spawn``, ``ddp_notebook``), whose state is lost after."""
+    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+
+
+class WeightsOnlyCheckpointHook:
+    """Stands in for a LightningModule's ``on_save_checkpoint`` during fit, to reach weights-only checkpoints.
+
+    Lightning calls no callback hook for ``save_checkpoint(weights_only=True)`` (``ModelCheckpoint(
+    save_weights_only=True)``), only the module's: this calls the module's own hook, then ``write`` on such a
+    checkpoint (one without ``"callbacks"``). A copy or a pickle of the module gets the module's own hook back.
+    """
+
+    def __init__(self, module: pl.LightningModule, write: Callable[[dict[str, Any]], None]) -> None:
+        self.module = module
+        self.write = write
+        self.previous = module.__dict__.get("on_save_checkpoint")  # an instance attribute set before, if any
+
+    @classmethod
+    def install(cls, module: pl.LightningModule, write: Callable[[dict[str, Any]], None]) -> WeightsOnlyCheckpointHook:
+        hook = cls(module, write)
+        module.on_save_checkpoint = hook  # type: ignore[method-assign]
+        return hook
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        own = self.previous or type(self.module).on_save_checkpoint.__get__(self.module)
+        own(checkpoint)
+        if "callbacks" not in checkpoint:
+            self.write(checkpoint)
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("on_save_checkpoint") is self:
+            if self.previous is None:
+                del self.module.__dict__["on_save_checkpoint"]
+            else:
+                self.module.__dict__["on_save_checkpoint"] = self.previous
+
+    def __reduce__(self) -> Any:
+        return (getattr, (self.module, "on_save_checkpoint"))  # not pickled along: resolves to the copy's own

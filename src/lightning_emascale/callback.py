@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
@@ -13,18 +17,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_emascale._batch import measure_batch_size
 from lightning_emascale._checks import check_evaluate_with_ema, check_name
-from lightning_emascale._lightning import RunLength, is_one_of, swap_ema_into
+from lightning_emascale._ema import EMAState, freeze_teachers
+from lightning_emascale._lightning import (
+    RunLength,
+    WeightsOnlyCheckpointHook,
+    check_first_batch,
+    is_one_of,
+    spawned_workers,
+    swap_ema_into,
+)
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
 from lightning_emascale.core import ScaledEMA, _check_state
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_BEFORE_FIT = "before fit"  # the "format" of the state of a callback whose fit has not started
 
 
 def _from_core(name: str, before_fit: Any) -> property:
@@ -57,7 +70,13 @@ class EMAScalingCallback(OptionsView, Callback):
             (picklable under ``ddp_spawn``: a module-level function or a frozen dataclass, not a lambda).
         total_samples: the run's training samples (global), for :attr:`progress`. ``None`` derives
             ``max_epochs`` × samples per epoch; pass it where that cannot be derived (an ``IterableDataset``,
-            ``max_steps``, ``limit_train_batches``).
+            ``max_steps`` that stops the run first, ``limit_train_batches``).
+        include, exclude, skip_non_finite, freeze_teachers: as in :class:`~lightning_emascale.ScaledEMA`
+            (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
+
+    Every ``trainer.fit`` that does not resume (no checkpoint state, ``global_step`` 0) starts afresh: a callback
+    built once for a K-fold loop restarts its clock and its EMA with each fold. With ``evaluate_with_ema``, a
+    weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``) holds the EMA too.
 
     Example:
         >>> from lightning_emascale import EMAScalingCallback
@@ -81,10 +100,15 @@ class EMAScalingCallback(OptionsView, Callback):
         total_samples: Optional[int] = None,
         teachers: Optional[dict[str, str]] = None,
         momentum_attributes: Optional[dict[str, float]] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        skip_non_finite: bool = False,
+        freeze_teachers: bool = False,
     ) -> None:
         self._options = EMAOptions(
             momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, momentum_schedule,
-            final_momentum, total_samples, teachers, momentum_attributes,
+            final_momentum, total_samples, teachers, momentum_attributes, include=include, exclude=exclude,
+            skip_non_finite=skip_non_finite, freeze_teachers=freeze_teachers,
         )  # fmt: skip
         self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(self._options.teachers))
         self.name = check_name(name, "name")
@@ -98,6 +122,15 @@ class EMAScalingCallback(OptionsView, Callback):
         self._module_loaded_from_ema = False  # evaluation after load_from_checkpoint-style loading
         self._run_length = RunLength(type(self).__name__)  # the total samples, derived from the Trainer
         self._step_at_batch_start = 0
+        self._resuming = False  # this fit loaded a checkpoint's state for this callback
+        self._stale: list[str] = []  # tracked tensors the user changed since fit, found when evaluation sets up
+        self._first_batch_checked = False
+        self._warned_no_update = False
+        self._skipped_reported = 0
+        self._checkpoint_hook: Optional[WeightsOnlyCheckpointHook] = None
+        # Under ddp_spawn, fit's workers leave the EMA in a file this callback's later evaluations (spawned with a
+        # copy of this object) find by this id.
+        self._spawn_file = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{uuid.uuid4().hex}.pt")
 
     @property
     @override
@@ -111,6 +144,9 @@ class EMAScalingCallback(OptionsView, Callback):
         if self._ema is None:
             raise RuntimeError(
                 "The EMA does not exist yet: it is created when `trainer.fit` starts. Call this inside or after fit."
+                " (Under `strategy='ddp_spawn'` fit runs in worker processes and the EMA stays there: evaluate with"
+                " `trainer.validate/test/predict`, which get it back, or load the checkpoint, whose `state_dict` is"
+                " the EMA.)"
             )
         return self._ema
 
@@ -133,8 +169,12 @@ class EMAScalingCallback(OptionsView, Callback):
         return self._options.total_samples or self._run_length()
 
     def batch_size_of(self, batch: Any) -> int:
-        """Samples in one micro-batch on this device. Override for batches Lightning cannot measure."""
-        return extract_batch_size(batch)
+        """Samples in one micro-batch on this device: the first dimension every tensor of the batch shares.
+
+        Raises when its tensors disagree (a 1-element metadata tensor, a list counted by a feature dimension) or
+        when the first batch disagrees with the train dataloader's ``batch_size``. Override it for such batches.
+        """
+        return measure_batch_size(batch)
 
     def ema_state_dict(self) -> dict[str, Tensor]:
         """The EMA of every tracked parameter and buffer, by the module's names (EMA dtype, live tensors)."""
@@ -167,6 +207,28 @@ class EMAScalingCallback(OptionsView, Callback):
             )
         self._run_length.trainer = trainer
         self._module_loaded_from_ema = False
+        if stage == "fit":
+            self._resuming = False
+            if self._options.freeze_teachers and self._options.teachers:
+                freeze_teachers(pl_module, self._options.teachers)  # before DDP wraps the module
+        else:
+            self._ema_from_spawned_fit(trainer, pl_module)
+            # Before the strategy's setup, which re-broadcasts every tensor under DDP: what changed now was
+            # changed by the user since fit (weights loaded by hand).
+            ema = self._ema
+            polyak = ema is not None and ema.module is pl_module and isinstance(ema.averager, EMAState)
+            self._stale = ema.averager.changed_since_seen() if polyak else []  # type: ignore[union-attr]
+
+    def _ema_from_spawned_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """In a ddp_spawn worker that evaluates after fit: rebuild the EMA that fit's workers left behind."""
+        if self._ema is not None or not os.path.exists(self._spawn_file):
+            return
+        state = torch.load(self._spawn_file, map_location=pl_module.device, weights_only=True)
+        options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
+            self._options, optimizer_rule=None, momentum_attributes=self._options.momentum_attributes or None
+        )
+        self._ema = ScaledEMA._from_options(pl_module, None, options, auto_end_step=False)
+        self._ema.load_state_dict(state)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,24 +238,97 @@ class EMAScalingCallback(OptionsView, Callback):
             )
         else:
             self._ema.attach(trainer.optimizers)
+            if not self._resuming and trainer.global_step == 0:
+                self._ema.reset()  # a new run with the same callback (a K-fold loop): start afresh
         if self._state_to_load is not None:
             self._ema.load_state_dict(self._state_to_load)
             self._state_to_load = None
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, SampleClockLR) and config.scheduler.clock is None:
                 config.scheduler.attach(self)
+        self._first_batch_checked = False
+        self._warned_no_update = False
+        self._skipped_reported = self._ema.skipped_updates if self._options.skip_non_finite else 0
+        if self.evaluate_with_ema and isinstance(self._ema.averager, EMAState):
+            self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
+
+    def _put_ema_into(self, checkpoint: dict[str, Any]) -> None:
+        """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
+        ema = self._ema
+        if ema is not None and ema.ema_updates > 0:
+            swap_ema_into(checkpoint["state_dict"], ema.ema_state_dict(), ema.raw_state_dict())
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = trainer.estimated_stepping_batches
+        if self._options.update_every > steps:
+            self._warned_no_update = True
+            rank_zero_warn(
+                f"{self.state_key}: `update_every`={self._options.update_every} is more than the"
+                f" {int(steps)} optimizer steps of this run, so the EMA is never updated: validation and"
+                " checkpoints hold the training weights. Lower `update_every`."
+            )
+        if self._options.total_samples is not None and not self._progress_needed(trainer):
+            rank_zero_warn(
+                f"{self.state_key}: `total_samples`={self._options.total_samples} is read by nothing: the momentum"
+                " schedule is constant and no SampleClockLR follows this clock. Drop it, or use"
+                " `momentum_schedule='cosine'`/a callable, or a SampleClockLR."
+            )
+
+    def _progress_needed(self, trainer: pl.Trainer) -> bool:
+        clocked = any(getattr(c.scheduler, "clock", None) in (self, self._ema) for c in trainer.lr_scheduler_configs)
+        return self._options.schedule_uses_progress or clocked
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The train dataloader of the epoch exists now (a ProgressiveBatchCallback may have rebuilt it).
-        clocked = any(getattr(c.scheduler, "clock", None) in (self, self._ema) for c in trainer.lr_scheduler_configs)
-        needed = self._options.schedule_uses_progress or clocked
+        needed = self._progress_needed(trainer)
         self._run_length.start_epoch(trainer, self._options.total_samples, check=needed)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._options.skip_non_finite or self._ema is None:
+            return
+        skipped = self._ema.skipped_updates  # one host sync per epoch
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"{self.state_key}: {skipped - self._skipped_reported} EMA update(s) skipped this epoch because the"
+                f" weights were not finite ({skipped} in all, logged as `{self.name}/skipped_updates`); the EMA"
+                " kept its last finite value"
+            )
+            self._skipped_reported = skipped
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = self._ema
+        if ema is not None and ema.ema_updates == 0 and not self._warned_no_update and not self._options.teachers:
+            rank_zero_warn(
+                f"{self.state_key}: the run ended after {ema.optimizer_steps} optimizer step(s) without one EMA update"
+                f" (`update_every`={self._options.update_every}): validation and checkpoints hold the training"
+                " weights"
+            )
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._ema is not None:
-            self._ema.detach()
+        if self._checkpoint_hook is not None:
+            self._checkpoint_hook.remove()
+            self._checkpoint_hook = None
+        ema = self._ema
+        if ema is None:
+            return
+        ema.detach()
+        if isinstance(ema.averager, EMAState):
+            ema.averager.mark_seen()  # an evaluation later checks that the module was not changed since
+        if (
+            stage == "fit"
+            and spawned_workers(trainer)
+            and trainer.is_global_zero
+            and isinstance(ema.averager, EMAState)
+        ):
+            # The workers exit now: a later validate/test/predict (spawned with a copy of this callback) reads it.
+            partial = f"{self._spawn_file}.partial"
+            torch.save(ema.state_dict(), partial)
+            os.replace(partial, self._spawn_file)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -207,7 +342,12 @@ class EMAScalingCallback(OptionsView, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step_at_batch_start = trainer.global_step
-        self.scaled_ema.count_samples(self.batch_size_of(batch) * trainer.world_size)
+        size = self.batch_size_of(batch)
+        if not self._first_batch_checked:
+            self._first_batch_checked = True
+            if type(self).batch_size_of is EMAScalingCallback.batch_size_of and batch_idx == 0:
+                check_first_batch(trainer.train_dataloader, size)
+        self.scaled_ema.count_samples(size * trainer.world_size)
 
     @override
     def on_train_batch_end(
@@ -220,24 +360,39 @@ class EMAScalingCallback(OptionsView, Callback):
         if not (trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False)):
             return
         metrics = ema.metrics(prefix=self.name)
-        shown = {key: metrics.pop(key) for key in (f"{self.name}/kappa", f"{self.name}/momentum")}
+        shown = {key: metrics.pop(key) for key in (f"{self.name}/kappa", f"{self.name}/half_life")}
         pl_module.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # -------------------------------------------------------------------------------------- evaluation
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = self._ema
-        if (
-            self.evaluate_with_ema
-            and ema
-            and ema.ema_updates > 0
-            and not (ema.is_swapped or self._module_loaded_from_ema)
-        ):
-            ema.swap_in()
+        if not (self.evaluate_with_ema and ema and ema.ema_updates > 0) or self._module_loaded_from_ema:
+            return
+        if ema.is_swapped:
+            return
+        if ema.module is not pl_module:
+            rank_zero_warn(
+                f"{self.state_key}: evaluating a {type(pl_module).__name__} that is not the module this EMA averages"
+                " (it was built for the one fit trained): its own weights are evaluated, not the EMA"
+            )
+            return
+        changed = self._stale
+        if changed and trainer.state.fn != TrainerFn.FITTING:
+            rank_zero_warn(
+                f"{self.state_key}: the module's weights were changed since the EMA last saw them ({changed[:3]}, ...:"
+                " loaded by hand?), so the EMA is stale: evaluating the module's own weights. Call"
+                " `callback.scaled_ema.reset()` to restart the EMA from them, or fit again."
+            )
+            return
+        ema.swap_in()
 
     def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._ema is not None and self._ema.is_swapped:
-            self._ema.swap_out()
+        ema = self._ema
+        if ema is not None and ema.is_swapped:
+            ema.swap_out()
+            if trainer.state.fn != TrainerFn.FITTING:
+                ema.averager.mark_seen()  # type: ignore[union-attr]  # swapping out writes the weights back
 
     on_validation_start = on_test_start = on_predict_start = override(_swap_in)
     on_validation_end = on_test_end = on_predict_end = override(_swap_out)
@@ -246,14 +401,16 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._ema is None:
-            return dict(self._state_to_load) if self._state_to_load is not None else {}
+            # Before fit starts (a tuner's temporary checkpoint): say that this callback was there, with no state.
+            return dict(self._state_to_load) if self._state_to_load is not None else {"format": _BEFORE_FIT}
         return self._ema.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        if not state_dict or state_dict.get("format") == _BEFORE_FIT:
             return
         _check_state(state_dict, f"The checkpoint's {self.state_key} state")
+        self._resuming = True
         if self._ema is not None:
             self._ema.load_state_dict(state_dict)
         else:

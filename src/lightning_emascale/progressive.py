@@ -71,6 +71,12 @@ class ProgressiveBatchCallback(Callback):
         # Lightning itself refuses two instances: they share a state key.
         if stage != "fit":
             return
+        late = [epoch for epoch in self.schedule if trainer.max_epochs is not None and epoch >= trainer.max_epochs > 0]
+        if late:
+            rank_zero_warn(
+                f"ProgressiveBatchCallback: the schedule's epochs {late} are not reached with"
+                f" `max_epochs`={trainer.max_epochs} (epochs are counted from 0)"
+            )
         if self.mode == "batch_size":
             self._check_batch_size_mode(trainer, pl_module)
         else:
@@ -126,6 +132,8 @@ class ProgressiveBatchCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "accumulation":
             self._initial = self._micro_batch(trainer)
+            for epoch in self.schedule:  # every value now, not at the step where it would start
+                self._accumulation(epoch)
         self._apply(trainer, pl_module, trainer.current_epoch)
 
     @override

@@ -89,3 +89,12 @@ def test_ddp_post_hoc_snapshots_are_written_by_rank_zero_and_reconstruct(tmp_pat
     assert (tmp_path / "writer-0.txt").read_text().split() == ["12", "24", "36", "48"]
     assert not (tmp_path / "writer-1.txt").exists()
     assert reconstruct_post_hoc(tmp_path / "snapshots", sigma_rel=0.05).residual < 1e-6
+
+
+def test_ddp_spawn_evaluation_after_fit_uses_the_ema_from_the_workers(tmp_path):
+    run_script("ddp_spawn_eval_run.py", tmp_path, tmp_path, timeout=420)
+    result = torch.load(tmp_path / "out.pt", weights_only=False)
+    # trainer.validate(model) in the main process evaluated the raw weights before, silently
+    assert result["validated"] == pytest.approx(result["expected"], rel=1e-5)
+    assert result["validated"] != pytest.approx(result["raw"], rel=1e-3)
+    assert "ddp_spawn" in result["message"] and "checkpoint" in result["message"]

@@ -391,7 +391,10 @@ def test_logged_metrics_and_progress_bar():
     assert metrics["ema/batch_size"] == 4
     assert metrics["ema/samples_seen"] == 32
     assert metrics["ema/lr-SGD"] == pytest.approx(0.2)  # the effective (scaled) LR
-    assert {"ema/kappa", "ema/momentum"} <= set(trainer.progress_bar_metrics)
+    # rho-hat = 0.81 at batch 4 is rho = 0.9 at batch 2: a half-life of 2 ln(1/2) / ln(0.9) = 13.2 samples
+    assert metrics["ema/half_life"] == pytest.approx(2 * math.log(0.5) / math.log(0.9))
+    # the progress bar shows what stays readable when rho-hat rounds to 1.000: kappa and the half-life
+    assert set(trainer.progress_bar_metrics) == {"ema/kappa", "ema/half_life"}
     assert (callback.global_batch_size, callback.ema_updates, callback.momentum_attributes) == (4, 8, {})
 
 
