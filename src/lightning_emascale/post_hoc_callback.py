@@ -37,7 +37,8 @@ class PostHocEMACallback(EMAScalingCallback):
         snapshot_every_samples: samples seen (global) between snapshots. More snapshots fit a target better;
             each costs one file of ``len(sigma_rels)`` fp32 copies of the model.
         directory: where the snapshots go (``post_hoc-<samples>.pt``).
-        base_batch_size, optimizer_rule, update_every, name, total_samples: as in ``EMAScalingCallback``.
+        base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite: as
+            in ``EMAScalingCallback``.
 
     Example:
         >>> from lightning_emascale import PostHocEMACallback
@@ -55,6 +56,9 @@ class PostHocEMACallback(EMAScalingCallback):
         update_every: int = 1,
         name: str = "post_hoc",
         total_samples: Optional[int] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        skip_non_finite: bool = False,
     ) -> None:
         super().__init__(
             base_batch_size=base_batch_size,
@@ -63,6 +67,9 @@ class PostHocEMACallback(EMAScalingCallback):
             update_every=update_every,
             name=name,
             total_samples=total_samples,
+            include=include,
+            exclude=exclude,
+            skip_non_finite=skip_non_finite,
         )
         self._options = dataclasses.replace(
             self._options,

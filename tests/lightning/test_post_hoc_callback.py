@@ -68,3 +68,10 @@ def test_post_hoc_arguments_are_checked_when_built(tmp_path):
         PostHocEMACallback(snapshot_every_samples=-5, directory=tmp_path)
     with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.2887\]"):
         PostHocEMACallback(sigma_rels=(0.05, 0.4), directory=tmp_path)
+
+
+def test_post_hoc_takes_the_selection_and_the_non_finite_guard(tmp_path):
+    _, callback = fit(tmp_path, max_epochs=1, exclude=["net.2"], skip_non_finite=True)
+    rebuilt = reconstruct_post_hoc(tmp_path, sigma_rel=0.08)
+    assert not any(name.startswith("net.2.") for name in rebuilt) and "net.0.weight" in rebuilt
+    assert (callback.exclude, callback.skip_non_finite, callback.scaled_ema.skipped_updates) == (("net.2",), True, 0)
