@@ -310,9 +310,7 @@ class EMAScalingCallback(OptionsView, Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._checkpoint_hook is not None:
-            self._checkpoint_hook.remove()
-            self._checkpoint_hook = None
+        self._remove_checkpoint_hook()
         ema = self._ema
         if ema is None:
             return
@@ -333,8 +331,14 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swap_out(trainer, pl_module)
+        self._remove_checkpoint_hook()  # Lightning calls no `teardown` after an exception
         if self._ema is not None:
             self._ema.detach()
+
+    def _remove_checkpoint_hook(self) -> None:
+        if self._checkpoint_hook is not None:
+            self._checkpoint_hook.remove()
+            self._checkpoint_hook = None
 
     # ---------------------------------------------------------------------------------------- training
     @override

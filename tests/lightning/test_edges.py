@@ -304,3 +304,16 @@ def test_a_teacher_replaced_at_its_path_is_followed():
     assert (model.backbone_momentum[0].weight - model.backbone[0].weight).abs().max() < (
         expected - model.backbone[0].weight
     ).abs().max()
+
+
+def test_the_stand_in_checkpoint_hook_is_removed_when_fit_raises():
+    class Failing(TinyModel):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer([EMAScalingCallback(momentum=0.9)]).fit(model)
+    assert "on_save_checkpoint" not in vars(model)
