@@ -132,7 +132,7 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> Any:
 
 
 def check_name(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         raise ValueError(f"`{name}` must be a non-empty string, got {value!r}")
     return value
 

@@ -429,7 +429,11 @@ class TeacherState:
 
 
 def freeze_teachers(module: torch.nn.Module, teachers: Mapping[str, str]) -> None:
-    """``requires_grad_(False)`` on every teacher submodule (lightly's I-JEPA leaves its target trainable)."""
+    """``requires_grad_(False)`` on every teacher submodule (lightly's I-JEPA leaves its target trainable).
+
+    Every other check of the pairing runs first, so a bad mapping raises with nothing frozen.
+    """
+    _pair(module, teachers, trainable_ok=True)
     for teacher_path in teachers.values():
         _submodule(module, teacher_path).requires_grad_(False)
 
@@ -438,7 +442,9 @@ def _at_paths(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[torc
     return [_submodule(module, path) for pair in teachers.items() for path in pair]
 
 
-def _pair(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[tuple[Tensor, Tensor]]:
+def _pair(
+    module: torch.nn.Module, teachers: Mapping[str, str], trainable_ok: bool = False
+) -> list[tuple[Tensor, Tensor]]:
     """The (teacher, online) parameter pairs of ``teachers`` (online path -> teacher path), checked."""
     pairs: list[tuple[Tensor, Tensor]] = []
     follows: dict[str, str] = {}  # teacher path -> the online path it follows
@@ -461,7 +467,7 @@ def _pair(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[tuple[Te
             only = sorted(online.keys() ^ teacher.keys())
             raise ValueError(f"{mirror}: parameters {only[:5]} are in only one of them")
         trainable = [f"{teacher_path}.{name}" for name, tensor in teacher.items() if tensor.requires_grad]
-        if trainable:
+        if trainable and not trainable_ok:
             raise ValueError(
                 f"Teacher {teacher_path!r} still requires grad ({', '.join(trainable[:3])}, ...): freeze it with"
                 f" `self.{teacher_path}.requires_grad_(False)` (lightly: `deactivate_requires_grad`) or pass"

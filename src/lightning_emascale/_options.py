@@ -71,7 +71,14 @@ class EMAOptions:
                         f" gives the momentum at every progress: drop `{name}`"
                     )
             for progress in (0.0, 1.0):  # fail now, not at the first step
-                check_momentum(schedule(progress), f"momentum_schedule({progress})", allow_one=True)
+                try:
+                    value = schedule(progress)
+                except TypeError as error:
+                    raise TypeError(
+                        f"`momentum_schedule` must be a callable of one argument, progress in [0, 1], that returns"
+                        f" the momentum; calling {schedule!r}({progress}) raised: {error}"
+                    ) from error
+                check_momentum(value, f"momentum_schedule({progress})", allow_one=True)
         else:
             if not isinstance(schedule, str) or schedule not in ("constant", "cosine"):
                 raise ValueError(
@@ -106,6 +113,19 @@ class EMAOptions:
         store("exclude", check_names(self.exclude, "exclude"))
         store("skip_non_finite", check_bool(self.skip_non_finite, "skip_non_finite"))
         store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
+        if self.include == ():
+            raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
+        if self.teachers and self.ema_precision != "fp32":
+            raise ValueError(
+                f"`ema_precision`={self.ema_precision!r} has no effect in teacher mode (the teachers keep their own"
+                " dtype): drop it"
+            )
+        for online, teacher in (self.teachers or {}).items():
+            if online == teacher:
+                raise ValueError(
+                    f"`teachers` maps {online!r} to itself: the teacher must be a separate, frozen copy"
+                    f" (e.g. `copy.deepcopy(self.{online}).requires_grad_(False)`)"
+                )
         if (self.include is not None or self.exclude) and self.teachers:
             raise ValueError(
                 "`include` and `exclude` choose what the Polyak copy averages; in teacher mode the teachers are"
@@ -133,19 +153,18 @@ class EMAOptions:
                 f"{given} have no effect on a post-hoc EMA, whose power EMAs have no momentum and stay in fp32:"
                 " drop them"
             )
-        if (
-            isinstance(self.sigma_rels, (str, bytes))
-            or not isinstance(self.sigma_rels, Sequence)
-            or not self.sigma_rels
-        ):
+        values = getattr(self.sigma_rels, "tolist", lambda: self.sigma_rels)()  # a numpy array or tensor too
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ValueError(f"`sigma_rels` must be a non-empty sequence of numbers, got {self.sigma_rels!r}")
-        checked = tuple(check_sigma_rel(value) for value in self.sigma_rels)
+        checked = tuple(check_sigma_rel(value) for value in values)
         if len(set(checked)) != len(checked):
             raise ValueError(f"`sigma_rels` must be distinct, got {list(checked)}")
         store("sigma_rels", checked)
         store("snapshot_every_samples", check_positive_int(self.snapshot_every_samples, "snapshot_every_samples"))
         if not isinstance(self.snapshot_dir, (str, os.PathLike)) or not str(self.snapshot_dir):
             raise ValueError(f"`snapshot_dir` must be a directory path, got {self.snapshot_dir!r}")
+        if os.path.exists(self.snapshot_dir) and not os.path.isdir(self.snapshot_dir):
+            raise ValueError(f"`snapshot_dir`={os.fspath(self.snapshot_dir)!r} is an existing file, not a directory")
         store("snapshot_dir", os.fspath(self.snapshot_dir))
 
     @property

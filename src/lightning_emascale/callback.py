@@ -411,6 +411,8 @@ class EMAScalingCallback(OptionsView, Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"The {self.state_key} state must be a dict, got {type(state_dict).__name__}")
         if not state_dict or state_dict.get("format") == _BEFORE_FIT:
             return
         _check_state(state_dict, f"The checkpoint's {self.state_key} state")

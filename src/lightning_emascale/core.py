@@ -29,7 +29,7 @@ from lightning_emascale._ema import (
     freeze_teachers,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule
-from lightning_emascale.functional import scale_ema_momentum, warmup_momentum
+from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.post_hoc import snapshot_path, write_snapshot
 from lightning_emascale.post_hoc_math import power_beta
 from lightning_emascale.rules import (
@@ -107,10 +107,10 @@ class ScaledEMA:
             :meth:`count_samples` sets each to :math:`\rho^{b/B}` for the micro-batch's global size :math:`b`;
             :meth:`detach` restores them. Needs ``base_batch_size``.
         sigma_rels: **post-hoc mode** (Karras et al., EDM2): instead of one EMA, track a power-function EMA of
-            each of these lengths (in :math:`(0, 0.2887]`; 0.05 and 0.10 are EDM2's), moved on the sample clock by
-            :math:`\beta = (s / (s + b))^{\gamma + 1}`, so batch-size invariant by construction; after training,
-            :func:`~lightning_emascale.reconstruct_post_hoc` gives the EMA of any length. Takes no momentum,
-            schedule, warm-up or teachers; the power EMAs are fp32 (one copy each).
+            each of these lengths (in :math:`(0, 1/\sqrt{12}]`, 0.288675; 0.05 and 0.10 are EDM2's), moved on the
+            sample clock by :math:`\beta = (s / (s + b))^{\gamma + 1}`, so batch-size invariant by construction;
+            after training, :func:`~lightning_emascale.reconstruct_post_hoc` gives the EMA of any length. Takes no
+            momentum, schedule, warm-up or teachers; the power EMAs are fp32 (one copy each).
         snapshot_every_samples: post-hoc mode: write a snapshot of the power EMAs every this many samples seen
             (not steps, so progressive batch growth does not change where they fall). Call :meth:`save_snapshot`
             once more when training ends.
@@ -546,7 +546,12 @@ class ScaledEMA:
         if self.options.total_samples is not None:
             return self.options.total_samples
         if self.total_samples_from is not None:
-            return self.total_samples_from()
+            total = self.total_samples_from()
+            if as_int(total) is None or total < 1:
+                raise ValueError(
+                    f"`total_samples_from` must return a positive integer (the run's training samples), got {total!r}"
+                )
+            return int(total)
         raise ValueError(
             "`total_samples` is not set: pass `total_samples=`, the training samples (global, all ranks) the run"
             " will see; progress, a momentum schedule and SampleClockLR need it"
@@ -612,14 +617,9 @@ class ScaledEMA:
         average has halved, :math:`b \ln\frac12 / \ln\hat\rho` for a global batch :math:`b` (``inf`` at
         :math:`\hat\rho = 1`, ``nan`` before the first step). The same at every batch size under the rule, and
         readable where :math:`\hat\rho` rounds to 1.000."""
-        momentum, batch = self._step_momentum, self._step_batch
-        if math.isnan(momentum) or batch == 0:
+        if math.isnan(self._step_momentum) or self._step_batch == 0:
             return math.nan
-        if momentum >= 1.0:
-            return math.inf
-        if momentum <= 0.0:
-            return 0.0
-        return batch * math.log(0.5) / math.log(momentum)
+        return half_life_from_momentum(self._step_momentum, self._step_batch)
 
     # ------------------------------------------------------------------------------------ the Polyak EMA
     def _polyak(self) -> EMAState:
@@ -667,8 +667,8 @@ class ScaledEMA:
         state = self._polyak()
         if _unwrap_module(module) is not self.module:
             raise ValueError(
-                f"`module` must be the module this EMA averages ({type(self.module).__name__}),"
-                f" got {type(module).__name__}"
+                f"`module` must be the module this EMA averages (the {type(self.module).__name__} it was built"
+                f" with), got another {type(module).__name__}"
             )
         weights = {name: state.averages[i].to(state.tracked[i].dtype) for name, i in state.index_of_name.items()}
         return torch.func.functional_call(module, weights, args, kwargs)
@@ -714,15 +714,15 @@ class ScaledEMA:
             self.averager.load_state_dict(state[key])  # checks every tensor before the first copy
         self._restore_hyperparameters()
         self._reset_clock()
-        if self._base is None:  # the base saved by the first run keeps the EMA horizon in samples
-            self._base = state["base_batch_size"]
-        self._samples_seen = state["samples_seen"]
-        self._optimizer_steps = state["optimizer_steps"]
-        self._ema_updates = state["ema_updates"]
-        self._decay_since_update = state["pending_decay"]
+        if self._base is None and state["base_batch_size"] is not None:  # the saved base keeps the horizon
+            self._base = int(state["base_batch_size"])
+        self._samples_seen = int(state["samples_seen"])
+        self._optimizer_steps = int(state["optimizer_steps"])
+        self._ema_updates = int(state["ema_updates"])
+        self._decay_since_update = float(state["pending_decay"])
         self._skipped = torch.tensor(int(state.get("skipped_updates", 0)), device=self._skipped.device)
         if isinstance(self.averager, PowerEMAState):
-            self._samples_at_update = state["samples_at_update"]
+            self._samples_at_update = int(state["samples_at_update"])
 
     def _mode(self) -> str:
         if isinstance(self.averager, PowerEMAState):
@@ -746,6 +746,8 @@ def _is_rank_zero() -> bool:
 
 def _check_state(state: Mapping[str, Any], where: str) -> None:
     """Raise unless ``state`` is a :meth:`ScaledEMA.state_dict` of this version; ``where`` starts the message."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where} must be a dict (from `state_dict()`), got {type(state).__name__}")
     if state.get("format") != _STATE_FORMAT:
         raise ValueError(
             f"{where} has format {state.get('format')!r}; this version of lightning-emascale reads format"
@@ -757,20 +759,30 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
     base = state["base_batch_size"]
     if base is not None and (as_int(base) is None or base < 1):
         raise ValueError(f"{where} has base_batch_size={base!r}; a positive integer or None is allowed")
-    for key in ("samples_seen", "optimizer_steps", "ema_updates"):
-        if as_int(state[key]) is None or state[key] < 0:
+    for key in ("samples_seen", "optimizer_steps", "ema_updates", "skipped_updates", "samples_at_update"):
+        if key in state and (as_int(state[key]) is None or state[key] < 0):
             raise ValueError(f"{where} has {key}={state[key]!r}; an integer >= 0 is allowed")
     decay = as_real(state["pending_decay"])
     if decay is None or not 0.0 < decay <= 1.0:
         raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")
-    tensors = [state.get("ema") or {}, *(state.get("power_ema") or {}).values()]
-    for name, tensor in ((name, tensor) for averages in tensors for name, tensor in averages.items()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
+    power = state.get("power_ema", {})
+    if not isinstance(power, Mapping) or not all(isinstance(averages, Mapping) for averages in power.values()):
+        raise TypeError(f"{where} has power_ema of type {type(power).__name__}; a dict of EMA dicts is allowed")
+    for key, averages in (("ema", state.get("ema", {})), *((f"power_ema[{k!r}]", v) for k, v in power.items())):
+        if not isinstance(averages, Mapping):
+            raise TypeError(f"{where} has {key} of type {type(averages).__name__}; a dict of tensors is allowed")
+        for name, tensor in averages.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{where} has {key}[{name!r}] of type {type(tensor).__name__}; a tensor is allowed")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
     if "power_ema" in state:
-        if as_int(state.get("samples_at_update")) is None or state["samples_at_update"] < 0:
+        if "samples_at_update" not in state:
+            raise KeyError(f"{where} lacks ['samples_at_update']")
+        if state["samples_at_update"] > state["samples_seen"]:
             raise ValueError(
-                f"{where} has samples_at_update={state.get('samples_at_update')!r}; an integer >= 0 is allowed"
+                f"{where} has samples_at_update={state['samples_at_update']!r} past samples_seen="
+                f"{state['samples_seen']!r}; the last update cannot come after the samples seen"
             )
 
 

@@ -78,7 +78,8 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
 
     .. math:: H = B \, \frac{\ln 0.5}{\ln \rho}
 
-    The inverse of :func:`momentum_from_half_life`. A momentum of 0 keeps no history: its half-life is 0.
+    The inverse of :func:`momentum_from_half_life`. A momentum of 0 keeps no history: its half-life is 0; a
+    momentum of 1 never forgets: ``inf``.
 
     Example:
         >>> round(half_life_from_momentum(0.999, batch_size=1))
@@ -86,10 +87,12 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
         >>> half_life_from_momentum(0.5, batch_size=128)
         128.0
     """
-    momentum = check_momentum(momentum)
+    momentum = check_momentum(momentum, allow_one=True)
     batch_size = check_positive(batch_size, "batch_size")
     if momentum == 0.0:
         return 0.0
+    if momentum == 1.0:
+        return math.inf  # the average never forgets
     return batch_size * math.log(0.5) / math.log(momentum)
 
 

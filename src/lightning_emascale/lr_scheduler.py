@@ -9,6 +9,8 @@ from typing import Any, Optional, Protocol
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_emascale._checks import as_real
+
 
 class SampleClock(Protocol):
     """Anything that reports training progress in samples: a :class:`~lightning_emascale.ScaledEMA` or an
@@ -68,12 +70,12 @@ class SampleClockLR(LRScheduler):
         if not callable(schedule):
             raise TypeError(f"`schedule` must be a callable of progress in [0, 1], got {schedule!r}")
         self.schedule = schedule
-        self.clock = clock
+        self.clock = _check_clock(clock, allow_none=True)
         super().__init__(optimizer, last_epoch)
 
     def attach(self, clock: SampleClock) -> None:
         """Read progress from ``clock`` from now on (``EMAScalingCallback`` calls this at fit start)."""
-        self.clock = clock
+        self.clock = _check_clock(clock, allow_none=False)
 
     @property
     def progress(self) -> float:
@@ -89,14 +91,21 @@ class SampleClockLR(LRScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         progress = self.progress
-        factor = self.schedule(progress)
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, (int, float))
-            or not (math.isfinite(factor) and factor >= 0)
-        ):
-            raise ValueError(f"`schedule` must return a finite number >= 0, got {factor!r} at progress {progress}")
+        returned = self.schedule(progress)
+        factor = as_real(returned)
+        if factor is None or not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"`schedule` must return a finite number >= 0, got {returned!r} at progress {progress}")
         return [float(base) * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
         return {key: value for key, value in super().state_dict().items() if key not in ("clock", "schedule")}
+
+
+def _check_clock(clock: Any, allow_none: bool) -> Optional[SampleClock]:
+    if clock is None and allow_none:
+        return None
+    if not hasattr(type(clock), "progress") and not hasattr(clock, "progress"):
+        raise TypeError(
+            f"`clock` must have a `progress` attribute (a ScaledEMA or an EMAScalingCallback), got {clock!r}"
+        )
+    return clock

@@ -94,7 +94,8 @@ def reconstruct_post_hoc(
         else Profile(at_samples, half_life=check_positive(half_life_samples, "half_life_samples"))
     )
     used = [(samples, path) for samples, path in index if samples <= at_samples]
-    loaded = [(samples, torch.load(path, map_location="cpu", weights_only=True, mmap=True)) for samples, path in used]
+    loaded = [(samples, _load_snapshot(path)) for samples, path in used]
+    _check_alike([(path, snap) for (_, path), (_, snap) in zip(used, loaded)])
     columns = [
         (samples, rel, averages)
         for samples, snap in loaded
@@ -117,7 +118,40 @@ def reconstruct_post_hoc(
     return result
 
 
+def _check_alike(snapshots: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Every snapshot holds the same finite tensors of the same shapes as the last one (one run, one model)."""
+    last = snapshots[-1][1]["averages"][0]
+    for path, snap in snapshots:
+        where = f"The snapshot {os.fspath(path)!r}"
+        for averages in snap["averages"]:
+            if set(averages) != set(last):
+                only = sorted(set(averages) ^ set(last))[:4]
+                raise ValueError(f"{where} holds other tensors than the last one ({only}): were two runs mixed?")
+            for name, tensor in averages.items():
+                if tensor.shape != last[name].shape:
+                    raise ValueError(f"{where} has {name!r} of shape {tuple(tensor.shape)}, the last one's differs")
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{where} has a non-finite {name!r}: it is corrupt")
+
+
+def _load_snapshot(path: Path) -> dict[str, Any]:
+    """A snapshot file, checked: readable, this format, and its keys (the error names the file)."""
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"The snapshot {os.fspath(path)!r} cannot be read ({error}): it is corrupt") from error
+    if not isinstance(snap, dict) or snap.get("format") != _FORMAT:
+        found = snap.get("format") if isinstance(snap, dict) else type(snap).__name__
+        raise ValueError(f"The snapshot {os.fspath(path)!r} has format {found!r}; this version reads format {_FORMAT}")
+    missing = [key for key in ("samples", "sigma_rels", "averages") if key not in snap]
+    if missing or len(snap["sigma_rels"]) != len(snap["averages"]):
+        raise ValueError(f"The snapshot {os.fspath(path)!r} lacks {missing or 'one EMA per sigma_rel'}: it is corrupt")
+    return snap
+
+
 def _snapshots(directory: Union[str, os.PathLike]) -> list[tuple[int, Path]]:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`directory` must be a path (str or os.PathLike), got {directory!r}")
     folder = Path(directory)
     found = sorted(
         (int(match.group(1)), path)

@@ -32,8 +32,8 @@ class PostHocEMACallback(EMAScalingCallback):
 
     Args:
         sigma_rels: the lengths of the power EMAs tracked (the profile's standard deviation relative to the
-            samples seen), each in :math:`(0, 0.2887]`. EDM2 tracks 0.05 and 0.10; a length between or near them
-            reconstructs well.
+            samples seen), each in :math:`(0, 1/\sqrt{12}]` (0.288675). EDM2 tracks 0.05 and 0.10; a length
+            between or near them reconstructs well.
         snapshot_every_samples: samples seen (global) between snapshots. More snapshots fit a target better;
             each costs one file of ``len(sigma_rels)`` fp32 copies of the model.
         directory: where the snapshots go (``post_hoc-<samples>.pt``).
@@ -71,6 +71,8 @@ class PostHocEMACallback(EMAScalingCallback):
             exclude=exclude,
             skip_non_finite=skip_non_finite,
         )
+        if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
+            raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")
         self._options = dataclasses.replace(
             self._options,
             momentum=None,  # a post-hoc EMA has none

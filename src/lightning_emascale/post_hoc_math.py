@@ -54,7 +54,8 @@ def check_sigma_rel(sigma_rel: float) -> float:
     sigma_rel = check_positive(sigma_rel, "sigma_rel")
     if sigma_rel > MAX_SIGMA_REL + 1e-12:
         raise ValueError(
-            f"`sigma_rel` must be in (0, {MAX_SIGMA_REL:.4f}] (at most the running mean's, gamma = 0), got {sigma_rel}"
+            f"`sigma_rel` must be in (0, 1/sqrt(12) = {MAX_SIGMA_REL:.6f}] (at most the running mean's, gamma = 0),"
+            f" got {sigma_rel}"
         )
     return sigma_rel
 

@@ -243,13 +243,23 @@ class ProgressiveBatchCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        where = "The checkpoint's ProgressiveBatchCallback state"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{where} must be a dict, got {type(state_dict).__name__}")
         if state_dict.get("format") != _FORMAT:
             raise ValueError(
-                f"The checkpoint's ProgressiveBatchCallback state has format {state_dict.get('format')!r};"
-                f" this version of lightning-emascale reads format {_FORMAT}"
+                f"{where} has format {state_dict.get('format')!r}; this version of lightning-emascale reads format"
+                f" {_FORMAT}"
             )
-        self._epoch = state_dict["epoch"]
-        self._initial = state_dict["initial"]
+        missing = [key for key in ("epoch", "initial") if key not in state_dict]
+        if missing:
+            raise KeyError(f"{where} lacks {missing}")
+        for key, lowest in (("epoch", 0), ("initial", 1)):  # both None before the first fit
+            value = state_dict[key]
+            if value is not None and (as_int(value) is None or value < lowest):
+                raise ValueError(f"{where} has {key}={value!r}; None or an integer >= {lowest} is allowed")
+        self._epoch = None if state_dict["epoch"] is None else int(state_dict["epoch"])
+        self._initial = None if state_dict["initial"] is None else int(state_dict["initial"])
 
 
 def _kappas(trainer: pl.Trainer, global_batch: int) -> str:

@@ -178,6 +178,11 @@ def resolve_rule(rule: RuleLike) -> OptimizerRule:
     if rule is None:
         return NoScalingRule()
     if isinstance(rule, OptimizerRule):
+        if type(rule).scale is OptimizerRule.scale:
+            raise ValueError(
+                f"`optimizer_rule`={rule!r} does not implement `scale(group, kappa)`: subclass OptimizerRule and"
+                " override it, or pass 'sgd', 'adam' or None"
+            )
         return rule
     if isinstance(rule, str) and rule.lower() in _RULES:
         return _RULES[rule.lower()]()

@@ -139,7 +139,10 @@ def test_functional_call_gives_raw_and_ema_metrics_in_one_step():
     assert metrics["val_loss"] == pytest.approx(raw.item(), rel=1e-5)
     assert metrics["val_loss_ema"] == pytest.approx(ema.item(), rel=1e-5)
     assert abs(raw.item() - ema.item()) > 1e-4  # the two really differ
-    with pytest.raises(ValueError, match=r"`module` must be the module this EMA averages \(_BothMetrics\), got Linear"):
+    with pytest.raises(
+        ValueError,
+        match=r"`module` must be the module this EMA averages \(the _BothMetrics it was built with\), got another Linear",
+    ):
         callback.functional_call(torch.nn.Linear(6, 8), (x,))
 
 

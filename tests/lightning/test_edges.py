@@ -317,3 +317,20 @@ def test_the_stand_in_checkpoint_hook_is_removed_when_fit_raises():
     with pytest.raises(RuntimeError, match="boom"):
         make_trainer([EMAScalingCallback(momentum=0.9)]).fit(model)
     assert "on_save_checkpoint" not in vars(model)
+
+
+def test_callback_states_and_directories_of_the_wrong_type_are_named(tmp_path):
+    with pytest.raises(TypeError, match=r"state must be a dict, got str"):
+        EMAScalingCallback(momentum=0.9).load_state_dict("x")
+    existing = tmp_path / "file"
+    existing.write_text("")
+    from lightning_emascale import PostHocEMACallback
+
+    with pytest.raises(ValueError, match=r"`directory` must be a directory path \(not an existing file\), got"):
+        PostHocEMACallback(directory=existing)
+    with pytest.raises(ValueError, match=r"`include` is empty"):
+        EMAScalingCallback(include=[])
+    with pytest.raises(ValueError, match=r"`teachers` maps 'a' to itself"):
+        EMAScalingCallback(teachers={"a": "a"})
+    with pytest.raises(ValueError, match=r"`name` must be a non-empty string, got ' '"):
+        EMAScalingCallback(name=" ")

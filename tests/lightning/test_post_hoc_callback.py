@@ -66,7 +66,7 @@ def test_progressive_growth_keeps_snapshots_on_samples_not_steps(tmp_path):
 def test_post_hoc_arguments_are_checked_when_built(tmp_path):
     with pytest.raises(ValueError, match=r"`snapshot_every_samples` must be a positive integer, got -5"):
         PostHocEMACallback(snapshot_every_samples=-5, directory=tmp_path)
-    with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.2887\]"):
+    with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 1/sqrt\(12\) = 0.288675\]"):
         PostHocEMACallback(sigma_rels=(0.05, 0.4), directory=tmp_path)
 
 

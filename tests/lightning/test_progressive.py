@@ -344,3 +344,20 @@ def test_only_one_instance():
 def test_a_checkpoint_of_another_format_is_refused():
     with pytest.raises(ValueError, match="state has format 7; this version of lightning-emascale reads format 1"):
         ProgressiveBatchCallback({0: 4}).load_state_dict({"format": 7})
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        ({"format": 1}, KeyError, r"lacks \['epoch', 'initial'\]"),
+        ({"format": 1, "epoch": "x", "initial": 4}, ValueError, r"has epoch='x'; None or an integer >= 0"),
+        ({"format": 1, "epoch": 3, "initial": -3}, ValueError, r"has initial=-3; None or an integer >= 1"),
+        (None, TypeError, r"must be a dict, got NoneType"),
+    ],
+)
+def test_a_bad_saved_state_is_refused_before_anything_changes(state, error, match):
+    callback = ProgressiveBatchCallback({0: 2, 1: 4})
+    callback.load_state_dict({"format": 1, "epoch": 1, "initial": 2})
+    with pytest.raises(error, match=match):
+        callback.load_state_dict(state)
+    assert callback.state_dict() == {"format": 1, "epoch": 1, "initial": 2}

@@ -195,7 +195,10 @@ def test_swaps_and_functional_call_use_the_ema_and_restore_exactly():
     ema.swap_out()
     ema.swap_out()  # nothing to do twice
     assert torch.equal(model[0].weight, raw["0.weight"])
-    with pytest.raises(ValueError, match=r"`module` must be the module this EMA averages \(Sequential\), got Linear"):
+    with pytest.raises(
+        ValueError,
+        match=r"`module` must be the module this EMA averages \(the Sequential it was built with\), got another Linear",
+    ):
         ema.functional_call(torch.nn.Linear(3, 1), (x,))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,114 @@ def test_lr_keys_follow_lightnings_learning_rate_monitor():
     ema.end_step()
     lrs = {key: value for key, value in ema.metrics().items() if "/lr-" in key}
     assert lrs == pytest.approx({"ema/lr-SGD/pg1": 0.2, "ema/lr-SGD/pg2": 0.02, "ema/lr-SGD-1/extra": 2.0})
+
+
+# ------------------------------------------------------------------- found by a sweep of 845 bad inputs
+def _trained() -> tuple[ScaledEMA, dict]:
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, skip_non_finite=True)
+    step(ema, model, optimizer)
+    return ema, copy.deepcopy(ema.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda s: s.update(skipped_updates="abc"), ValueError, r"has skipped_updates='abc'; an integer >= 0"),
+        (lambda s: s.update(skipped_updates=float("nan")), ValueError, r"has skipped_updates=nan"),
+        (lambda s: s.update(skipped_updates=-3), ValueError, r"has skipped_updates=-3"),
+        (
+            lambda s: s["ema"].update({"generator.0.weight": [1.0]}),
+            TypeError,
+            r"ema\['generator.0.weight'\] of type list",
+        ),
+        (lambda s: s.update(ema=None), TypeError, r"has ema of type NoneType; a dict of tensors"),
+    ],
+)
+def test_a_bad_saved_state_raises_before_anything_changes(change, error, match):
+    ema, state = _trained()
+    before = copy.deepcopy(ema.state_dict())
+    change(state)
+    with pytest.raises(error, match=match):
+        ema.load_state_dict(state)
+    after = ema.state_dict()
+    assert {k: v for k, v in after.items() if k != "ema"} == {k: v for k, v in before.items() if k != "ema"}
+    assert all(torch.equal(after["ema"][name], value) for name, value in before["ema"].items())
+
+
+def test_a_saved_state_that_is_not_a_dict_and_tensor_counters():
+    ema, state = _trained()
+    with pytest.raises(
+        TypeError, match=r"The saved ScaledEMA state must be a dict \(from `state_dict\(\)`\), got list"
+    ):
+        ema.load_state_dict([])
+    state["samples_seen"] = torch.tensor(24)  # a 0-d tensor is a number, stored as an int
+    ema.load_state_dict(state)
+    assert type(ema.state_dict()["samples_seen"]) is int
+
+
+def test_a_post_hoc_state_whose_last_update_is_past_the_samples_seen_is_refused(tmp_path):
+    ema = ScaledEMA(Annealed(), None, sigma_rels=[0.1], snapshot_every_samples=100, snapshot_dir=tmp_path)
+    ema.count_samples(4)
+    ema.end_step()
+    state = ema.state_dict()
+    state["samples_at_update"] = 999
+    with pytest.raises(ValueError, match=r"samples_at_update=999 past samples_seen=4"):
+        ema.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"momentum": None, "momentum_schedule": lambda: 0.9},
+            TypeError,
+            r"`momentum_schedule` must be a callable of one",
+        ),
+        ({"include": []}, ValueError, r"`include` is empty, which averages nothing"),
+        ({"teachers": {"generator": "generator"}}, ValueError, r"`teachers` maps 'generator' to itself"),
+        (
+            {"teachers": {"generator": "x"}, "ema_precision": "model"},
+            ValueError,
+            r"`ema_precision`='model' has no effect",
+        ),
+        (
+            {"optimizer_rule": __import__("lightning_emascale").OptimizerRule()},
+            ValueError,
+            r"does not implement `scale",
+        ),
+        (
+            {"sigma_rels": [0.2887], "snapshot_every_samples": 8, "snapshot_dir": "d"},
+            ValueError,
+            r"= 0.288675\] .*, got 0.2887",
+        ),
+    ],
+)
+def test_options_found_silent_or_unclear_now_raise_when_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ScaledEMA(Annealed(), None, **({} if "sigma_rels" in kwargs else {"momentum": 0.9}) | kwargs)
+
+
+def test_a_snapshot_dir_that_is_a_file_and_numpy_sigma_rels(tmp_path):
+    existing = tmp_path / "file"
+    existing.write_text("")
+    with pytest.raises(ValueError, match=r"`snapshot_dir`=.*file' is an existing file, not a directory"):
+        ScaledEMA(Annealed(), None, sigma_rels=[0.1], snapshot_every_samples=8, snapshot_dir=existing)
+    ema = ScaledEMA(Annealed(), None, sigma_rels=np.array([0.05, 0.1]), snapshot_every_samples=8, snapshot_dir=tmp_path)
+    assert ema.options.sigma_rels == (0.05, 0.1)
+
+
+def test_freeze_teachers_freezes_nothing_when_the_mapping_is_bad():
+    module = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "other": torch.nn.Linear(3, 5)})
+    module["teacher"] = copy.deepcopy(module["online"])
+    with pytest.raises(ValueError, match=r"`teachers` names 'missing'"):
+        ScaledEMA(module, None, momentum=0.9, teachers={"online": "teacher", "other": "missing"}, freeze_teachers=True)
+    assert all(p.requires_grad for p in module["teacher"].parameters())
+
+
+def test_total_samples_from_must_return_a_positive_integer():
+    ema = ScaledEMA(Annealed(), None, momentum=0.9, momentum_schedule="cosine", final_momentum=1.0,
+                    total_samples_from=lambda: 0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"`total_samples_from` must return a positive integer .*, got 0"):
+        _ = ema.progress

@@ -70,14 +70,13 @@ def test_warmup_counts_base_steps():
         (lambda: scale_ema_momentum(1.01, 2), ValueError, r"`momentum` must be in \[0, 1\], got 1.01"),
         (lambda: scale_ema_momentum(-0.1, 2), ValueError, r"`momentum` must be in \[0, 1\], got -0.1"),
         (lambda: scale_ema_momentum("0.9", 2), TypeError, r"`momentum` must be a real number in \[0, 1\], got '0.9'"),
-        (lambda: half_life_from_momentum(1.0, 4), ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
         (lambda: scale_ema_momentum(True, 2), TypeError, r"`momentum` must be a real number"),
         (lambda: scale_ema_momentum(0.9, 0), ValueError, r"`kappa` must be a positive finite number, got 0.0"),
         (lambda: scale_ema_momentum(0.9, math.inf), ValueError, r"`kappa` must be a positive finite number, got inf"),
         (lambda: scale_ema_momentum(0.9, math.nan), ValueError, r"`kappa` must be a positive finite number, got nan"),
         (lambda: momentum_from_half_life(-5, 4), ValueError, r"`half_life_samples` must be a positive finite"),
         (lambda: momentum_from_half_life(5, 0), ValueError, r"`batch_size` must be a positive finite number, got 0"),
-        (lambda: half_life_from_momentum(1.5, 4), ValueError, r"`momentum` must be in \[0, 1\), got 1.5"),
+        (lambda: half_life_from_momentum(1.5, 4), ValueError, r"`momentum` must be in \[0, 1\], got 1.5"),
         (lambda: warmup_momentum(0.9, -1), ValueError, r"`base_steps` must be a number >= 0, got -1"),
     ],
 )
@@ -95,3 +94,4 @@ def test_a_frozen_ema_stays_frozen_at_any_kappa():
 
 def test_zero_momentum_has_zero_half_life():
     assert half_life_from_momentum(0.0, 32) == 0.0
+    assert half_life_from_momentum(1.0, 32) == math.inf  # never forgets (BYOL's final momentum)

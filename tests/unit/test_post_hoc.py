@@ -179,7 +179,7 @@ def test_post_hoc_options_and_reconstruction_errors(tmp_path):
     for bad, error, match in [
         ({"sigma_rels": ()}, ValueError, r"`sigma_rels` must be a non-empty sequence of numbers, got \(\)"),
         ({"sigma_rels": (0.05, 0.05)}, ValueError, r"`sigma_rels` must be distinct, got \[0.05, 0.05\]"),
-        ({"sigma_rels": (0.5,)}, ValueError, r"`sigma_rel` must be in \(0, 0.2887\] .*, got 0.5"),
+        ({"sigma_rels": (0.5,)}, ValueError, r"`sigma_rel` must be in \(0, 1/sqrt\(12\) = 0.288675\] .*, got 0.5"),
         ({"snapshot_every_samples": 0}, ValueError, r"`snapshot_every_samples` must be a positive integer, got 0"),
         ({"snapshot_dir": None}, ValueError, r"`snapshot_dir` must be a directory path, got None"),
         ({"momentum": 0.99}, ValueError, r"\{'momentum': 0.99\} have no effect on a post-hoc EMA"),
@@ -205,3 +205,27 @@ def test_post_hoc_options_and_reconstruction_errors(tmp_path):
         reconstruct_post_hoc(tmp_path, half_life_samples=-1)
     exponential = reconstruct_post_hoc(tmp_path, half_life_samples=16)  # 2 snapshots over 64 samples: a rough fit
     assert 0 < exponential.residual < 1 and set(exponential) == set(model.state_dict())
+
+
+def test_corrupt_or_mixed_snapshots_are_named(tmp_path):
+    run(tmp_path, batches([8] * 8))  # snapshots at 32 and 64 samples
+    first, last = sorted(tmp_path.iterdir())
+    with pytest.raises(TypeError, match=r"`directory` must be a path \(str or os.PathLike\), got None"):
+        reconstruct_post_hoc(None, sigma_rel=0.1)
+    saved = torch.load(first, weights_only=True)
+    for change, match in [
+        (lambda s: s["averages"][0].update({"0.weight": s["averages"][0]["0.weight"] * float("nan")}), "non-finite"),
+        (lambda s: s.update(format=99), "has format 99; this version reads format 1"),
+        (lambda s: s.pop("sigma_rels"), r"lacks \['sigma_rels'\]"),
+        (lambda s: s["averages"][0].update(renamed=torch.zeros(1)), r"holds other tensors than the last one"),
+        (lambda s: s["averages"][0].update({"0.weight": torch.zeros(7, 7)}), r"'0.weight' of shape \(7, 7\)"),
+    ]:
+        changed = {**saved, "averages": [dict(averages) for averages in saved["averages"]]}
+        change(changed)
+        torch.save(changed, first)
+        with pytest.raises(ValueError, match=rf"The snapshot '.*{first.name}'.*{match}"):
+            reconstruct_post_hoc(tmp_path, sigma_rel=0.1)
+    first.write_bytes(b"not a snapshot")
+    with pytest.raises(ValueError, match=rf"The snapshot '.*{first.name}' cannot be read"):
+        reconstruct_post_hoc(tmp_path, sigma_rel=0.1)
+    assert last.exists()

@@ -119,3 +119,24 @@ def test_cosine_schedule_refuses_non_finite_ends():
         cosine_schedule(0.5, float("nan"), 1.0)
     with pytest.raises(TypeError, match=r"`end` must be a finite real number, got '1'"):
         cosine_schedule(0.5, 0.9, "1")
+
+
+def test_sample_clock_lr_checks_its_clock_and_takes_numpy_factors():
+    import numpy as np
+
+    from lightning_emascale import SampleClockLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(TypeError, match=r"`clock` must have a `progress` attribute .*, got 5"):
+        SampleClockLR(optimizer, lambda progress: 1.0, clock=5)
+    scheduler = SampleClockLR(optimizer, lambda progress: np.float32(0.5))
+    with pytest.raises(TypeError, match=r"`clock` must have a `progress` attribute .*, got 'x'"):
+        scheduler.attach("x")
+
+    class Clock:
+        progress = 0.5
+
+    scheduler.attach(Clock())
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
