@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
-from lightning_emascale._checks import as_int, as_real
+from lightning_emascale._checks import as_int, as_real, check_name
 from lightning_emascale._ema import (
     EMAPrecision,
     EMAState,
@@ -591,6 +591,7 @@ class ScaledEMA:
             {'ema/kappa': 2.0, 'ema/momentum': 0.81, 'ema/half_life': 26.315254, 'ema/batch_size': 8.0,
              'ema/samples_seen': 8.0, 'ema/lr-SGD': 0.2}
         """
+        check_name(prefix, "prefix")
         metrics = {
             f"{prefix}/kappa": self._kappa,
             f"{prefix}/momentum": self._step_momentum,
@@ -762,6 +763,11 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
     for key in ("samples_seen", "optimizer_steps", "ema_updates", "skipped_updates", "samples_at_update"):
         if key in state and (as_int(state[key]) is None or state[key] < 0):
             raise ValueError(f"{where} has {key}={state[key]!r}; an integer >= 0 is allowed")
+    if state["ema_updates"] > state["optimizer_steps"]:
+        raise ValueError(
+            f"{where} has ema_updates={state['ema_updates']!r} past optimizer_steps={state['optimizer_steps']!r};"
+            " there is at most one update per step"
+        )
     decay = as_real(state["pending_decay"])
     if decay is None or not 0.0 < decay <= 1.0:
         raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")

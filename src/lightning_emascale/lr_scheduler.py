@@ -9,7 +9,7 @@ from typing import Any, Optional, Protocol
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_emascale._checks import as_real
+from lightning_emascale._checks import as_int, as_real
 
 
 class SampleClock(Protocol):
@@ -69,6 +69,8 @@ class SampleClockLR(LRScheduler):
     ) -> None:
         if not callable(schedule):
             raise TypeError(f"`schedule` must be a callable of progress in [0, 1], got {schedule!r}")
+        if as_int(last_epoch) is None or last_epoch < -1:
+            raise ValueError(f"`last_epoch` must be an integer >= -1 (-1 starts afresh), got {last_epoch!r}")
         self.schedule = schedule
         self.clock = _check_clock(clock, allow_none=True)
         super().__init__(optimizer, last_epoch)

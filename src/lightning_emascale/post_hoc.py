@@ -120,16 +120,20 @@ def reconstruct_post_hoc(
 
 def _check_alike(snapshots: list[tuple[Path, dict[str, Any]]]) -> None:
     """Every snapshot holds the same finite tensors of the same shapes as the last one (one run, one model)."""
-    last = snapshots[-1][1]["averages"][0]
+    last_path, last_snap = snapshots[-1]
+    last = last_snap["averages"][0]
     for path, snap in snapshots:
         where = f"The snapshot {os.fspath(path)!r}"
+        pair = f"The snapshots {os.fspath(path)!r} and {os.fspath(last_path)!r}"
         for averages in snap["averages"]:
             if set(averages) != set(last):
-                only = sorted(set(averages) ^ set(last))[:4]
-                raise ValueError(f"{where} holds other tensors than the last one ({only}): were two runs mixed?")
+                only = {"first": sorted(set(averages) - set(last))[:3], "second": sorted(set(last) - set(averages))[:3]}
+                raise ValueError(f"{pair} hold different tensors (only in each: {only}): were two runs mixed?")
             for name, tensor in averages.items():
                 if tensor.shape != last[name].shape:
-                    raise ValueError(f"{where} has {name!r} of shape {tuple(tensor.shape)}, the last one's differs")
+                    raise ValueError(
+                        f"{pair} disagree on the shape of {name!r}: {tuple(tensor.shape)} and {tuple(last[name].shape)}"
+                    )
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise ValueError(f"{where} has a non-finite {name!r}: it is corrupt")
 

@@ -339,3 +339,17 @@ def test_total_samples_from_must_return_a_positive_integer():
                     total_samples_from=lambda: 0)  # fmt: skip
     with pytest.raises(ValueError, match=r"`total_samples_from` must return a positive integer .*, got 0"):
         _ = ema.progress
+
+
+def test_metric_prefixes_counters_and_last_epoch_are_checked(tmp_path):
+    ema, state = _trained()
+    with pytest.raises(ValueError, match=r"`prefix` must be a non-empty string, got None"):
+        ema.metrics(prefix=None)
+    state["ema_updates"] = 100
+    with pytest.raises(ValueError, match=r"ema_updates=100 past optimizer_steps=1"):
+        ema.load_state_dict(state)
+    from lightning_emascale import SampleClockLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"`last_epoch` must be an integer >= -1 \(-1 starts afresh\), got 'x'"):
+        SampleClockLR(optimizer, lambda progress: 1.0, last_epoch="x")
