@@ -1,9 +1,11 @@
-"""lightly's BYOL and DINO modules, their image data (generated or CIFAR-10), kNN accuracy, command line and fit."""
+"""lightly's BYOL and DINO modules, their image data (generated or CIFAR-10), kNN accuracy, the run's record, fit."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
+import json
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
@@ -117,6 +119,121 @@ def knn_accuracy(backbone: torch.nn.Module, data: ImageData, k: int = 20, classe
     return float(MulticlassAccuracy(num_classes=classes, average="micro")(votes.argmax(1), labels))
 
 
+@torch.no_grad()
+def teacher_lag(model: torch.nn.Module, teachers: dict[str, str]) -> float:
+    """||teacher - online|| / ||online|| over the parameters the teachers average (a relative L2 distance)."""
+    gaps, norms = [], []
+    for online_name, teacher_name in teachers.items():
+        online, teacher = model.get_submodule(online_name), model.get_submodule(teacher_name)
+        for o, t in zip(online.parameters(), teacher.parameters(), strict=True):
+            gaps.append((t - o).pow(2).sum())
+            norms.append(o.pow(2).sum())
+    return float(torch.stack(gaps).sum().sqrt() / torch.stack(norms).sum().sqrt())
+
+
+class RunTrace(Trace):
+    """``Trace``'s mechanics, plus what the run does with them.
+
+    Per optimizer step (the rows of ``Trace``): the training loss (mean over the step's micro-batches) and the
+    teacher's lag after the step (``teacher_lag``). At the start and at every epoch end: the kNN accuracy of the
+    online ``backbone`` and of its teacher (``ema.teachers[backbone]``), with the random state put back afterwards
+    so that measuring does not change the run.
+    """
+
+    def __init__(self, ema: EMAScalingCallback, data: ImageData, backbone: str) -> None:
+        super().__init__(ema)
+        self.data, self.backbone = data, backbone
+        self.losses: list[float] = []
+        self.lags: list[float] = []
+        self.knn: list[tuple[int, float, float]] = []  # (samples seen, online accuracy, teacher accuracy)
+        self._micro_losses: list[float] = []
+
+    def measure_knn(self, pl_module: L.LightningModule) -> None:
+        online = pl_module.get_submodule(self.backbone)
+        teacher = pl_module.get_submodule(self.ema.teachers[self.backbone])
+        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the global generator
+            accuracies = knn_accuracy(online, self.data), knn_accuracy(teacher, self.data)
+        self.knn.append((self.ema.samples_seen, *accuracies))
+
+    def on_train_start(self, trainer, pl_module):
+        self.measure_knn(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning divides the returned loss by accumulate_grad_batches for the backward pass
+        self._micro_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        rows = len(self.rows)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if len(self.rows) > rows:  # an optimizer step, and the EMA callback (listed first) has moved the teacher
+            self.losses.append(sum(self._micro_losses) / len(self._micro_losses))
+            self.lags.append(teacher_lag(pl_module, self.ema.teachers))
+            self._micro_losses = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.measure_knn(pl_module)
+
+    def print_knn(self) -> None:
+        teacher = self.ema.teachers[self.backbone]
+        print(f"kNN accuracy (k=20) during the run: samples seen, {self.backbone}, {teacher}")
+        for samples, online, teacher_accuracy in self.knn:
+            print(f"{samples:>12} {online:>8.4f} {teacher_accuracy:>8.4f}")
+
+    def record(self) -> dict[str, Any]:
+        """What the figure draws, as JSON-ready lists: one entry per optimizer step, one per kNN measurement."""
+        keys = ("samples_before", "global_batch", "kappa", "rho_hat", "lr", "epoch")
+        steps = [
+            {**dict(zip(keys, row)), "loss": loss, "teacher_lag": lag}
+            for row, loss, lag in zip(self.rows, self.losses, self.lags, strict=True)
+        ]
+        knn = [{"samples_seen": s, "online": o, "teacher": t} for s, o, t in self.knn]
+        return {"backbone": self.backbone, "teacher": self.ema.teachers[self.backbone], "steps": steps, "knn": knn}
+
+    def plot_run(self, path: str, title: str, loss_label: str) -> None:
+        """The mechanics (left column, ``Trace.draw``) beside the run (right): loss, kNN accuracy, teacher lag."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(13, 9), layout="constrained")
+        grid = fig.add_gridspec(12, 2)
+        left = [fig.add_subplot(grid[3 * i : 3 * i + 3, 0]) for i in range(4)]
+        right = [fig.add_subplot(grid[4 * i : 4 * i + 4, 1]) for i in range(3)]
+        for axis in left[1:] + right:
+            axis.sharex(left[0])
+        for axis in left[:-1] + right[:-1]:
+            axis.tick_params(labelbottom=False)
+        self.draw(left)
+        left[0].set_title("the mechanics: what the callbacks set at each optimizer step")
+
+        after = [row[0] + row[1] for row in self.rows]  # samples seen once the step is done
+        loss, knn, lag = right
+        loss.plot(after, self.losses, label="training loss of each optimizer step")
+        loss.set_ylabel(loss_label)
+        loss.set_title("the run: what the model does")
+        samples = [point[0] for point in self.knn]
+        teacher = self.ema.teachers[self.backbone]
+        knn.plot(samples, [point[1] for point in self.knn], "o-", label=f"online network ({self.backbone})")
+        knn.plot(samples, [point[2] for point in self.knn], "s--", label=f"teacher ({teacher})")
+        knn.axhline(1 / 10, color="grey", linestyle=":", label="chance (10 classes)")
+        knn.set_ylim(0, 1)
+        knn.set_ylabel(f"kNN accuracy (k=20)\non {len(self.data.val)} held-out images")
+        lag.plot(after, [100 * value for value in self.lags], label="after each optimizer step")
+        lag.set_ylabel("teacher lag (%)\n|teacher - online| / |online|")
+        lag.set_xlabel("samples seen")
+        first_steps: dict[int, tuple[int, int]] = {}  # epoch -> (samples seen, global batch) at its first step
+        for before, batch, *_, epoch in self.rows:
+            first_steps.setdefault(epoch, (before, batch))
+        for (_, old), (before, new) in itertools.pairwise(first_steps.values()):
+            if new != old:
+                for axis in right:
+                    axis.axvline(before, color="grey", linewidth=0.8, label=f"global batch {old} -> {new}")
+        for axis in right:
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        fig.suptitle(title)
+        fig.savefig(path, dpi=120)
+
+
 def parse_args(doc: str, out: str) -> argparse.Namespace:
     """The command line shared by byol.py and dino.py."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,13 +241,24 @@ def parse_args(doc: str, out: str) -> argparse.Namespace:
     parser.add_argument("--schedule", type=parse_schedule, default=parse_schedule("0:32,2:64"))
     parser.add_argument("--train-samples", type=int, default=1024)
     parser.add_argument("--out", default=out)
+    parser.add_argument("--record", metavar="JSON", help="also write the numbers the figure draws to this file")
     parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
     return parser.parse_args()
 
 
-def fit(model: L.LightningModule, data: ImageData, ema: EMAScalingCallback, args: argparse.Namespace) -> L.Trainer:
-    """Fit with the batch-size schedule and the EMA callback; print the dynamics per epoch and plot them."""
-    trace = Trace(ema)
+def fit(
+    model: L.LightningModule,
+    data: ImageData,
+    ema: EMAScalingCallback,
+    args: argparse.Namespace,
+    backbone: str,
+    loss_label: str,
+) -> tuple[L.Trainer, RunTrace]:
+    """Fit with the batch-size schedule and the EMA callback; print the dynamics per epoch and plot them.
+
+    ``backbone`` names the online backbone whose kNN accuracy (and its teacher's) is measured every epoch.
+    """
+    trace = RunTrace(ema, data, backbone)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
@@ -144,9 +272,15 @@ def fit(model: L.LightningModule, data: ImageData, ema: EMAScalingCallback, args
     print()
     trace.print_epochs()
     print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
-    trace.plot(args.out, f"{type(model).__name__} teacher, progressive batch growth, on the sample clock")
+    trace.print_knn()
+    title = f"{type(model).__name__} teacher, progressive batch growth, on the sample clock (x: samples seen)"
+    trace.plot_run(args.out, title, loss_label)
     print(f"wrote {args.out}")
-    return trainer
+    if args.record:
+        with open(args.record, "w") as file:
+            json.dump(trace.record(), file, indent=1)
+        print(f"wrote {args.record}")
+    return trainer, trace
 
 
 BYOL_TEACHERS = {"backbone": "backbone_momentum", "projection_head": "projection_head_momentum"}

@@ -53,9 +53,16 @@ class Trace(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
+        self.draw(axes)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+
+    def draw(self, axes) -> None:
+        """The four panels against samples seen: global batch, kappa, rho-hat, the LR, on four axes."""
         rows = self.rows
         samples = [row[0] for row in rows]  # the short last batch of each epoch shows as a dip
-        fig, axes = plt.subplots(4, 1, figsize=(7, 9), sharex=True)
         for axis, column, label in zip(
             axes, (1, 2, 3, 4), ("global batch", "kappa", "EMA momentum rho-hat", "learning rate (scaled)")
         ):
@@ -69,6 +76,3 @@ class Trace(L.Callback):
             axis.legend(loc="lower left", fontsize=8)
         axes[1].set_yscale("log", base=2)
         axes[-1].set_xlabel("samples seen")
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)

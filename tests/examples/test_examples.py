@@ -1,3 +1,5 @@
+import json
+import math
 import re
 import subprocess
 import sys
@@ -38,14 +40,38 @@ def test_progressive_example_writes_the_plot_and_reports_transitions(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-@pytest.mark.parametrize(("script", "teacher"), [("byol.py", "momentum backbone"), ("dino.py", "teacher backbone")])
-def test_self_supervised_examples_run_on_generated_images(tmp_path, script, teacher):
-    proc = run_example(script, "--epochs 2 --schedule 0:8,1:16 --train-samples 64 --out plot.png", tmp_path)
+@pytest.mark.parametrize(
+    ("script", "online", "teacher"),
+    [("byol.py", "backbone", "momentum backbone"), ("dino.py", "student backbone", "teacher backbone")],
+)
+def test_self_supervised_examples_run_on_generated_images(tmp_path, script, online, teacher):
+    args = "--epochs 2 --schedule 0:8,1:16 --train-samples 64 --out plot.png --record run.json"
+    proc = run_example(script, args, tmp_path)
     assert "total: 128 samples in 12 optimizer steps, progress 1.000" in proc.stdout  # 8 steps of 8, 4 of 16
     accuracy = re.search(rf"{teacher} (\d\.\d+)", proc.stdout)
     assert accuracy and 0.0 <= float(accuracy.group(1)) <= 1.0, proc.stdout[-2000:]
     assert "= 16 samples per optimizer step (was 8 x 1), kappa 2 for 'ema'" in proc.stderr
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # What the figure draws: one row per optimizer step (mechanics, loss, teacher lag), kNN at the start and per epoch
+    run = json.loads((tmp_path / "run.json").read_text())
+    steps = run["steps"]
+    assert [(s["global_batch"], s["kappa"], s["epoch"]) for s in steps] == [(8, 1, 0)] * 8 + [(16, 2, 1)] * 4
+    assert [s["samples_before"] for s in steps] == [8 * i for i in range(8)] + [64 + 16 * i for i in range(4)]
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    if script == "byol.py":  # the negative cosine similarity of the prediction and the teacher's projection
+        assert all(-1.0 <= s["loss"] <= 1.0 for s in steps)
+    # after every step the teacher trails the online network, by a small fraction of its weights
+    assert all(0.0 < s["teacher_lag"] < 0.5 for s in steps), [s["teacher_lag"] for s in steps]
+    knn = run["knn"]
+    assert [point["samples_seen"] for point in knn] == [0, 64, 128]
+    assert all(0.0 <= point[key] <= 1.0 for point in knn for key in ("online", "teacher"))
+    assert knn[0]["online"] == knn[0]["teacher"]  # the teacher starts as a copy of the online network
+    final = re.search(rf"{online} (\d\.\d+), {teacher} (\d\.\d+)", proc.stdout)
+    assert final, proc.stdout[-2000:]
+    assert (float(final.group(1)), float(final.group(2))) == pytest.approx(
+        (knn[-1]["online"], knn[-1]["teacher"]), abs=5e-5
+    )
 
 
 @pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
