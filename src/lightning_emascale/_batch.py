@@ -14,16 +14,21 @@ from typing import Any
 from torch import Tensor
 
 
+def _is_array(value: Any) -> bool:
+    """A tensor, or an array that has a shape (numpy)."""
+    return isinstance(value, Tensor) or isinstance(getattr(value, "shape", None), tuple)
+
+
 def _candidates(batch: Any, path: str) -> Iterator[tuple[str, int]]:
-    if isinstance(batch, Tensor):
-        if batch.dim() > 0:
+    if _is_array(batch):
+        if len(batch.shape) > 0:
             yield path or "batch", batch.shape[0]
     elif isinstance(batch, Mapping):
         for key, value in batch.items():
             yield from _candidates(value, f"{path}[{key!r}]")
     elif isinstance(batch, (list, tuple)):
-        if batch and not _holds_tensor(batch):
-            yield path or "batch", len(batch)  # strings, numbers or lists of them: one entry per sample
+        if batch and (all(isinstance(item, Mapping) for item in batch) or not _holds_tensor(batch)):
+            yield path or "batch", len(batch)  # one entry per sample: records (dicts), strings, numbers
         else:
             for index, item in enumerate(batch):
                 yield from _candidates(item, f"{path}[{index}]")
@@ -33,7 +38,7 @@ def _candidates(batch: Any, path: str) -> Iterator[tuple[str, int]]:
 
 
 def _holds_tensor(value: Any) -> bool:
-    if isinstance(value, Tensor):
+    if _is_array(value):
         return True
     if isinstance(value, Mapping):
         return any(_holds_tensor(item) for item in value.values())

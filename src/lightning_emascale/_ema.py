@@ -14,7 +14,7 @@ they agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Protocol
@@ -107,7 +107,12 @@ class EMAState:
         precision: ``"fp32"`` or ``"model"`` (keep the model's dtype).
     """
 
-    def __init__(self, named_tensors: Sequence[tuple[str, Tensor]], precision: EMAPrecision = "fp32") -> None:
+    def __init__(
+        self,
+        named_tensors: Sequence[tuple[str, Tensor]],
+        precision: EMAPrecision = "fp32",
+        buffer_names: Collection[str] = frozenset(),
+    ) -> None:
         #: The first name of every tracked tensor (the keys of :meth:`state_dict`).
         self.names: list[str] = []
         #: The live tensors being averaged (a module's parameters and buffers).
@@ -132,6 +137,9 @@ class EMAState:
         #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
         self.untracked_names: frozenset[str] = frozenset()
         self._seen_versions: list[int] = []
+        self._stale_at_swap = False
+        #: Whether each tracked tensor is a buffer (``skip_non_finite`` allows an infinite buffer, not a NaN one).
+        self.is_buffer = [name in buffer_names for name in self.names]
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype], _Group] = {}
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._loose: list[tuple[Tensor, Tensor]] = []
@@ -164,7 +172,8 @@ class EMAState:
     ) -> EMAState:
         """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
         selected, untracked = select_tensors(module, include, exclude)
-        state = cls(selected, precision=precision)
+        buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
+        state = cls(selected, precision=precision, buffer_names=buffers)
         state.untracked_names = untracked
         return state
 
@@ -200,6 +209,7 @@ class EMAState:
     def reset(self) -> None:
         """Start the average afresh from the tracked tensors' current values."""
         torch._foreach_copy_(self.averages, self.raw_tensors())
+        self.mark_seen()
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -216,6 +226,7 @@ class EMAState:
         """Back up the raw values in a temporary copy and write the EMA values into the tracked tensors."""
         if self._raw_backup is not None:
             raise RuntimeError("The EMA weights are already swapped into the model")
+        self._stale_at_swap = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
         self._raw_backup = [t.detach().clone() for t in self.tracked]
         self.copy_to_model()
 
@@ -225,6 +236,8 @@ class EMAState:
         if self._raw_backup is not None:
             torch._foreach_copy_(self.tracked, self._raw_backup)
             self._raw_backup = None
+            if not self._stale_at_swap:
+                self.mark_seen()  # the copies bumped the version counters; the values are the ones seen
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -295,7 +308,7 @@ def select_tensors(
     A name is selected by an entry of ``include`` (or by default when ``include`` is ``None``) and left out by
     one of ``exclude``; an entry matches a tensor's name or any tensor under a submodule path (``"disc"``
     matches ``"disc.0.weight"``). Non-persistent buffers (not in the module's ``state_dict``, e.g. an annealed
-    temperature) are left out unless ``include`` names them. A tied tensor left out under one name is left out.
+    temperature) are left out unless ``include`` names them exactly. A tied tensor left out under one name is left out.
     Raises ``ValueError`` for an entry that matches nothing and when nothing is left to average.
     """
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
@@ -321,7 +334,7 @@ def select_tensors(
         for name, tensor in named
         if matches(name, exclude or ())
         or (include is not None and not matches(name, include))
-        or (name in non_persistent and not matches(name, include or ()))
+        or (name in non_persistent and name not in (include or ()))  # only by its exact name
     }
     selected = [(name, tensor) for name, tensor in named if id(tensor) not in left_out]
     if named and not selected:
@@ -331,19 +344,21 @@ def select_tensors(
     return selected, frozenset(name for name, tensor in named if id(tensor) in left_out)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-d bool tensor: whether every floating-point tensor of ``tensors`` is finite. No host sync."""
-    floats = [tensor.detach() for tensor in tensors if tensor.is_floating_point()]
-    if not floats:
+def all_finite(tensors: Sequence[Tensor], nan_only: Optional[Sequence[bool]] = None) -> Tensor:
+    """A 0-d bool tensor: whether every floating-point tensor of ``tensors`` is finite (only free of NaN where
+    ``nan_only`` says so: a buffer may hold -inf on purpose, e.g. an attention mask). No host sync."""
+    flags_of = nan_only if nan_only is not None else [False] * len(tensors)
+    groups: dict[tuple[torch.device, bool], list[Tensor]] = {}
+    for tensor, only_nan in zip(tensors, flags_of):
+        if tensor.is_floating_point() and tensor.numel() > 0:
+            groups.setdefault((tensor.device, only_nan), []).append(tensor.detach())
+    if not groups:
         return torch.tensor(True)
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for tensor in floats:
-        by_device.setdefault(tensor.device, []).append(tensor)
-    device = floats[0].device
-    flags = [  # the max-norm is inf for an inf and nan for a nan, and never overflows
-        torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))).float()).all().to(device)
-        for group in by_device.values()
-    ]
+    device = next(iter(groups))[0]
+    flags = []
+    for (_, only_nan), group in groups.items():
+        norms = torch.stack(torch._foreach_norm(group, float("inf"))).float()  # inf for an inf, nan for a nan
+        flags.append((~torch.isnan(norms) if only_nan else torch.isfinite(norms)).all().to(device))
     return torch.stack(flags).all()
 
 

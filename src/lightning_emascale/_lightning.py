@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
+import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -27,6 +32,12 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
     if trainer.max_epochs is None or trainer.max_epochs < 0:
         return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
     if trainer.max_steps != -1:
+        progressive = any(type(c).__name__ == "ProgressiveBatchCallback" for c in trainer.callbacks)  # type: ignore[attr-defined]
+        if not trainer.lightning_module.automatic_optimization or progressive:
+            return None, (
+                f"`max_steps`={trainer.max_steps} is set and the steps per epoch are not fixed"
+                " (manual optimization counts every optimizer's step; a ProgressiveBatchCallback changes them)"
+            )
         batches = trainer.num_training_batches
         epoch_steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
         if trainer.max_steps < trainer.max_epochs * epoch_steps:
@@ -109,9 +120,9 @@ def check_first_batch(loader: Any, measured: int) -> None:
     if not isinstance(loader, DataLoader) or loader.batch_size is None or measured == loader.batch_size:
         return
     sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
-    short = hasattr(sampler, "__len__") and len(sampler) < loader.batch_size  # type: ignore[arg-type]
-    if measured < loader.batch_size and short:  # a dataset smaller than one batch
-        return
+    sized = hasattr(sampler, "__len__") and not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+    if measured < loader.batch_size and (not sized or len(sampler) < loader.batch_size):  # type: ignore[arg-type]
+        return  # a dataset (or an iterable's shard) smaller than one batch
     raise ValueError(
         f"The first batch measures {measured} samples, but the train dataloader's `batch_size` is"
         f" {loader.batch_size}: kappa would be counted from the wrong dimension. Override"
@@ -128,8 +139,8 @@ class WeightsOnlyCheckpointHook:
     """Stands in for a LightningModule's ``on_save_checkpoint`` during fit, to reach weights-only checkpoints.
 
     Lightning calls no callback hook for ``save_checkpoint(weights_only=True)`` (``ModelCheckpoint(
-    save_weights_only=True)``), only the module's: this calls the module's own hook, then ``write`` on such a
-    checkpoint (one without ``"callbacks"``). A copy or a pickle of the module gets the module's own hook back.
+    save_weights_only=True)``), only the module's: this calls ``write`` on such a checkpoint (one without
+    ``"callbacks"``), then the module's own hook. A copy or a pickle of the module gets the module's own hook back.
     """
 
     def __init__(self, module: pl.LightningModule, write: Callable[[dict[str, Any]], None]) -> None:
@@ -144,10 +155,10 @@ class WeightsOnlyCheckpointHook:
         return hook
 
     def __call__(self, checkpoint: dict[str, Any]) -> None:
+        if "callbacks" not in checkpoint:
+            self.write(checkpoint)  # first: the module's hook sees the EMA, as in a full checkpoint
         own = self.previous or type(self.module).on_save_checkpoint.__get__(self.module)
         own(checkpoint)
-        if "callbacks" not in checkpoint:
-            self.write(checkpoint)
 
     def remove(self) -> None:
         if self.module.__dict__.get("on_save_checkpoint") is self:
@@ -158,3 +169,51 @@ class WeightsOnlyCheckpointHook:
 
     def __reduce__(self) -> Any:
         return (getattr, (self.module, "on_save_checkpoint"))  # not pickled along: resolves to the copy's own
+
+
+class SpawnedFitFile:
+    """Carries a Polyak EMA out of ``ddp_spawn`` fit workers to later evaluation workers, through a file.
+
+    Fit's workers exit with their state; a later ``validate/test/predict`` spawns new workers from the main
+    process's copy of the callback, which never held an EMA. Local rank 0 of fit writes the EMA and a fingerprint
+    of the training weights (one float64 sum per tensor) to a path fixed when the callback was built, so every
+    copy of it finds the file; the main process deletes the file when it exits.
+    """
+
+    def __init__(self) -> None:
+        self.path = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{uuid.uuid4().hex}.pt")
+        weakref.finalize(self, _remove, self.path)
+
+    def __reduce__(self) -> Any:
+        return (_SpawnedFitFileCopy, (self.path,))  # a worker's copy does not delete the file when it exits
+
+    def clear(self, trainer: pl.Trainer) -> None:
+        """At the start of a spawned fit: an earlier fit's file must not stand in for this one's."""
+        if trainer.local_rank == 0:
+            _remove(self.path)
+
+    def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: list[torch.Tensor]) -> None:
+        if trainer.local_rank == 0:  # every node: evaluation workers read the file on their own machine
+            partial = f"{self.path}.partial"
+            torch.save({"state": state, "fingerprint": fingerprint(raw)}, partial)
+            os.replace(partial, self.path)
+
+    def read(self, device: torch.device) -> Optional[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return None
+        return torch.load(self.path, map_location=device, weights_only=True)
+
+
+class _SpawnedFitFileCopy(SpawnedFitFile):
+    def __init__(self, path: str) -> None:  # no finalizer: the main process's object owns the file
+        self.path = path
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One float64 sum per tensor, on the CPU: equal values give equal fingerprints."""
+    return torch.stack([tensor.detach().double().sum().cpu() for tensor in tensors])
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)

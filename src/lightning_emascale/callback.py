@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
@@ -25,8 +22,10 @@ from lightning_emascale._checks import check_evaluate_with_ema, check_name
 from lightning_emascale._ema import EMAState, freeze_teachers
 from lightning_emascale._lightning import (
     RunLength,
+    SpawnedFitFile,
     WeightsOnlyCheckpointHook,
     check_first_batch,
+    fingerprint,
     is_one_of,
     spawned_workers,
     swap_ema_into,
@@ -128,9 +127,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._warned_no_update = False
         self._skipped_reported = 0
         self._checkpoint_hook: Optional[WeightsOnlyCheckpointHook] = None
-        # Under ddp_spawn, fit's workers leave the EMA in a file this callback's later evaluations (spawned with a
-        # copy of this object) find by this id.
-        self._spawn_file = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{uuid.uuid4().hex}.pt")
+        self._spawn_file = SpawnedFitFile()  # carries the EMA from ddp_spawn's fit workers to later evaluations
 
     @property
     @override
@@ -209,37 +206,48 @@ class EMAScalingCallback(OptionsView, Callback):
         self._module_loaded_from_ema = False
         if stage == "fit":
             self._resuming = False
+            self._state_to_load = None  # an evaluation's checkpoint is no state to resume
+            if spawned_workers(trainer):
+                self._spawn_file.clear(trainer)
             if self._options.freeze_teachers and self._options.teachers:
                 freeze_teachers(pl_module, self._options.teachers)  # before DDP wraps the module
-        else:
-            self._ema_from_spawned_fit(trainer, pl_module)
-            # Before the strategy's setup, which re-broadcasts every tensor under DDP: what changed now was
-            # changed by the user since fit (weights loaded by hand).
-            ema = self._ema
-            polyak = ema is not None and ema.module is pl_module and isinstance(ema.averager, EMAState)
-            self._stale = ema.averager.changed_since_seen() if polyak else []  # type: ignore[union-attr]
-
-    def _ema_from_spawned_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """In a ddp_spawn worker that evaluates after fit: rebuild the EMA that fit's workers left behind."""
-        if self._ema is not None or not os.path.exists(self._spawn_file):
             return
-        state = torch.load(self._spawn_file, map_location=pl_module.device, weights_only=True)
+        # Before the strategy's setup, which re-broadcasts every tensor under DDP: what differs now from what
+        # the EMA last saw was changed by the user since fit (weights loaded by hand).
+        spawned = self._ema_from_spawned_fit(trainer, pl_module)
+        ema = self._ema
+        polyak = ema is not None and ema.module is pl_module and isinstance(ema.averager, EMAState)
+        stale = ema.averager.changed_since_seen() if polyak else []  # type: ignore[union-attr]
+        self._stale = spawned if spawned is not None else stale
+
+    def _ema_from_spawned_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[list[str]]:
+        """In a ddp_spawn worker that evaluates after fit: rebuild the EMA that fit's workers left behind, and
+        return the names of the tensors changed since (``None`` when there is nothing to rebuild)."""
+        saved = (
+            None if self._ema is not None or not spawned_workers(trainer) else self._spawn_file.read(pl_module.device)
+        )
+        if saved is None:
+            return None
         options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
             self._options, optimizer_rule=None, momentum_attributes=self._options.momentum_attributes or None
         )
         self._ema = ScaledEMA._from_options(pl_module, None, options, auto_end_step=False)
-        self._ema.load_state_dict(state)
+        self._ema.load_state_dict(saved["state"])
+        averager = self._ema.averager
+        assert isinstance(averager, EMAState)
+        now = fingerprint(averager.tracked)
+        return [name for name, a, b in zip(averager.names, now, saved["fingerprint"]) if not torch.equal(a, b)]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._ema is None or self._ema.module is not pl_module:
+        continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
+        if self._ema is None or self._ema.module is not pl_module or not continuing:
+            # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors.
             self._ema = ScaledEMA._from_options(
                 pl_module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
         else:
             self._ema.attach(trainer.optimizers)
-            if not self._resuming and trainer.global_step == 0:
-                self._ema.reset()  # a new run with the same callback (a K-fold loop): start afresh
         if self._state_to_load is not None:
             self._ema.load_state_dict(self._state_to_load)
             self._state_to_load = None
@@ -270,9 +278,9 @@ class EMAScalingCallback(OptionsView, Callback):
             )
         if self._options.total_samples is not None and not self._progress_needed(trainer):
             rank_zero_warn(
-                f"{self.state_key}: `total_samples`={self._options.total_samples} is read by nothing: the momentum"
-                " schedule is constant and no SampleClockLR follows this clock. Drop it, or use"
-                " `momentum_schedule='cosine'`/a callable, or a SampleClockLR."
+                f"{self.state_key}: `total_samples`={self._options.total_samples} is read by nothing here: the"
+                " momentum schedule is constant and no SampleClockLR follows this clock. Drop it (unless your code"
+                " reads `progress`), or use `momentum_schedule='cosine'`/a callable, or a SampleClockLR."
             )
 
     def _progress_needed(self, trainer: pl.Trainer) -> bool:
@@ -315,18 +323,10 @@ class EMAScalingCallback(OptionsView, Callback):
         if ema is None:
             return
         ema.detach()
-        if isinstance(ema.averager, EMAState):
+        if stage == "fit" and isinstance(ema.averager, EMAState):
             ema.averager.mark_seen()  # an evaluation later checks that the module was not changed since
-        if (
-            stage == "fit"
-            and spawned_workers(trainer)
-            and trainer.is_global_zero
-            and isinstance(ema.averager, EMAState)
-        ):
-            # The workers exit now: a later validate/test/predict (spawned with a copy of this callback) reads it.
-            partial = f"{self._spawn_file}.partial"
-            torch.save(ema.state_dict(), partial)
-            os.replace(partial, self._spawn_file)
+            if spawned_workers(trainer):  # the workers exit now, with the EMA
+                self._spawn_file.write(trainer, ema.state_dict(), ema.averager.raw_tensors())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -376,17 +376,15 @@ class EMAScalingCallback(OptionsView, Callback):
         if ema.is_swapped:
             return
         if ema.module is not pl_module:
+            return  # another module (e.g. `Model.load_from_checkpoint`, already the EMA): its own weights
+        evaluating = trainer.state.fn != TrainerFn.FITTING
+        if evaluating and trainer.ckpt_path:
+            return  # `validate(ckpt_path=...)`: the checkpoint's weights are what is asked for
+        if evaluating and self._stale:
             rank_zero_warn(
-                f"{self.state_key}: evaluating a {type(pl_module).__name__} that is not the module this EMA averages"
-                " (it was built for the one fit trained): its own weights are evaluated, not the EMA"
-            )
-            return
-        changed = self._stale
-        if changed and trainer.state.fn != TrainerFn.FITTING:
-            rank_zero_warn(
-                f"{self.state_key}: the module's weights were changed since the EMA last saw them ({changed[:3]}, ...:"
-                " loaded by hand?), so the EMA is stale: evaluating the module's own weights. Call"
-                " `callback.scaled_ema.reset()` to restart the EMA from them, or fit again."
+                f"{self.state_key}: the module's weights were changed since the EMA last saw them (e.g."
+                f" {self._stale[:3]}; loaded by hand?), so the EMA is stale: evaluating the module's own weights."
+                " Call `callback.scaled_ema.reset()` to restart the EMA from them, or fit again."
             )
             return
         ema.swap_in()
@@ -395,8 +393,6 @@ class EMAScalingCallback(OptionsView, Callback):
         ema = self._ema
         if ema is not None and ema.is_swapped:
             ema.swap_out()
-            if trainer.state.fn != TrainerFn.FITTING:
-                ema.averager.mark_seen()  # type: ignore[union-attr]  # swapping out writes the weights back
 
     on_validation_start = on_test_start = on_predict_start = override(_swap_in)
     on_validation_end = on_test_end = on_predict_end = override(_swap_out)
@@ -413,8 +409,11 @@ class EMAScalingCallback(OptionsView, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"The {self.state_key} state must be a dict, got {type(state_dict).__name__}")
+        trainer = self._run_length.trainer
         if not state_dict or state_dict.get("format") == _BEFORE_FIT:
             return
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate(ckpt_path=...)` evaluates the checkpoint's weights; this run's EMA stays as it is
         _check_state(state_dict, f"The checkpoint's {self.state_key} state")
         self._resuming = True
         if self._ema is not None:

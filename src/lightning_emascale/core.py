@@ -461,10 +461,10 @@ class ScaledEMA:
             return None
         averager = self.averager
         if isinstance(averager, TeacherState):
-            sources = averager.online_tensors()
+            finite = all_finite(averager.online_tensors())  # parameters only
         else:
-            sources = (averager.states[0] if isinstance(averager, PowerEMAState) else averager).tracked
-        finite = all_finite(sources)
+            state = averager.states[0] if isinstance(averager, PowerEMAState) else averager
+            finite = all_finite(state.tracked, nan_only=state.is_buffer)
         if self._skipped.device != finite.device:
             self._skipped = self._skipped.to(finite.device)
         self._skipped += (~finite).long()

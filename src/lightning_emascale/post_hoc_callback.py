@@ -98,5 +98,16 @@ class PostHocEMACallback(EMAScalingCallback):
         return os.fspath(self._options.snapshot_dir or "")
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self._resuming or trainer.global_step > 0) and os.path.isdir(self.directory):
+            earlier = sorted(name for name in os.listdir(self.directory) if name.startswith("post_hoc-"))
+            if earlier:  # a new run would overwrite some and mix with the others
+                raise ValueError(
+                    f"`directory`={self.directory!r} already holds {len(earlier)} post-hoc snapshots of another run"
+                    f" ({earlier[0]}, ...): give each run its own directory (or resume that run from its checkpoint)"
+                )
+        super().on_fit_start(trainer, pl_module)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.scaled_ema.save_snapshot()  # the last samples too, so that a reconstruction can end there

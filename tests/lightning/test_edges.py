@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, Mod
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback, SampleClockLR, WarmupCosine
+from lightning_emascale._lightning import WeightsOnlyCheckpointHook
 
 
 def _val_loss(model: TinyModel, state: dict[str, torch.Tensor] | None = None) -> float:
@@ -106,13 +107,16 @@ def test_a_callback_reused_across_fits_starts_each_new_run_afresh():
     class FirstUpdate(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 0:
-                steps.append(callback.ema_state_dict()["net.0.weight"].clone())
+                steps.append(
+                    (callback.ema_state_dict()["net.0.weight"].clone(), pl_module.net[0].weight.detach().clone())
+                )
 
     make_trainer([callback, FirstUpdate()]).fit(model)  # raised "past total_samples" before
     assert (callback.samples_seen, callback.optimizer_steps, callback.kappa) == (32, 4, 1.0)  # base resolved again
     # the EMA restarted from the weights this run began with: after one step it is 0.9 of them + 0.1 of the step's
-    after_first_step = steps[0]
-    assert not torch.equal(after_first_step, weights_at_start["net.0.weight"])
+    ema_after_first_step, raw_after_first_step = steps[0]
+    expected = 0.9 * weights_at_start["net.0.weight"] + 0.1 * raw_after_first_step
+    torch.testing.assert_close(ema_after_first_step, expected)
 
 
 def test_fitting_again_on_the_same_trainer_continues_the_run():
@@ -142,14 +146,70 @@ def test_evaluating_after_loading_other_weights_by_hand_does_not_use_the_stale_e
     assert torch.equal(model.net[0].weight, other["net.0.weight"])
 
 
-def test_evaluating_another_module_warns_and_evaluates_its_own_weights():
+def test_evaluating_another_module_quietly_evaluates_its_own_weights():
     callback = EMAScalingCallback(momentum=0.9)
     trainer = make_trainer([callback], limit_val_batches=None)
     trainer.fit(TinyModel())
-    fresh = TinyModel()
-    with pytest.warns(UserWarning, match="not the module this EMA averages"):
+    fresh = TinyModel()  # e.g. `Model.load_from_checkpoint(path)`, which already is the EMA
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         result = trainer.validate(fresh, verbose=False)[0]["val_loss"]
+    assert _no_warning_matching(record, "EMA")
     assert result == pytest.approx(_val_loss(fresh))
+
+
+def test_a_stale_ema_stays_stale_until_reset_and_the_libraries_own_swaps_are_not_changes():
+    model = TinyModel()
+    callback = EMAScalingCallback(momentum=0.9)
+    trainer = make_trainer([callback], limit_val_batches=None)
+    trainer.fit(model)
+    with callback.ema_weights():  # the README's export recipe writes the weights twice
+        pass
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(
+            _val_loss(model, callback.ema_state_dict())
+        )
+    assert _no_warning_matching(record, "stale")
+    other = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(other)
+    for _ in range(2):  # the second evaluation warned no more and used the stale EMA before
+        with pytest.warns(UserWarning, match="the EMA is stale"):
+            assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(_val_loss(model))
+    callback.scaled_ema.reset()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.validate(model, verbose=False)
+    assert _no_warning_matching(record, "stale")
+
+
+def test_evaluating_a_checkpoint_uses_its_weights_and_leaves_the_runs_ema_alone(tmp_path):
+    model = TinyModel()
+    callback = EMAScalingCallback(momentum=0.9)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_epochs=1, save_top_k=-1)
+    trainer = make_trainer([callback, checkpoint], enable_checkpointing=True, max_epochs=2, limit_val_batches=None)
+    trainer.fit(model)
+    first = tmp_path / "epoch=0-step=8.ckpt"
+    expected = _val_loss(model, torch.load(first, weights_only=True)["state_dict"])
+    assert trainer.validate(model, ckpt_path=first, verbose=False)[0]["val_loss"] == pytest.approx(expected)
+
+    full = tmp_path / "full.ckpt"
+    trainer.save_checkpoint(full)
+    samples = callback.samples_seen
+    trainer.validate(model, ckpt_path=full, verbose=False)  # loaded the run's clock before
+    assert callback.samples_seen == samples
+    make_trainer([callback]).fit(model)  # a fresh run: not the checkpoint's clock
+    assert (callback.samples_seen, callback.optimizer_steps) == (32, 8)
+
+
+def test_a_fresh_fit_tracks_the_modules_current_tensors():
+    model = TinyModel()
+    callback = EMAScalingCallback(momentum=0.9)
+    make_trainer([callback]).fit(model)
+    model.net[2] = torch.nn.Linear(8, 1)  # a new head for the next run
+    make_trainer([callback]).fit(model)
+    # the second run averages the new head (the old averager kept averaging the orphaned one)
+    assert any(tensor is model.net[2].weight for tensor in callback.scaled_ema.averager.tracked)
 
 
 def test_a_run_without_an_ema_update_warns():
@@ -334,3 +394,52 @@ def test_callback_states_and_directories_of_the_wrong_type_are_named(tmp_path):
         EMAScalingCallback(teachers={"a": "a"})
     with pytest.raises(ValueError, match=r"`name` must be a non-empty string, got ' '"):
         EMAScalingCallback(name=" ")
+
+
+def test_the_modules_own_hook_sees_the_ema_in_a_weights_only_checkpoint(tmp_path):
+    seen = {}
+
+    class Reading(TinyModel):
+        def on_save_checkpoint(self, checkpoint):
+            seen["weight"] = checkpoint["state_dict"]["net.0.weight"].clone()
+
+    callback = EMAScalingCallback(momentum=0.9)
+    trainer = make_trainer([callback])
+    trainer.fit(model := Reading())
+    checkpoint = {"state_dict": model.state_dict()}
+    hook = WeightsOnlyCheckpointHook.install(model, callback._put_ema_into)
+    model.on_save_checkpoint(checkpoint)
+    hook.remove()
+    assert torch.equal(seen["weight"], callback.ema_state_dict()["net.0.weight"])  # as in a full checkpoint
+
+
+def test_max_steps_under_manual_optimization_asks_for_total_samples():
+    class TwoOptimizers(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            for optimizer in self.optimizers():
+                loss = super().training_step(batch, batch_idx)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+            ]
+
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    with pytest.raises(ValueError, match=r"`max_steps`=12 is set and the steps per epoch are not fixed.*total_samples"):
+        make_trainer([callback], max_epochs=1, max_steps=12).fit(TwoOptimizers())
+
+
+def test_a_post_hoc_directory_of_another_run_is_refused(tmp_path):
+    from lightning_emascale import PostHocEMACallback
+
+    make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
+    with pytest.raises(ValueError, match=r"already holds 2 post-hoc snapshots of another run"):
+        make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())

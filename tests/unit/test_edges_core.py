@@ -353,3 +353,38 @@ def test_metric_prefixes_counters_and_last_epoch_are_checked(tmp_path):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=r"`last_epoch` must be an integer >= -1 \(-1 starts afresh\), got 'x'"):
         SampleClockLR(optimizer, lambda progress: 1.0, last_epoch="x")
+
+
+# ------------------------------------------------------------------------------ found by a review of the change
+def test_skip_non_finite_takes_empty_tensors_and_infinite_buffers():
+    model = Annealed()
+    model.register_buffer("empty", torch.empty(0))
+    model.register_buffer("mask", torch.full((2,), float("-inf")))  # an attention mask, -inf on purpose
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, skip_non_finite=True)
+    step(ema, model, optimizer)
+    assert ema.skipped_updates == 0  # raised on the empty tensor, skipped for the mask before
+    with torch.no_grad():
+        model.mask[0] = float("nan")  # a NaN buffer is never on purpose
+    step(ema, model, optimizer)
+    assert ema.skipped_updates == 1
+
+
+def test_include_takes_a_non_persistent_buffer_only_by_its_exact_name():
+    model = Annealed()
+    model.generator.register_buffer("temperature", torch.tensor(2.0), persistent=False)
+    by_prefix = ScaledEMA(model, None, momentum=0.9, include=["generator"])
+    assert "generator.temperature" not in by_prefix.ema_state_dict()  # as with exclude=["discriminator"]
+    exact = ScaledEMA(model, None, momentum=0.9, include=["generator", "generator.temperature"])
+    assert "generator.temperature" in exact.ema_state_dict()
+
+
+@pytest.mark.parametrize(
+    ("batch", "size"),
+    [
+        ((np.zeros((4, 3)), np.zeros(4)), 4),  # numpy arrays have a batch dimension, like tensors
+        ([{"image": torch.zeros(3, 8, 8), "boxes": torch.zeros(2, 4)}] * 5, 5),  # detection: a list of records
+    ],
+)
+def test_numpy_batches_and_lists_of_records(batch, size):
+    assert measure_batch_size(batch) == size
