@@ -31,7 +31,7 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
         return None, "fit has not started"
     if trainer.max_epochs is None or trainer.max_epochs < 0:
         return None, f"`max_epochs` is not set, the run is bounded by `max_steps`={trainer.max_steps}"
-    if trainer.max_steps != -1:
+    if trainer.max_steps != -1 and not trainer.fast_dev_run:  # type: ignore[attr-defined]  # a smoke test: one step
         progressive = any(type(c).__name__ == "ProgressiveBatchCallback" for c in trainer.callbacks)  # type: ignore[attr-defined]
         if not trainer.lightning_module.automatic_optimization or progressive:
             return None, (
