@@ -1,99 +1,179 @@
 """One EMA update: lightning-emascale against the floor and against peer libraries, in one process.
 
-    python benchmarks/ema_update.py [--repeats 25] [--device cpu]
+    python benchmarks/ema_update.py [--runs 2] [--repeats 25] [--device cpu] [--memory]
 
-Floor: one flat fp32 ``lerp_`` over as many elements as the model has (the memory traffic any EMA must
-pay). Peers: timm ``ModelEmaV3``, torch ``AveragedModel`` with ``get_ema_multi_avg_fn``, Lightning's
-``EMAWeightAveraging`` (its ``AveragedModel`` with a per-tensor ``avg_fn``). Needs the ``bench`` extra (timm).
-Targets on CPU: fp32 <= 1.10x the floor; bf16 model with an fp32 EMA <= 1.5x the fp32 floor.
+Floor: one flat fp32 ``lerp_`` over as many elements as the model has (the memory traffic any EMA must pay).
+Each candidate is built alone and timed interleaved with the floor (so that memory holds one EMA copy at a time).
+Peers: timm ``ModelEmaV3``, ema-pytorch ``EMA`` (per tensor and ``use_foreach``), torch ``AveragedModel`` with
+``get_ema_multi_avg_fn``, Lightning's ``EMAWeightAveraging`` (its ``AveragedModel`` with a per-tensor
+``avg_fn``), and the readable per-tensor reference update. Each table is measured ``--runs`` times (interleaved
+repetitions, medians); the table shows the median of the runs' medians and their spread. ``--memory`` runs every
+candidate in a fresh process and prints its peak resident memory over the model alone. Needs the ``bench`` extra.
+Targets: fp32 <= 1.05x the floor; a bf16 model with an fp32 EMA <= 1.2x.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import resource
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians, print_table
+from _common import interleaved_medians
 
-from lightning_emascale._ema import EMAState
+from lightning_emascale._ema import EMAState, reference_update
+
+FLOOR = "floor: one flat fp32 lerp_"
+OURS = "lightning-emascale EMAState.update"
+TARGETS = {False: 1.05, True: 1.2}
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, device: str, bf16: bool) -> torch.nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to(device)
+    return model.to(torch.bfloat16) if bf16 else model
 
 
-def candidates(model: torch.nn.Module, bf16: bool) -> tuple[dict, dict]:
-    fns, failures = {}, {}
-    averaged_tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    n = sum(t.numel() for t in averaged_tensors)  # parameters and float buffers: what every candidate averages
-    device = averaged_tensors[0].device
-    flat, flat_ema = torch.randn(n, device=device), torch.randn(n, device=device)
-    fns["floor: one flat fp32 lerp_"] = lambda: flat_ema.lerp_(flat, 1e-3)
-
-    ours = EMAState(list(model.state_dict(keep_vars=True).items()), precision="fp32")
-    fns["lightning-emascale EMAState.update"] = lambda: ours.update(0.999)
-
-    from timm.utils.model_ema import ModelEmaV3
-
-    timm_ema = ModelEmaV3(model, decay=0.999)
+def _fp32_copy(module: torch.nn.Module, bf16: bool) -> None:
     if bf16:
-        timm_ema.module.float()  # keep the EMA in fp32, as a bf16 EMA with decay 0.999 rounds updates away
-    fns["timm ModelEmaV3 (foreach)"] = lambda: timm_ema.update(model)
+        module.float()  # every peer keeps its EMA in fp32, as a bf16 EMA with decay 0.999 rounds updates away
 
+
+def make(name: str, model: torch.nn.Module, bf16: bool) -> Callable[[], None]:
+    """The update function of one candidate, built over ``model``."""
+    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if name == FLOOR:
+        n = sum(t.numel() for t in floats)  # parameters and float buffers: what every candidate averages
+        flat, flat_ema = torch.randn(n, device=floats[0].device), torch.randn(n, device=floats[0].device)
+        return lambda: flat_ema.lerp_(flat, 1e-3)
+    if name == OURS:
+        ours = EMAState.from_module(model)
+        return lambda: ours.update(0.999)
+    if name == "per-tensor reference (reference_update)":
+        reference = EMAState.from_module(model)
+        return lambda: reference_update(reference.averages, reference.tracked, 0.999)
+    if name == "timm ModelEmaV3 (foreach)":
+        from timm.utils.model_ema import ModelEmaV3
+
+        timm_ema = ModelEmaV3(model, decay=0.999)
+        _fp32_copy(timm_ema.module, bf16)
+        return lambda: timm_ema.update(model)
+    if name.startswith("ema-pytorch EMA"):
+        from ema_pytorch import EMA
+
+        ema = EMA(
+            model, beta=0.999, update_after_step=0, update_every=1, use_foreach="foreach" in name, coerce_dtype=bf16
+        )
+        _fp32_copy(ema.ema_model, bf16)
+        return lambda: ema.update()
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
-    if bf16:
-        averaged.module.float()
-    fns["torch AveragedModel + multi_avg_fn"] = lambda: averaged.update_parameters(model)
+    if name == "torch AveragedModel + multi_avg_fn":
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    else:  # Lightning's EMAWeightAveraging keeps an AveragedModel with a per-tensor avg_fn
+        averaged = AveragedModel(model, avg_fn=get_ema_avg_fn(0.999), use_buffers=True)
+    _fp32_copy(averaged.module, bf16)
+    return lambda: averaged.update_parameters(model)
 
-    # Lightning's EMAWeightAveraging keeps an AveragedModel with a per-tensor avg_fn; time that update.
-    lightning_like = AveragedModel(model, avg_fn=get_ema_avg_fn(0.999), use_buffers=True)
-    if bf16:
-        lightning_like.module.float()
-    fns["Lightning EMAWeightAveraging (AveragedModel)"] = lambda: lightning_like.update_parameters(model)
 
-    for name in list(fns):
-        try:  # a peer that cannot update at all is reported, not hidden
-            fns[name]()
-            fns[name]()  # AveragedModel's first call only copies
-        except Exception as err:
-            failures[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:90]}"
-            del fns[name]
-    return fns, failures
+CANDIDATES = [
+    FLOOR,
+    OURS,
+    "per-tensor reference (reference_update)",
+    "timm ModelEmaV3 (foreach)",
+    "ema-pytorch EMA (per tensor)",
+    "ema-pytorch EMA (use_foreach)",
+    "torch AveragedModel + multi_avg_fn",
+    "Lightning EMAWeightAveraging (AveragedModel)",
+]
+
+
+def candidate(name: str, model: torch.nn.Module, bf16: bool) -> tuple[Callable[[], None] | None, str]:
+    """The update of one candidate, run twice (AveragedModel's first call only copies), or why it fails."""
+    try:  # a peer that cannot update at all is reported, not hidden
+        fn = make(name, model, bf16)
+        fn()
+        fn()
+        return fn, ""
+    except Exception as err:
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+
+
+_PEAK = """
+import gc, sys, torch
+sys.path.insert(0, {folder!r})
+import ema_update as bench
+model = bench.build({model!r}, {device!r}, {bf16!r})
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set (VmHWM) to the current one
+def hwm():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+base = hwm()
+update = bench.make({name!r}, model, {bf16!r})
+for _ in range(3):
+    update()
+print(hwm() - base)
+"""
+
+
+def peak_memory_mib(model_name: str, name: str, device: str, bf16: bool) -> str:
+    """Peak resident memory of a fresh process building ``name`` over the model and updating 3 times, minus the
+    model's (Linux: the peak is reset once the model is built); GPU memory is not counted."""
+    code = _PEAK.format(folder=str(Path(__file__).parent), model=model_name, device=device, bf16=bf16, name=name)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return f"{float(run.stdout.split()[-1]):.0f}" if run.returncode == 0 else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224"])
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of each candidate")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, runs {args.runs}")
     for model_name in args.models:
-        base = build(model_name).to(args.device)
-        n = sum(p.numel() for p in base.parameters())
         for bf16 in (False, True):
-            model = copy.deepcopy(base).to(torch.bfloat16) if bf16 else base
-            fns, failures = candidates(model, bf16)
-            medians = interleaved_medians(fns, repeats=args.repeats)
+            model = build(model_name, args.device, bf16)
+            n = sum(p.numel() for p in model.parameters())
             kind = "bf16 model, fp32 EMA" if bf16 else "fp32"
-            print_table(
-                f"{model_name} ({n / 1e6:.1f}M params), {kind}", medians, "floor: one flat fp32 lerp_", failures
-            )
-            target = 1.5 if bf16 else 1.10
-            ratio = medians["lightning-emascale EMAState.update"] / medians["floor: one flat fp32 lerp_"]
-            print(
-                f"lightning-emascale: {ratio:.2f}x the floor (target <= {target}x): {'OK' if ratio <= target else 'OVER'}"
-            )
+            print(f"\n{model_name} ({n / 1e6:.1f}M params), {kind}")
+            print(f"{'candidate':<46} {'x floor':>8} {'spread':>11}" + ("  peak MiB over model" if args.memory else ""))
+            floor, _ = candidate(FLOOR, model, bf16)
+            assert floor is not None
+            worst = 0.0
+            for name in CANDIDATES[1:]:  # one at a time against the floor: memory stays one EMA copy
+                fn, failure = candidate(name, model, bf16)
+                if fn is None:
+                    print(f"{name:<46} {'fails':>8}   {failure}")
+                    continue
+                ratios = []
+                for _ in range(args.runs):
+                    medians = interleaved_medians({FLOOR: floor, name: fn}, repeats=args.repeats)
+                    ratios.append(medians[name] / medians[FLOOR])
+                ratios.sort()
+                mib = f"  {peak_memory_mib(model_name, name, args.device, bf16):>10}" if args.memory else ""
+                middle = (
+                    ratios[(len(ratios) - 1) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
+                )
+                print(f"{name:<46} {middle:>8.2f} {ratios[0]:>5.2f}-{ratios[-1]:<5.2f}{mib}")
+                if name == OURS:
+                    worst = ratios[-1]
+                del fn
+            target = TARGETS[bf16]
+            verdict = "OK" if worst <= target else "OVER"
+            print(f"lightning-emascale: {worst:.2f}x the floor at worst (target <= {target}x): {verdict}")
+            del model, floor
+    print(f"(max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
 
 
 if __name__ == "__main__":

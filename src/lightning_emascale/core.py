@@ -252,6 +252,7 @@ class ScaledEMA:
             self.averager = EMAState.from_module(module, options.ema_precision, options.include, options.exclude)
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
+        self._write_snapshots = True  # an adapter turns it off for a smoke test (Lightning's fast_dev_run)
         self._saved_groups: SavedGroups = []
         self._attributes: list[MomentumAttribute] = []
         self._reset_clock()
@@ -315,6 +316,8 @@ class ScaledEMA:
         ]
         self.detach()
         self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
+        for state in self._ema_states():
+            state.refresh()  # the tensors' storage now (a module moved since it was built)
         self._attributes = attributes
         self._optimizers = unwrapped
         if scaling:
@@ -454,6 +457,11 @@ class ScaledEMA:
             if every and before // every < self._samples_seen // every:
                 self.save_snapshot()
 
+    def _ema_states(self) -> list[EMAState]:
+        if isinstance(self.averager, PowerEMAState):
+            return list(self.averager.states)
+        return [self.averager] if isinstance(self.averager, EMAState) else []
+
     def _weights_finite(self) -> Optional[Tensor]:
         """With ``skip_non_finite``: a 0-d bool tensor, whether the weights the update reads are finite; the
         skipped count grows on the device where they are not. ``None`` otherwise."""
@@ -486,7 +494,7 @@ class ScaledEMA:
             raise RuntimeError("`save_snapshot()` belongs to a post-hoc EMA (`sigma_rels=...`)")
         every = self.options.snapshot_every_samples
         assert every is not None and self.options.snapshot_dir is not None
-        if self._ema_updates == 0:
+        if self._ema_updates == 0 or not self._write_snapshots:
             return None
         path = snapshot_path(self.options.snapshot_dir, self._samples_at_update)
         if _is_rank_zero() and not path.exists():

@@ -388,3 +388,17 @@ def test_include_takes_a_non_persistent_buffer_only_by_its_exact_name():
 )
 def test_numpy_batches_and_lists_of_records(batch, size):
     assert measure_batch_size(batch) == size
+
+
+def test_lists_of_per_view_dicts_share_their_batch_dimension():
+    # two dataloaders (or views) whose batches are dicts of 8: 8 samples, not 2 "records"
+    assert measure_batch_size([{"x": torch.zeros(8, 3)}, {"x": torch.zeros(8, 3)}]) == 8
+
+
+def test_a_mask_buffer_holding_minus_inf_is_copied_not_averaged_into_nan():
+    model = Annealed()
+    model.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    ema = ScaledEMA(model, None, momentum=0.9, skip_non_finite=True)
+    ema.count_samples(4)
+    ema.end_step()
+    assert ema.ema_state_dict()["mask"].tolist() == [0.0, float("-inf")] and ema.skipped_updates == 0

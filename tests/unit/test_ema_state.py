@@ -117,3 +117,77 @@ def test_teacher_pairs_must_be_one_to_one(teachers, match):
     module["t"].requires_grad_(False)
     with pytest.raises(ValueError, match=match):
         TeacherState.from_module(module, teachers)
+
+
+class _Zoo(torch.nn.Module):
+    """Small and big, channels-last, tied, non-contiguous and empty tensors, integer and float buffers."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.small = torch.nn.ModuleList(torch.nn.Linear(7, 5) for _ in range(20))
+        self.big = torch.nn.Linear(600, 300)  # 180K elements: over the small-tensor size, several blocks
+        self.conv = torch.nn.Conv2d(16, 32, 3).to(memory_format=torch.channels_last)
+        self.tied = self.small[0]
+        self.transposed = torch.nn.Parameter(torch.randn(9, 5).t())  # dense in no memory format
+        self.empty = torch.nn.Parameter(torch.empty(0))
+        self.bn = torch.nn.BatchNorm1d(5)
+        self.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("block", [1 << 10, 1 << 20])
+def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monkeypatch):
+    from lightning_emascale import _ema
+
+    monkeypatch.setattr(_ema, "block_elements", lambda device_type: block)  # many blocks, or one
+    model = _Zoo(dtype)
+    state = EMAState.from_module(model)
+    reference = [average.clone() for average in state.averages]
+    assert len({a.untyped_storage().data_ptr() for a in state.averages if a.is_floating_point() and a.numel()}) <= 2
+    for step in range(4):
+        with torch.no_grad():
+            for tensor in state.tracked:
+                tensor.add_(
+                    torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1
+                )
+        state.update(0.8 ** (step + 1))
+        reference_update(reference, state.tracked, 0.8 ** (step + 1))
+        for name, fast, slow in zip(state.names, state.averages, reference):
+            assert torch.equal(fast, slow), name
+    assert state.averages[state.index_of_name["conv.weight"]].is_contiguous(memory_format=torch.channels_last)
+    assert state.index_of_name["tied.weight"] == state.index_of_name["small.0.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_swap_points_parameters_at_their_averages_and_restores_the_same_storage(dtype):
+    model = _Zoo(dtype)
+    state = EMAState.from_module(model)
+    with torch.no_grad():
+        for tensor in state.tracked:
+            tensor.mul_(3) if tensor.is_floating_point() else tensor.add_(1)
+    state.update(0.5)
+    pointers = [tensor.data_ptr() for tensor in state.tracked]
+    raw = [tensor.detach().clone() for tensor in state.tracked]
+    with state.swapped():
+        for name, tensor, average in zip(state.names, state.tracked, state.averages):
+            assert torch.equal(tensor, average.to(tensor.dtype)), name
+            if isinstance(tensor, torch.nn.Parameter) and dtype == torch.float32 and tensor.numel():
+                assert tensor.data_ptr() == average.data_ptr(), name  # no copy
+        weight = model.big.weight
+        assert weight.dtype == dtype and weight.shape == (300, 600)
+    assert [tensor.data_ptr() for tensor in state.tracked] == pointers  # the very same storage back
+    for name, tensor, before in zip(state.names, state.tracked, raw):
+        assert torch.equal(tensor, before), name
+
+
+def test_refresh_follows_a_module_whose_storage_was_replaced():
+    model = _Zoo(torch.float32)
+    state = EMAState.from_module(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone() + 1.0  # what module.to(other_device) does
+    state.refresh()
+    state.update(0.0)  # decay 0: the average becomes the current values
+    for name, tensor, average in zip(state.names, state.tracked, state.averages):
+        assert torch.equal(average, tensor.to(average.dtype)), name
