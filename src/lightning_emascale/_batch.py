@@ -27,11 +27,13 @@ def _candidates(batch: Any, path: str) -> Iterator[tuple[str, int]]:
         for key, value in batch.items():
             yield from _candidates(value, f"{path}[{key!r}]")
     elif isinstance(batch, (list, tuple)):
-        if batch and (all(isinstance(item, Mapping) for item in batch) or not _holds_tensor(batch)):
-            yield path or "batch", len(batch)  # one entry per sample: records (dicts), strings, numbers
+        inner = [] if not batch or not _holds_tensor(batch) else list(_candidates_of_items(batch, path))
+        records = all(isinstance(item, Mapping) for item in batch)
+        if batch and (not inner or (records and len({size for _, size in inner}) > 1)):
+            # one entry per sample: strings, numbers, or records (dicts) without a shared batch dimension
+            yield path or "batch", len(batch)
         else:
-            for index, item in enumerate(batch):
-                yield from _candidates(item, f"{path}[{index}]")
+            yield from inner
     elif hasattr(batch, "__dataclass_fields__"):
         for name in batch.__dataclass_fields__:
             yield from _candidates(getattr(batch, name), f"{path}.{name}")
@@ -45,6 +47,11 @@ def _holds_tensor(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_holds_tensor(item) for item in value)
     return False
+
+
+def _candidates_of_items(batch: Any, path: str) -> Iterator[tuple[str, int]]:
+    for index, item in enumerate(batch):
+        yield from _candidates(item, f"{path}[{index}]")
 
 
 def measure_batch_size(batch: Any) -> int:

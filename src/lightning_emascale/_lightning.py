@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import tempfile
@@ -177,7 +178,8 @@ class SpawnedFitFile:
     Fit's workers exit with their state; a later ``validate/test/predict`` spawns new workers from the main
     process's copy of the callback, which never held an EMA. Local rank 0 of fit writes the EMA and a fingerprint
     of the training weights (one float64 sum per tensor) to a path fixed when the callback was built, so every
-    copy of it finds the file; the main process deletes the file when it exits.
+    copy of it finds the file (a deep copy gets a file of its own); the main process deletes the file when it
+    exits.
     """
 
     def __init__(self) -> None:
@@ -187,6 +189,9 @@ class SpawnedFitFile:
     def __reduce__(self) -> Any:
         return (_SpawnedFitFileCopy, (self.path,))  # a worker's copy does not delete the file when it exits
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SpawnedFitFile:
+        return SpawnedFitFile()  # a copied callback is another run
+
     def clear(self, trainer: pl.Trainer) -> None:
         """At the start of a spawned fit: an earlier fit's file must not stand in for this one's."""
         if trainer.local_rank == 0:
@@ -195,7 +200,7 @@ class SpawnedFitFile:
     def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: list[torch.Tensor]) -> None:
         if trainer.local_rank == 0:  # every node: evaluation workers read the file on their own machine
             partial = f"{self.path}.partial"
-            torch.save({"state": state, "fingerprint": fingerprint(raw)}, partial)
+            torch.save({"state": state, "fingerprint": fingerprint(raw)}, partial)  # hashes: plain strings
             os.replace(partial, self.path)
 
     def read(self, device: torch.device) -> Optional[dict[str, Any]]:
@@ -209,9 +214,12 @@ class _SpawnedFitFileCopy(SpawnedFitFile):
         self.path = path
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One float64 sum per tensor, on the CPU: equal values give equal fingerprints."""
-    return torch.stack([tensor.detach().double().sum().cpu() for tensor in tensors])
+def fingerprint(tensors: list[torch.Tensor]) -> list[str]:
+    """A hash of every tensor's bytes: equal exactly when the values are (any change, a permutation too)."""
+    return [
+        hashlib.blake2b(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for tensor in tensors
+    ]
 
 
 def _remove(path: str) -> None:

@@ -122,6 +122,8 @@ class EMAScalingCallback(OptionsView, Callback):
         self._run_length = RunLength(type(self).__name__)  # the total samples, derived from the Trainer
         self._step_at_batch_start = 0
         self._resuming = False  # this fit loaded a checkpoint's state for this callback
+        self._fit_starting = False  # between setup("fit") and on_fit_start: states are stashed, not applied
+        self._evaluating = False  # between setup and teardown of validate/test/predict
         self._stale: list[str] = []  # tracked tensors the user changed since fit, found when evaluation sets up
         self._first_batch_checked = False
         self._warned_no_update = False
@@ -205,7 +207,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._run_length.trainer = trainer
         self._module_loaded_from_ema = False
         if stage == "fit":
-            self._resuming = False
+            self._resuming, self._fit_starting = False, True
             self._state_to_load = None  # an evaluation's checkpoint is no state to resume
             if spawned_workers(trainer):
                 self._spawn_file.clear(trainer)
@@ -214,6 +216,7 @@ class EMAScalingCallback(OptionsView, Callback):
             return
         # Before the strategy's setup, which re-broadcasts every tensor under DDP: what differs now from what
         # the EMA last saw was changed by the user since fit (weights loaded by hand).
+        self._evaluating = True
         spawned = self._ema_from_spawned_fit(trainer, pl_module)
         ema = self._ema
         polyak = ema is not None and ema.module is pl_module and isinstance(ema.averager, EMAState)
@@ -223,9 +226,8 @@ class EMAScalingCallback(OptionsView, Callback):
     def _ema_from_spawned_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[list[str]]:
         """In a ddp_spawn worker that evaluates after fit: rebuild the EMA that fit's workers left behind, and
         return the names of the tensors changed since (``None`` when there is nothing to rebuild)."""
-        saved = (
-            None if self._ema is not None or not spawned_workers(trainer) else self._spawn_file.read(pl_module.device)
-        )
+        # also in the main process after a ddp_spawn fit, evaluating on a single device
+        saved = None if self._ema is not None else self._spawn_file.read(pl_module.device)
         if saved is None:
             return None
         options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
@@ -236,7 +238,7 @@ class EMAScalingCallback(OptionsView, Callback):
         averager = self._ema.averager
         assert isinstance(averager, EMAState)
         now = fingerprint(averager.tracked)
-        return [name for name, a, b in zip(averager.names, now, saved["fingerprint"]) if not torch.equal(a, b)]
+        return [name for name, a, b in zip(averager.names, now, saved["fingerprint"]) if a != b]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,6 +261,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._skipped_reported = self._ema.skipped_updates if self._options.skip_non_finite else 0
         if self.evaluate_with_ema and isinstance(self._ema.averager, EMAState):
             self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
+        self._fit_starting = False
 
     def _put_ema_into(self, checkpoint: dict[str, Any]) -> None:
         """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
@@ -319,6 +322,7 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_checkpoint_hook()
+        self._evaluating = self._fit_starting = False
         ema = self._ema
         if ema is None:
             return
@@ -332,6 +336,7 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swap_out(trainer, pl_module)
         self._remove_checkpoint_hook()  # Lightning calls no `teardown` after an exception
+        self._evaluating = self._fit_starting = False
         if self._ema is not None:
             self._ema.detach()
 
@@ -380,6 +385,8 @@ class EMAScalingCallback(OptionsView, Callback):
         evaluating = trainer.state.fn != TrainerFn.FITTING
         if evaluating and trainer.ckpt_path:
             return  # `validate(ckpt_path=...)`: the checkpoint's weights are what is asked for
+        if evaluating and not self._stale:
+            ema.averager.mark_seen()  # type: ignore[union-attr]  # DDP's re-broadcast since setup is no change
         if evaluating and self._stale:
             rank_zero_warn(
                 f"{self.state_key}: the module's weights were changed since the EMA last saw them (e.g."
@@ -400,8 +407,9 @@ class EMAScalingCallback(OptionsView, Callback):
     # -------------------------------------------------------------------------------------- checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._ema is None:
-            # Before fit starts (a tuner's temporary checkpoint): say that this callback was there, with no state.
+        if self._ema is None or self._fit_starting:
+            # Before fit starts (a tuner's temporary checkpoint): this callback is there, with no state of this
+            # run yet (an EMA left from an earlier run is not this run's).
             return dict(self._state_to_load) if self._state_to_load is not None else {"format": _BEFORE_FIT}
         return self._ema.state_dict()
 
@@ -409,16 +417,15 @@ class EMAScalingCallback(OptionsView, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"The {self.state_key} state must be a dict, got {type(state_dict).__name__}")
-        trainer = self._run_length.trainer
         if not state_dict or state_dict.get("format") == _BEFORE_FIT:
             return
-        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+        if self._evaluating:
             return  # `validate(ckpt_path=...)` evaluates the checkpoint's weights; this run's EMA stays as it is
         _check_state(state_dict, f"The checkpoint's {self.state_key} state")
         self._resuming = True
-        if self._ema is not None:
+        if self._ema is not None and not self._fit_starting:
             self._ema.load_state_dict(state_dict)
-        else:
+        else:  # applied at fit start, to the EMA of the module this fit trains
             self._state_to_load = state_dict
 
     @override

@@ -99,7 +99,8 @@ class PostHocEMACallback(EMAScalingCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self._resuming or trainer.global_step > 0) and os.path.isdir(self.directory):
+        smoke = bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # writes no snapshots, as it saves nothing
+        if not (smoke or self._resuming or trainer.global_step > 0) and os.path.isdir(self.directory):
             earlier = sorted(name for name in os.listdir(self.directory) if name.startswith("post_hoc-"))
             if earlier:  # a new run would overwrite some and mix with the others
                 raise ValueError(
@@ -107,6 +108,7 @@ class PostHocEMACallback(EMAScalingCallback):
                     f" ({earlier[0]}, ...): give each run its own directory (or resume that run from its checkpoint)"
                 )
         super().on_fit_start(trainer, pl_module)
+        self.scaled_ema._write_snapshots = not smoke
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -96,6 +96,7 @@ def test_ddp_spawn_evaluation_after_fit_uses_the_ema_from_the_workers(tmp_path):
     result = torch.load(tmp_path / "out.pt", weights_only=False)
     # trainer.validate(model) in the main process evaluated the raw weights before, silently
     assert result["validated"] == pytest.approx(result["expected"], rel=1e-5)
+    assert result["single"] == pytest.approx(result["expected"], rel=1e-5)  # one device, in the main process
     assert result["validated"] != pytest.approx(result["raw"], rel=1e-3)
     assert "ddp_spawn" in result["message"] and "checkpoint" in result["message"]
     assert result["stale"] == pytest.approx(result["loaded"], rel=1e-5)  # not the workers' stale EMA

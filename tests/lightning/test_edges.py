@@ -443,3 +443,73 @@ def test_a_post_hoc_directory_of_another_run_is_refused(tmp_path):
     make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
     with pytest.raises(ValueError, match=r"already holds 2 post-hoc snapshots of another run"):
         make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
+
+
+# --------------------------------------------------------------------------- found by a second review
+class _Rebroadcast(Callback):
+    """Writes every tensor in place with its own value in `setup` of an evaluation, as DDP's
+    `_sync_module_states` does after the callbacks' `setup`."""
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            with torch.no_grad():
+                for tensor in [*pl_module.parameters(), *pl_module.buffers()]:
+                    tensor.copy_(tensor.clone())
+
+
+def test_every_evaluation_after_fit_uses_the_ema_when_the_strategy_rewrites_the_weights():
+    model = TinyModel()
+    callback = EMAScalingCallback(momentum=0.9)
+    trainer = make_trainer([callback, _Rebroadcast()], limit_val_batches=None)
+    trainer.fit(model)
+    expected = _val_loss(model, callback.ema_state_dict())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):  # the second one evaluated the training weights, "stale", before
+            assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(expected)
+    assert _no_warning_matching(record, "stale")
+
+
+def test_a_resume_with_the_same_callback_into_a_new_module_continues(tmp_path):
+    callback = EMAScalingCallback(momentum=0.9)
+    trainer = make_trainer([callback], enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(TinyModel())
+    path = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(path)
+    make_trainer([callback], max_epochs=2).fit(TinyModel(), ckpt_path=path)  # the loaded state was lost before
+    assert (callback.samples_seen, callback.optimizer_steps) == (64, 16)
+
+
+def test_a_k_fold_loop_with_a_tuner_callback_starts_each_fold_afresh(tmp_path):
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    for _ in range(2):  # the finder's temporary checkpoint carried the last fold's clock into the next before
+        finder = LearningRateFinder(num_training_steps=4)
+        make_trainer([callback, finder], default_root_dir=tmp_path).fit(TinyModel(n_samples=32))
+        assert (callback.samples_seen, callback.progress) == (32, 1.0)
+
+
+def test_a_state_loaded_by_hand_after_an_evaluation_is_applied():
+    callback = EMAScalingCallback(momentum=0.9)
+    trainer = make_trainer([callback], limit_val_batches=None)
+    trainer.fit(model := TinyModel())
+    saved = copy.deepcopy(callback.state_dict())
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model)
+    trainer.validate(model, verbose=False)
+    callback.load_state_dict(saved)  # ignored after an evaluation before
+    assert callback.samples_seen == 32
+
+
+def test_a_smoke_test_writes_no_post_hoc_snapshots(tmp_path):
+    from lightning_emascale import PostHocEMACallback
+
+    make_trainer([PostHocEMACallback(snapshot_every_samples=4, directory=tmp_path)], fast_dev_run=1).fit(TinyModel())
+    assert not list(tmp_path.iterdir())
+    make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())  # not refused
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_copied_callback_gets_its_own_ddp_spawn_file():
+    callback = EMAScalingCallback(momentum=0.9)
+    assert copy.deepcopy(callback)._spawn_file.path != callback._spawn_file.path
+    assert pickle.loads(pickle.dumps(callback))._spawn_file.path == callback._spawn_file.path  # a worker's copy
