@@ -2,11 +2,17 @@
 
     python benchmarks/overhead.py [--rounds 5] [--steps 30]
 
-A ~21M-parameter MLP, batch 16, SGD. Fits with no EMA, with EMAScalingCallback, with Lightning's
-EMAWeightAveraging and with timm's ModelEmaV3 driven by a minimal callback are alternated round-robin in one
-process; each step is timed from one ``on_train_batch_start`` to the next (so every hook is included), and the
-median over all rounds is taken. The extra time is the difference to the no-EMA fit. Floor: one flat fp32
-``lerp_`` over the same number of elements. Target: extra time per step <= 1.15x the floor.
+A ~21M-parameter MLP, batch 16, SGD. Two measurements:
+
+1. **In process, per step** (what the targets are judged on): the time spent inside EMAScalingCallback's hooks
+   and the optimizer step hooks it registers, split into the EMA update itself and the rest (bookkeeping: κ,
+   the rule, the clock, logging every ``log_every_n_steps``). Targets: the update <= 1.05x the floor, the
+   bookkeeping <= 0.05x the floor (median step; the mean includes the logging steps).
+2. **Whole fits A/B** (context): fits with no EMA, with EMAScalingCallback, Lightning's EMAWeightAveraging and
+   timm's ModelEmaV3 alternated round-robin; each step timed from one ``on_train_batch_start`` to the next. On a
+   noisy 2-core CPU this difference cannot resolve a few milliseconds (it can come out negative).
+
+Floor: one flat fp32 ``lerp_`` over the same number of elements.
 """
 
 from __future__ import annotations
@@ -67,6 +73,64 @@ class TimmEMA(L.Callback):
         self.ema.update(pl_module)
 
 
+class TimedEMA(EMAScalingCallback):
+    """EMAScalingCallback whose hooks, optimizer hooks and EMA update are timed in process, per optimizer step."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hooks: list[float] = []  # per step: every hook of this callback and its optimizer hooks
+        self.updates: list[float] = []  # per step: the EMA update alone
+        self._hook_time = self._update_time = 0.0
+
+    def _timed(self, fn, kind: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                if kind == "update":
+                    self._update_time += elapsed
+                else:
+                    self._hook_time += elapsed
+
+        return timed
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        ema = self.scaled_ema
+        ema.averager.update = self._timed(ema.averager.update, "update")
+        for hook in ema._hooks:
+            hook.remove()
+        ema._hooks = []
+        for optimizer in ema._optimizers:  # the same hooks, timed
+            ema._hooks.append(optimizer.register_step_pre_hook(self._timed(ema._before_optimizer_step, "hook")))
+            ema._hooks.append(optimizer.register_step_post_hook(self._timed(ema._after_optimizer_step, "hook")))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._hook_time += time.perf_counter() - start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        start = time.perf_counter()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._hook_time += time.perf_counter() - start  # includes the update, subtracted below
+        self.hooks.append(self._hook_time)
+        self.updates.append(self._update_time)
+        self._hook_time = self._update_time = 0.0
+
+
+def in_process(steps: int, rounds: int, data: DataLoader) -> tuple[list[float], list[float]]:
+    hooks, updates = [], []
+    for _ in range(rounds):
+        timed = TimedEMA(momentum=0.999, optimizer_rule="sgd")
+        fit_steps(lambda timed=timed: [timed], steps, data)
+        hooks += timed.hooks[2:]
+        updates += timed.updates[2:]
+    return hooks, updates
+
+
 def fit_steps(make_callbacks, steps: int, data: DataLoader) -> list[float]:
     timer = StepTimer()
     torch.manual_seed(0)
@@ -111,18 +175,28 @@ def main() -> None:
             times[name] += fit_steps(make, args.steps, data)
     flat, flat_ema = torch.randn(n), torch.randn(n)
     floor = interleaved_medians({"floor": lambda: flat_ema.lerp_(flat, 1e-3)}, repeats=50)["floor"]
-    base = statistics.median(times["no EMA"])
+    hooks, updates = in_process(args.steps, args.rounds, data)
+    bookkeeping = [hook - update for hook, update in zip(hooks, updates)]
     print(f"torch {torch.__version__}, {n / 1e6:.1f}M parameters, batch 16, threads {torch.get_num_threads()}")
     print(f"floor (one flat fp32 lerp_ over {n} elements): {floor * 1e3:.2f} ms")
-    print(f"step without EMA: {base * 1e3:.2f} ms (median of {len(times['no EMA'])} steps)")
+    print(f"\n1. in process, {len(hooks)} steps (log_every_n_steps=10)")
+    print(f"{'per step':<40} {'median ms':>10} {'mean ms':>9} {'median / floor':>15}")
+    rows = {"EMA update": updates, "bookkeeping (hooks minus update)": bookkeeping, "all of the callback": hooks}
+    for name, values in rows.items():
+        median = statistics.median(values)
+        print(f"{name:<40} {median * 1e3:>10.3f} {statistics.mean(values) * 1e3:>9.3f} {median / floor:>15.3f}")
+    update_ratio = statistics.median(updates) / floor
+    book_ratio = statistics.median(bookkeeping) / floor
+    print(
+        f"update {update_ratio:.2f}x the floor (target <= 1.05x): {'OK' if update_ratio <= 1.05 else 'OVER'};"
+        f" bookkeeping {book_ratio:.3f}x (target <= 0.05x): {'OK' if book_ratio <= 0.05 else 'OVER'}"
+    )
+    base = statistics.median(times["no EMA"])
+    print(f"\n2. whole fits A/B: step without EMA {base * 1e3:.2f} ms (median of {len(times['no EMA'])} steps)")
     print(f"{'configuration':<40} {'step ms':>9} {'extra ms':>9} {'extra / floor':>14}")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:<40} {median * 1e3:>9.2f} {(median - base) * 1e3:>9.2f} {(median - base) / floor:>14.2f}")
-    ours = (statistics.median(times["lightning-emascale EMAScalingCallback"]) - base) / floor
-    print(
-        f"lightning-emascale extra per step: {ours:.2f}x the floor (target <= 1.15x): {'OK' if ours <= 1.15 else 'OVER'}"
-    )
 
 
 if __name__ == "__main__":
