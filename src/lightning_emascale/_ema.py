@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, Optional, Protocol
@@ -114,9 +115,40 @@ class _FlatGroup:
         self.mixed = self.models[0].dtype != ema_dtype
         capacity = min(total, block_elements(device.type)) if self.mixed else self.small_end
         self.staging = torch.empty(max(capacity, 1), dtype=ema_dtype, device=device)
+        self.model_flat: Optional[Tensor] = None  # flat-parameter mode: the model tensors' own buffer
+        self._adopted: list[int] = []
         self.refresh()
         with torch.no_grad():
             torch._foreach_copy_(self.views, [model.detach() for model in self.models])
+
+    @torch.no_grad()
+    def adopt_model(self) -> None:
+        """Flat-parameter mode: move the model tensors into one buffer laid out as the averages (same values and
+        strides, ``.data`` re-pointed), so that one update is one lerp, or one cast per staging block."""
+        self.model_flat = torch.empty(self.flat.numel(), dtype=self.models[0].dtype, device=self.flat.device)
+        offset = 0
+        for model in self.models:
+            view = self.model_flat.as_strided(model.shape, model.stride(), offset)
+            view.copy_(model.detach())
+            model.data = view
+            offset += model.numel()
+        self._adopted = [model.data_ptr() for model in self.models]
+        self.refresh()
+
+    def _still_adopted(self) -> bool:
+        """Whether every model tensor still lives where :meth:`adopt_model` put it (``.to(dtype)``,
+        ``load_state_dict(assign=True)`` or a device move re-point it)."""
+        if [model.data_ptr() for model in self.models] == self._adopted:
+            return True
+        warnings.warn(
+            "flat_parameters: the model's tensors no longer live in the EMA's flat buffer (the module was converted,"
+            " moved or assigned new tensors), so the EMA goes back to the per-tensor update, which is correct but"
+            " slower. Build the EMA after converting the module to keep the flat mode.",
+            stacklevel=3,
+        )
+        self.model_flat, self._adopted = None, []
+        self.refresh()
+        return False
 
     def refresh(self) -> None:
         """Take the views of the model tensors' current storage that the update reads."""
@@ -154,6 +186,17 @@ class _FlatGroup:
         return (start, end, chunks, slices)
 
     def update(self, weight: float) -> None:
+        if self.model_flat is not None and self._still_adopted():
+            if not self.mixed:
+                self.flat.lerp_(self.model_flat, weight)  # the floor: one op over the whole group
+                return
+            capacity = self.staging.numel()
+            for start in range(0, self.flat.numel(), capacity):
+                end = min(start + capacity, self.flat.numel())
+                stage = self.staging[: end - start]
+                stage.copy_(self.model_flat[start:end])
+                self.flat[start:end].lerp_(stage, weight)
+            return
         if self.mixed:
             for start, end, chunks, slices in self.blocks:
                 if slices is None:
@@ -199,6 +242,7 @@ class EMAState:
         named_tensors: Sequence[tuple[str, Tensor]],
         precision: EMAPrecision = "fp32",
         buffer_names: Collection[str] = frozenset(),
+        flat_parameters: bool = False,
     ) -> None:
         #: The first name of every tracked tensor (the keys of :meth:`state_dict`).
         self.names: list[str] = []
@@ -247,6 +291,8 @@ class EMAState:
                 group = _FlatGroup([self.tracked[i] for i in indices], ema_dtype)
                 for position, view in zip(group.order, group.views):
                     self.averages[indices[position]] = view
+                if flat_parameters:
+                    group.adopt_model()
                 self._groups.append(group)
 
     @classmethod
@@ -256,11 +302,12 @@ class EMAState:
         precision: EMAPrecision = "fp32",
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
+        flat_parameters: bool = False,
     ) -> EMAState:
         """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
         selected, untracked = select_tensors(module, include, exclude)
         buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
-        state = cls(selected, precision=precision, buffer_names=buffers)
+        state = cls(selected, precision=precision, buffer_names=buffers, flat_parameters=flat_parameters)
         state.untracked_names = untracked
         return state
 

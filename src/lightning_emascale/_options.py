@@ -53,6 +53,7 @@ class EMAOptions:
     exclude: Optional[Sequence[str]] = None
     skip_non_finite: bool = False
     freeze_teachers: bool = False
+    flat_parameters: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -113,6 +114,12 @@ class EMAOptions:
         store("exclude", check_names(self.exclude, "exclude"))
         store("skip_non_finite", check_bool(self.skip_non_finite, "skip_non_finite"))
         store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
+        store("flat_parameters", check_bool(self.flat_parameters, "flat_parameters"))
+        if self.flat_parameters and (self.teachers or self.sigma_rels is not None):
+            raise ValueError(
+                "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to"
+                " teacher mode or a post-hoc EMA"
+            )
         if self.include == ():
             raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
         if self.teachers and self.ema_precision != "fp32":
@@ -213,3 +220,4 @@ class OptionsView:
     exclude = _option("exclude")
     skip_non_finite = _option("skip_non_finite")
     freeze_teachers = _option("freeze_teachers")
+    flat_parameters = _option("flat_parameters")

@@ -127,6 +127,11 @@ class ScaledEMA:
             slower per-tensor update.
         freeze_teachers: teacher mode: ``requires_grad_(False)`` on the teachers when built, instead of raising
             that they still require grad (lightly's I-JEPA leaves its target encoder trainable).
+        flat_parameters: opt in to moving the module's parameters and buffers into one buffer laid out as the EMA
+            (same values and strides; ``.data`` re-pointed; optimizer state and DDP keep working), so that one
+            update is a single ``lerp_`` at the memory-bandwidth floor. Before each update it checks that they
+            still live there and otherwise warns and falls back to the per-tensor update (after ``.to(dtype)``,
+            ``load_state_dict(assign=True)`` or a device move). Build the EMA after converting the module.
         auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
             ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
             have stepped (the Lightning callback does, at the end of each batch).
@@ -177,6 +182,7 @@ class ScaledEMA:
         exclude: Optional[Sequence[str]] = None,
         skip_non_finite: bool = False,
         freeze_teachers: bool = False,
+        flat_parameters: bool = False,
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
@@ -199,6 +205,7 @@ class ScaledEMA:
             exclude=exclude,
             skip_non_finite=skip_non_finite,
             freeze_teachers=freeze_teachers,
+            flat_parameters=flat_parameters,
         )
         self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
@@ -249,7 +256,9 @@ class ScaledEMA:
         elif options.sigma_rels:
             self.averager = PowerEMAState(module, options.sigma_rels, options.include, options.exclude)
         else:
-            self.averager = EMAState.from_module(module, options.ema_precision, options.include, options.exclude)
+            self.averager = EMAState.from_module(
+                module, options.ema_precision, options.include, options.exclude, options.flat_parameters
+            )
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
         self._write_snapshots = True  # an adapter turns it off for a smoke test (Lightning's fast_dev_run)

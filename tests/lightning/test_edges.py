@@ -513,3 +513,22 @@ def test_a_copied_callback_gets_its_own_ddp_spawn_file():
     callback = EMAScalingCallback(momentum=0.9)
     assert copy.deepcopy(callback)._spawn_file.path != callback._spawn_file.path
     assert pickle.loads(pickle.dumps(callback))._spawn_file.path == callback._spawn_file.path  # a worker's copy
+
+
+def test_flat_parameters_in_a_fit_give_the_same_ema_and_checkpoints(tmp_path):
+    results = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = TinyModel()
+        callback = EMAScalingCallback(momentum=0.9, optimizer_rule="sgd", flat_parameters=flat)
+        trainer = make_trainer([callback], max_epochs=2, limit_val_batches=None)
+        trainer.fit(model)
+        loss = trainer.validate(model, verbose=False)[0]["val_loss"]
+        trainer.save_checkpoint(tmp_path / f"{flat}.ckpt")
+        results.append((callback.ema_state_dict(), dict(model.state_dict()), loss))
+    (ema, raw, loss), (flat_ema, flat_raw, flat_loss) = results
+    assert all(torch.equal(ema[name], flat_ema[name]) for name in ema)
+    assert all(torch.equal(raw[name], flat_raw[name]) for name in raw)
+    assert loss == flat_loss
+    saved = torch.load(tmp_path / "True.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[name], ema[name].to(saved[name].dtype)) for name in ema if name in saved)

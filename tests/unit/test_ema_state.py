@@ -191,3 +191,41 @@ def test_refresh_follows_a_module_whose_storage_was_replaced():
     state.update(0.0)  # decay 0: the average becomes the current values
     for name, tensor, average in zip(state.names, state.tracked, state.averages):
         assert torch.equal(average, tensor.to(average.dtype)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_parameters_move_the_model_into_one_buffer_and_match_the_reference(dtype):
+    model = _Zoo(dtype)
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = EMAState.from_module(model, flat_parameters=True)
+    for name, tensor in model.state_dict().items():  # same values, same strides
+        assert torch.equal(tensor, before[name]) and tensor.stride() == before[name].stride(), name
+    flat = state._groups[0].model_flat
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    assert all(start <= p.data_ptr() < end for p in model.small.parameters())
+    reference = [average.clone() for average in state.averages]
+    for _ in range(3):
+        sum(p.float().pow(2).sum() for p in model.parameters()).backward()
+        optimizer.step()  # optimizer state and grads keep working on the re-pointed parameters
+        optimizer.zero_grad()
+        state.update(0.7)
+        reference_update(reference, state.tracked, 0.7)
+        for name, fast, slow in zip(state.names, state.averages, reference):
+            assert torch.equal(fast, slow), name
+    assert all(start <= p.data_ptr() < end for p in model.small.parameters())
+
+
+def test_flat_parameters_fall_back_with_a_warning_when_the_model_moves_out():
+    model = _Zoo(torch.float32)
+    state = EMAState.from_module(model, flat_parameters=True)
+    reference = [average.clone() for average in state.averages]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone() + 1.0  # load_state_dict(assign=True) does this
+    state.refresh()
+    with pytest.warns(UserWarning, match="no longer live in the EMA's flat buffer"):
+        state.update(0.5)
+    reference_update(reference, state.tracked, 0.5)
+    for name, fast, slow in zip(state.names, state.averages, reference):
+        assert torch.equal(fast, slow), name
