@@ -14,6 +14,7 @@ they agree.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import glob
 import warnings
@@ -99,12 +100,12 @@ class _FlatGroup:
     next :meth:`refresh` on.
     """
 
-    def __init__(self, models: list[Tensor], ema_dtype: torch.dtype) -> None:
+    def __init__(self, models: list[Tensor], ema_dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
         order = sorted(range(len(models)), key=lambda i: models[i].numel() >= _SMALL)  # stable: small ones first
         self.models = [models[i] for i in order]
         self.order = order  # position in this group -> position in the list given
         total = sum(model.numel() for model in self.models)
-        device = self.models[0].device
+        device = device or self.models[0].device  # the averages' device (the CPU when offloaded)
         self.flat = torch.empty(total, dtype=ema_dtype, device=device)
         self.views: list[Tensor] = []
         offset = 0
@@ -119,7 +120,8 @@ class _FlatGroup:
         self._adopted: list[int] = []
         self.refresh()
         with torch.no_grad():
-            torch._foreach_copy_(self.views, [model.detach() for model in self.models])
+            for view, model in zip(self.views, self.models):
+                view.copy_(model.detach())
 
     @torch.no_grad()
     def adopt_model(self) -> None:
@@ -243,6 +245,7 @@ class EMAState:
         precision: EMAPrecision = "fp32",
         buffer_names: Collection[str] = frozenset(),
         flat_parameters: bool = False,
+        offload: bool = False,
     ) -> None:
         #: The first name of every tracked tensor (the keys of :meth:`state_dict`).
         self.names: list[str] = []
@@ -277,23 +280,32 @@ class EMAState:
                 # An integer buffer, or a float buffer holding +-inf (a mask: the lerp of inf and inf is NaN), is
                 # copied, not averaged.
                 constant = self.is_buffer[index] and tensor.is_floating_point() and not bool(tensor.isfinite().all())
+                home = torch.device("cpu") if offload else tensor.device  # where the average lives
                 if not tensor.is_floating_point() or constant:
-                    self.averages[index] = tensor.detach().clone()
+                    self.averages[index] = tensor.detach().to(home, copy=True)
                     self._copies[0].append(self.averages[index])
                     self._copies[1].append(tensor)
                 elif _is_dense(tensor):
                     key = (tensor.device, tensor.dtype, ema_dtype_for(tensor.dtype, precision))
                     dense.setdefault(key, []).append(index)
                 else:  # overlapping or gapped storage has no memory order to lay flat: its own tensor
-                    self.averages[index] = tensor.detach().to(ema_dtype_for(tensor.dtype, precision), copy=True)
+                    self.averages[index] = tensor.detach().to(home, ema_dtype_for(tensor.dtype, precision), copy=True)
                     self._loose.append((self.averages[index], tensor))
             for (_, _, ema_dtype), indices in dense.items():
-                group = _FlatGroup([self.tracked[i] for i in indices], ema_dtype)
+                group = _FlatGroup(
+                    [self.tracked[i] for i in indices], ema_dtype, torch.device("cpu") if offload else None
+                )
                 for position, view in zip(group.order, group.views):
                     self.averages[indices[position]] = view
                 if flat_parameters:
                     group.adopt_model()
                 self._groups.append(group)
+        self._offload = _Offload(self) if offload else None
+
+    def flush(self) -> None:
+        """Wait for an offloaded update under way (``offload=True``); every reader of the averages calls it."""
+        if self._offload is not None:
+            self._offload.flush()
 
     @classmethod
     def from_module(
@@ -303,11 +315,12 @@ class EMAState:
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         flat_parameters: bool = False,
+        offload: bool = False,
     ) -> EMAState:
         """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
         selected, untracked = select_tensors(module, include, exclude)
         buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
-        state = cls(selected, precision=precision, buffer_names=buffers, flat_parameters=flat_parameters)
+        state = cls(selected, precision, buffers, flat_parameters=flat_parameters, offload=offload)
         state.untracked_names = untracked
         return state
 
@@ -319,6 +332,9 @@ class EMAState:
         average keeps its value, decided on the device without a host sync (a slower, per-tensor path).
         """
         weight = 1.0 - decay
+        if self._offload is not None:
+            self._offload.update(weight)
+            return
         if only_if is not None:
             averaged = [pair for group in self._groups for pair in zip(group.views, group.models)] + self._loose
             for ema, model in averaged:
@@ -341,7 +357,9 @@ class EMAState:
     @torch.no_grad()
     def reset(self) -> None:
         """Start the average afresh from the tracked tensors' current values."""
-        torch._foreach_copy_(self.averages, self.raw_tensors())
+        self.flush()
+        for average, raw in zip(self.averages, self.raw_tensors()):
+            average.copy_(raw)
         self.mark_seen()
 
     @property
@@ -360,6 +378,7 @@ class EMAState:
         """
         if self._raw_backup is not None:
             raise RuntimeError("The EMA weights are already swapped into the model")
+        self.flush()
         self._stale_at_swap = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
         backup, by_data = [], []
         for tensor, average, is_buffer in zip(self.tracked, self.averages, self.is_buffer):
@@ -409,6 +428,7 @@ class EMAState:
 
     def averages_by_name(self) -> dict[str, Tensor]:
         """The EMA of every tracked tensor under every one of its names (live tensors, EMA dtype)."""
+        self.flush()
         return {name: self.averages[index] for name, index in self.index_of_name.items()}
 
     def raw_by_name(self) -> dict[str, Tensor]:
@@ -418,6 +438,7 @@ class EMAState:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The EMA tensors by their first names (the live tensors, not copies)."""
+        self.flush()
         return dict(zip(self.names, self.averages))
 
     def check_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -450,9 +471,84 @@ class EMAState:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Copy saved EMA values in, after :meth:`check_state_dict` (every check before the first copy)."""
+        self.flush()
         self.check_state_dict(state)
         for name, ema in zip(self.names, self.averages):
             ema.copy_(state[name])
+
+
+class _Offload:
+    """Keeps the averages in CPU memory while the model trains on a GPU (``offload=True``).
+
+    Each update copies the tracked tensors into pinned host staging laid out as the averages (one foreach copy,
+    ``non_blocking``), records a CUDA event, and lerps on the CPU in a background thread once the copy has
+    landed, so training goes on meanwhile. The next update, and every reader of the averages, waits for that
+    thread first (:meth:`flush`). Host memory: the averages plus one model-dtype copy of the model.
+    """
+
+    def __init__(self, state: EMAState) -> None:
+        pin = torch.cuda.is_available()
+        self.hosts: list[Tensor] = []  # host staging, one per model tensor, in the order of `models`
+        self.models: list[Tensor] = []
+        self.groups: list[tuple[_FlatGroup, Tensor]] = []
+        for group in state._groups:
+            host = torch.empty(group.flat.numel(), dtype=group.models[0].dtype, pin_memory=pin)
+            offset = 0
+            for model in group.models:
+                self.hosts.append(host.as_strided(model.shape, model.stride(), offset))
+                self.models.append(model)
+                offset += model.numel()
+            self.groups.append((group, host))
+        self.loose: list[tuple[Tensor, Tensor]] = []
+        self.copies: list[tuple[Tensor, Tensor]] = []
+        for pairs, into in ((state._loose, self.loose), (list(zip(*state._copies)), self.copies)):
+            for average, model in pairs:
+                host = torch.empty(model.shape, dtype=model.dtype, pin_memory=pin)
+                self.hosts.append(host)
+                self.models.append(model)
+                into.append((average, host))
+        self.pending: Optional[concurrent.futures.Future] = None
+        self.executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def update(self, weight: float) -> None:
+        self.flush()  # the staging is read by the last update's thread until it is done
+        torch._foreach_copy_(self.hosts, [model.detach() for model in self.models], non_blocking=True)
+        event = None
+        if any(model.is_cuda for model in self.models):
+            event = torch.cuda.Event()
+            event.record()
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema-offload")
+        self.pending = self.executor.submit(self._lerp, weight, event)
+
+    @torch.no_grad()
+    def _lerp(self, weight: float, event: Optional[torch.cuda.Event]) -> None:
+        if event is not None:
+            event.synchronize()  # in this thread: the training loop does not wait
+        for group, host in self.groups:
+            if not group.mixed:
+                group.flat.lerp_(host, weight)
+                continue
+            capacity = group.staging.numel()
+            for start in range(0, host.numel(), capacity):
+                end = min(start + capacity, host.numel())
+                stage = group.staging[: end - start]
+                stage.copy_(host[start:end])
+                group.flat[start:end].lerp_(stage, weight)
+        for average, host in self.loose:
+            average.lerp_(host.to(average.dtype), weight)
+        for average, host in self.copies:
+            average.copy_(host)
+
+    def __getstate__(self) -> dict:
+        self.flush()  # a copy or a pickle carries the averages, not the thread
+        return {**self.__dict__, "executor": None, "pending": None}
+
+    def flush(self) -> None:
+        """Wait for the update under way (and raise what it raised)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
 
 def select_tensors(

@@ -54,6 +54,7 @@ class EMAOptions:
     skip_non_finite: bool = False
     freeze_teachers: bool = False
     flat_parameters: bool = False
+    offload: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -115,6 +116,13 @@ class EMAOptions:
         store("skip_non_finite", check_bool(self.skip_non_finite, "skip_non_finite"))
         store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
         store("flat_parameters", check_bool(self.flat_parameters, "flat_parameters"))
+        store("offload", check_bool(self.offload, "offload"))
+        clashing = [name for name in ("flat_parameters", "skip_non_finite") if self.offload and getattr(self, name)]
+        if self.offload and (self.teachers or self.sigma_rels is not None or clashing):
+            raise ValueError(
+                "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does"
+                f" not combine with {clashing or 'teacher mode or a post-hoc EMA'}"
+            )
         if self.flat_parameters and (self.teachers or self.sigma_rels is not None):
             raise ValueError(
                 "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to"
@@ -221,3 +229,4 @@ class OptionsView:
     skip_non_finite = _option("skip_non_finite")
     freeze_teachers = _option("freeze_teachers")
     flat_parameters = _option("flat_parameters")
+    offload = _option("offload")

@@ -70,7 +70,7 @@ class EMAScalingCallback(OptionsView, Callback):
         total_samples: the run's training samples (global), for :attr:`progress`. ``None`` derives
             ``max_epochs`` × samples per epoch; pass it where that cannot be derived (an ``IterableDataset``,
             ``max_steps`` that stops the run first, ``limit_train_batches``).
-        include, exclude, skip_non_finite, freeze_teachers, flat_parameters: as in
+        include, exclude, skip_non_finite, freeze_teachers, flat_parameters, offload: as in
             :class:`~lightning_emascale.ScaledEMA`
             (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
 
@@ -105,11 +105,13 @@ class EMAScalingCallback(OptionsView, Callback):
         skip_non_finite: bool = False,
         freeze_teachers: bool = False,
         flat_parameters: bool = False,
+        offload: bool = False,
     ) -> None:
         self._options = EMAOptions(
             momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, momentum_schedule,
             final_momentum, total_samples, teachers, momentum_attributes, include=include, exclude=exclude,
             skip_non_finite=skip_non_finite, freeze_teachers=freeze_teachers, flat_parameters=flat_parameters,
+            offload=offload,
         )  # fmt: skip
         self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(self._options.teachers))
         self.name = check_name(name, "name")

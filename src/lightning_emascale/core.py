@@ -132,6 +132,10 @@ class ScaledEMA:
             update is a single ``lerp_`` at the memory-bandwidth floor. Before each update it checks that they
             still live there and otherwise warns and falls back to the per-tensor update (after ``.to(dtype)``,
             ``load_state_dict(assign=True)`` or a device move). Build the EMA after converting the module.
+        offload: keep the EMA in CPU memory while the module trains on a GPU, for models whose EMA does not fit
+            beside them: each update copies the weights into pinned host memory without blocking and averages
+            them on the CPU in a background thread, so training goes on meanwhile; readers of the EMA (swaps,
+            checkpoints, :meth:`ema_state_dict`) wait for it. Host memory: the EMA plus one copy of the model.
         auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
             ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
             have stepped (the Lightning callback does, at the end of each batch).
@@ -183,6 +187,7 @@ class ScaledEMA:
         skip_non_finite: bool = False,
         freeze_teachers: bool = False,
         flat_parameters: bool = False,
+        offload: bool = False,
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
@@ -206,6 +211,7 @@ class ScaledEMA:
             skip_non_finite=skip_non_finite,
             freeze_teachers=freeze_teachers,
             flat_parameters=flat_parameters,
+            offload=offload,
         )
         self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
@@ -257,8 +263,9 @@ class ScaledEMA:
             self.averager = PowerEMAState(module, options.sigma_rels, options.include, options.exclude)
         else:
             self.averager = EMAState.from_module(
-                module, options.ema_precision, options.include, options.exclude, options.flat_parameters
-            )
+                module, options.ema_precision, options.include, options.exclude, options.flat_parameters,
+                options.offload,
+            )  # fmt: skip
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
         self._write_snapshots = True  # an adapter turns it off for a smoke test (Lightning's fast_dev_run)
@@ -688,7 +695,11 @@ class ScaledEMA:
                 f"`module` must be the module this EMA averages (the {type(self.module).__name__} it was built"
                 f" with), got another {type(module).__name__}"
             )
-        weights = {name: state.averages[i].to(state.tracked[i].dtype) for name, i in state.index_of_name.items()}
+        state.flush()
+        weights = {
+            name: state.averages[i].to(state.tracked[i].device, state.tracked[i].dtype)
+            for name, i in state.index_of_name.items()
+        }
         return torch.func.functional_call(module, weights, args, kwargs)
 
     # ---------------------------------------------------------------------------------------- state

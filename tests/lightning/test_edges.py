@@ -532,3 +532,21 @@ def test_flat_parameters_in_a_fit_give_the_same_ema_and_checkpoints(tmp_path):
     assert loss == flat_loss
     saved = torch.load(tmp_path / "True.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[name], ema[name].to(saved[name].dtype)) for name in ema if name in saved)
+
+
+def test_an_offloaded_ema_in_a_fit_equals_the_default(tmp_path):
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = TinyModel()
+        callback = EMAScalingCallback(momentum=0.9, optimizer_rule="sgd", offload=offload, update_every=2)
+        trainer = make_trainer([callback], max_epochs=2, limit_val_batches=None)
+        trainer.fit(model)
+        loss = trainer.validate(model, verbose=False)[0]["val_loss"]
+        trainer.save_checkpoint(tmp_path / f"{offload}.ckpt")
+        saved = torch.load(tmp_path / f"{offload}.ckpt", weights_only=False)["state_dict"]
+        results.append((callback.ema_state_dict(), saved, loss))
+    (ema, saved, loss), (offloaded, offloaded_saved, offloaded_loss) = results
+    assert all(torch.equal(ema[name], offloaded[name]) for name in ema)
+    assert all(torch.equal(saved[name], offloaded_saved[name]) for name in saved)
+    assert loss == offloaded_loss

@@ -402,3 +402,17 @@ def test_a_mask_buffer_holding_minus_inf_is_copied_not_averaged_into_nan():
     ema.count_samples(4)
     ema.end_step()
     assert ema.ema_state_dict()["mask"].tolist() == [0.0, float("-inf")] and ema.skipped_updates == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"offload": True, "skip_non_finite": True},
+        {"offload": True, "flat_parameters": True},
+        {"offload": True, "teachers": {"generator": "discriminator"}},
+        {"flat_parameters": True, "teachers": {"generator": "discriminator"}},
+    ],
+)
+def test_offload_and_flat_parameters_say_what_they_do_not_combine_with(kwargs):
+    with pytest.raises(ValueError, match=r"`(offload|flat_parameters)=True` .* (not combine|does not apply)"):
+        ScaledEMA(Annealed(), None, momentum=0.9, **kwargs)

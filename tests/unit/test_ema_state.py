@@ -229,3 +229,37 @@ def test_flat_parameters_fall_back_with_a_warning_when_the_model_moves_out():
     reference_update(reference, state.tracked, 0.5)
     for name, fast, slow in zip(state.names, state.averages, reference):
         assert torch.equal(fast, slow), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_offloaded_ema_updates_in_the_background_and_equals_the_reference(dtype):
+    model = _Zoo(dtype)
+    state = EMAState.from_module(model, offload=True)
+    reference = [average.clone() for average in state.averages]
+    for step in range(4):
+        with torch.no_grad():
+            for tensor in state.tracked:
+                tensor.add_(
+                    torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1
+                )
+        state.update(0.8 ** (step + 1))
+        assert state._offload.pending is not None  # the lerp runs in the background thread
+        reference_update(reference, state.tracked, 0.8 ** (step + 1))
+        averages = state.averages_by_name()  # a reader waits for it
+        for name, slow in zip(state.names, reference):
+            assert torch.equal(averages[name], slow), name
+    assert all(average.device.type == "cpu" for average in state.averages)
+    with state.swapped():  # swaps and checkpoints wait for an update under way
+        assert torch.equal(model.big.weight, state.averages[state.index_of_name["big.weight"]].to(dtype))
+
+
+def test_an_offloaded_ema_copies_and_pickles_without_its_thread():
+    import copy
+    import pickle
+
+    model = _Zoo(torch.float32)
+    state = EMAState.from_module(model, offload=True)
+    state.update(0.5)
+    for clone in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert clone._offload.executor is None
+        assert all(torch.equal(a, b) for a, b in zip(clone.averages, state.averages))
