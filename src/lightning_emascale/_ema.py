@@ -113,7 +113,8 @@ class _FlatGroup:
             self.views.append(self.flat.as_strided(model.shape, model.stride(), offset))
             offset += model.numel()
         self.small_end = sum(model.numel() for model in self.models if model.numel() < _SMALL)
-        self.mixed = self.models[0].dtype != ema_dtype
+        self.model_dtype = self.models[0].dtype
+        self.mixed = self.model_dtype != ema_dtype
         capacity = min(total, block_elements(device.type)) if self.mixed else self.small_end
         self.staging = torch.empty(max(capacity, 1), dtype=ema_dtype, device=device)
         self.model_flat: Optional[Tensor] = None  # flat-parameter mode: the model tensors' own buffer
@@ -124,10 +125,17 @@ class _FlatGroup:
                 view.copy_(model.detach())
 
     @torch.no_grad()
-    def adopt_model(self) -> None:
+    def adopt_model(self, first: bool = True) -> None:
         """Flat-parameter mode: move the model tensors into one buffer laid out as the averages (same values and
         strides, ``.data`` re-pointed), so that one update is one lerp, or one cast per staging block."""
-        self.model_flat = torch.empty(self.flat.numel(), dtype=self.models[0].dtype, device=self.flat.device)
+        storages = [model.untyped_storage().data_ptr() for model in self.models if model.numel()]
+        if first and len(set(storages)) != len(storages):
+            raise ValueError(
+                "`flat_parameters=True` would untie tensors that share storage through separate Parameter objects"
+                " (e.g. `decoder.weight.data = encoder.weight.data`): tie them as one Parameter, or leave it False"
+            )
+        device = self.models[0].device
+        self.model_flat = torch.empty(self.flat.numel(), dtype=self.model_dtype, device=device)
         offset = 0
         for model in self.models:
             view = self.model_flat.as_strided(model.shape, model.stride(), offset)
@@ -139,8 +147,18 @@ class _FlatGroup:
 
     def _still_adopted(self) -> bool:
         """Whether every model tensor still lives where :meth:`adopt_model` put it (``.to(dtype)``,
-        ``load_state_dict(assign=True)`` or a device move re-point it)."""
+        ``load_state_dict(assign=True)`` or a device move re-point it); a tensor moved back to the buffer's device
+        with its dtype and strides (Lightning moves the module to the CPU after a fit and back) is adopted again."""
         if [model.data_ptr() for model in self.models] == self._adopted:
+            return True
+        assert self.model_flat is not None
+        if all(
+            model.device == self.model_flat.device
+            and model.dtype == self.model_dtype
+            and model.stride() == view.stride()
+            for model, view in zip(self.models, self.views)
+        ):
+            self.adopt_model(first=False)  # some still live in the old buffer: no sharing check
             return True
         warnings.warn(
             "flat_parameters: the model's tensors no longer live in the EMA's flat buffer (the module was converted,"
@@ -153,7 +171,17 @@ class _FlatGroup:
         return False
 
     def refresh(self) -> None:
-        """Take the views of the model tensors' current storage that the update reads."""
+        """Take the views of the model tensors' current storage that the update reads.
+
+        Called at build, at every attach, and by :meth:`update` whenever a tensor's storage moved (``.data``
+        replaced: a device move, ``.half()``, ``load_state_dict(assign=True)``). If a tensor no longer has the
+        dtype or the strides its average was laid out for, the group updates tensor by tensor (correct, slower).
+        """
+        self._pointers = [model.data_ptr() for model in self.models]
+        self.per_tensor = any(
+            model.dtype != self.model_dtype or model.stride() != view.stride()
+            for model, view in zip(self.models, self.views)
+        )
         self.small_models = [_flat(model.detach()) for model in self.models if model.numel() < _SMALL]
         big = [(view, model) for view, model in zip(self.views, self.models) if model.numel() >= _SMALL]
         self.big_views, self.big_models = [view for view, _ in big], [model for _, model in big]
@@ -188,7 +216,15 @@ class _FlatGroup:
         return (start, end, chunks, slices)
 
     def update(self, weight: float) -> None:
-        if self.model_flat is not None and self._still_adopted():
+        if [model.data_ptr() for model in self.models] != self._pointers:
+            if self.model_flat is not None:
+                self._still_adopted()
+            self.refresh()
+        if self.per_tensor:
+            for view, model in zip(self.views, self.models):
+                view.lerp_(model.detach().to(view.dtype), weight)
+            return
+        if self.model_flat is not None:
             if not self.mixed:
                 self.flat.lerp_(self.model_flat, weight)  # the floor: one op over the whole group
                 return
@@ -273,7 +309,6 @@ class EMAState:
         self._loose: list[tuple[Tensor, Tensor]] = []  # (average, tensor) of non-dense floating-point tensors
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])  # (copy, tensor) of integer tensors
         self._raw_backup: list[Tensor] | None = None
-        self._swapped_data: list[bool] = []  # per tracked tensor: swapped by `.data` (no copy) in swap_in
         dense: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
         with torch.no_grad():
             for index, tensor in enumerate(self.tracked):
@@ -369,46 +404,28 @@ class EMAState:
 
     @torch.no_grad()
     def swap_in(self) -> None:
-        """Hold the EMA values in the tracked tensors, keeping the training values aside for :meth:`swap_out`.
+        """Copy the EMA values into the tracked tensors, keeping a copy of the training values for :meth:`swap_out`.
 
-        A parameter whose EMA has its dtype and strides is swapped without a copy: it points at its average
-        (``.data``) until :meth:`swap_out` points it back. One of another dtype points at a cast of its average
-        (the only copy). Buffers, which a forward in training mode writes, get the EMA values copied in, and
-        their training values are backed up.
+        A copy, not a pointer swap (``.data``): with a pointer swap, an in-place write during evaluation (an
+        unhooked optimizer, test-time adaptation) would land in the EMA for good, and a graph built while swapped
+        would back-propagate through the wrong values without autograd noticing.
         """
         if self._raw_backup is not None:
             raise RuntimeError("The EMA weights are already swapped into the model")
         self.flush()
         self._stale_at_swap = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
-        backup, by_data = [], []
-        for tensor, average, is_buffer in zip(self.tracked, self.averages, self.is_buffer):
-            swap = (
-                isinstance(tensor, torch.nn.Parameter)
-                and not is_buffer
-                and tensor.device == average.device
-                and tensor.shape == average.shape
-            )
-            by_data.append(swap)
-            if swap:
-                backup.append(tensor.data)
-                same = tensor.dtype == average.dtype and tensor.stride() == average.stride()
-                tensor.data = average if same else average.to(tensor.dtype, memory_format=torch.preserve_format)
-            else:
-                backup.append(tensor.detach().clone())
-                tensor.copy_(average)
-        self._raw_backup, self._swapped_data = backup, by_data
+        self._raw_backup = [tensor.detach().clone() for tensor in self.tracked]
+        for tensor, average in zip(self.tracked, self.averages):
+            tensor.copy_(average)
 
     @torch.no_grad()
     def swap_out(self) -> None:
-        """Restore the training values exactly (the same storage, or the backed-up copy); nothing to do if not
+        """Restore the training values exactly (bf16 weights come back bit-identical); nothing to do if not
         swapped."""
         if self._raw_backup is None:
             return
-        for tensor, raw, by_data in zip(self.tracked, self._raw_backup, self._swapped_data):
-            if by_data:
-                tensor.data = raw
-            else:
-                tensor.copy_(raw)
+        for tensor, raw in zip(self.tracked, self._raw_backup):
+            tensor.copy_(raw)
         self._raw_backup = None
         if not self._stale_at_swap:
             self.mark_seen()  # swapping wrote the tensors; their values are the ones seen
@@ -514,9 +531,10 @@ class _Offload:
         self.flush()  # the staging is read by the last update's thread until it is done
         torch._foreach_copy_(self.hosts, [model.detach() for model in self.models], non_blocking=True)
         event = None
-        if any(model.is_cuda for model in self.models):
+        cuda = next((model.device for model in self.models if model.is_cuda), None)
+        if cuda is not None:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(cuda))  # the stream of the model's device, not the current one
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema-offload")
         self.pending = self.executor.submit(self._lerp, weight, event)
