@@ -174,3 +174,19 @@ def check_names(value: Any, name: str) -> Optional[tuple[str, ...]]:
     if len(set(value)) != len(value):
         raise ValueError(f"`{name}` lists a name twice: {list(value)!r}")
     return tuple(value)
+
+
+def check_saved_state(state: Any, where: str, version: int, keys: Collection[str], hint: str = "") -> None:
+    """Raise unless ``state`` is a dict of format ``version`` holding every key of ``keys``.
+
+    ``where`` starts every message (e.g. "The saved ScaledEMA state"); ``hint`` follows "must be a dict".
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where} must be a dict{hint}, got {type(state).__name__}")
+    if state.get("format") != version:
+        raise ValueError(
+            f"{where} has format {state.get('format')!r}; this version of lightning-emascale reads format {version}"
+        )
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise KeyError(f"{where} lacks {missing}")

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
-from lightning_emascale._checks import as_int, as_real, check_name
+from lightning_emascale._checks import as_int, as_real, check_name, check_saved_state
 from lightning_emascale._ema import (
     EMAPrecision,
     EMAState,
@@ -775,16 +775,7 @@ def _is_rank_zero() -> bool:
 
 def _check_state(state: Mapping[str, Any], where: str) -> None:
     """Raise unless ``state`` is a :meth:`ScaledEMA.state_dict` of this version; ``where`` starts the message."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{where} must be a dict (from `state_dict()`), got {type(state).__name__}")
-    if state.get("format") != _STATE_FORMAT:
-        raise ValueError(
-            f"{where} has format {state.get('format')!r}; this version of lightning-emascale reads format"
-            f" {_STATE_FORMAT}"
-        )
-    missing = [key for key in _STATE_KEYS if key not in state]
-    if missing:
-        raise KeyError(f"{where} lacks {missing}")
+    check_saved_state(state, where, _STATE_FORMAT, _STATE_KEYS, hint=" (from `state_dict()`)")
     base = state["base_batch_size"]
     if base is not None and (as_int(base) is None or base < 1):
         raise ValueError(f"{where} has base_batch_size={base!r}; a positive integer or None is allowed")

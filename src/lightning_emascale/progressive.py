@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_emascale._checks import as_int, check_choice, check_name
+from lightning_emascale._checks import as_int, check_choice, check_name, check_saved_state
 from lightning_emascale._lightning import is_one_of
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
@@ -244,16 +244,7 @@ class ProgressiveBatchCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         where = "The checkpoint's ProgressiveBatchCallback state"
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"{where} must be a dict, got {type(state_dict).__name__}")
-        if state_dict.get("format") != _FORMAT:
-            raise ValueError(
-                f"{where} has format {state_dict.get('format')!r}; this version of lightning-emascale reads format"
-                f" {_FORMAT}"
-            )
-        missing = [key for key in ("epoch", "initial") if key not in state_dict]
-        if missing:
-            raise KeyError(f"{where} lacks {missing}")
+        check_saved_state(state_dict, where, _FORMAT, ("epoch", "initial"))
         for key, lowest in (("epoch", 0), ("initial", 1)):  # both None before the first fit
             value = state_dict[key]
             if value is not None and (as_int(value) is None or value < lowest):
