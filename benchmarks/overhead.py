@@ -74,6 +74,29 @@ class TimmEMA(L.Callback):
         self.ema.update(pl_module)
 
 
+def time_scaled_ema(ema, spent: dict[str, float]) -> None:
+    """Re-register ``ema``'s optimizer hooks and wrap its EMA update so that their time adds up in ``spent``
+    (keys "hook" and "update")."""
+
+    def timed(fn, kind: str):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[kind] += time.perf_counter() - start
+
+        return wrapper
+
+    ema.averager.update = timed(ema.averager.update, "update")
+    for hook in ema._hooks:
+        hook.remove()
+    ema._hooks = []
+    for optimizer in ema._optimizers:  # the same hooks, timed
+        ema._hooks.append(optimizer.register_step_pre_hook(timed(ema._before_optimizer_step, "hook")))
+        ema._hooks.append(optimizer.register_step_post_hook(timed(ema._after_optimizer_step, "hook")))
+
+
 class TimedEMA(EMAScalingCallback):
     """EMAScalingCallback whose hooks, optimizer hooks and EMA update are timed in process, per optimizer step."""
 
@@ -81,45 +104,24 @@ class TimedEMA(EMAScalingCallback):
         super().__init__(**kwargs)
         self.hooks: list[float] = []  # per step: every hook of this callback and its optimizer hooks
         self.updates: list[float] = []  # per step: the EMA update alone
-        self._hook_time = self._update_time = 0.0
-
-    def _timed(self, fn, kind: str):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                if kind == "update":
-                    self._update_time += elapsed
-                else:
-                    self._hook_time += elapsed
-
-        return timed
+        self._spent = {"hook": 0.0, "update": 0.0}
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
-        ema = self.scaled_ema
-        ema.averager.update = self._timed(ema.averager.update, "update")
-        for hook in ema._hooks:
-            hook.remove()
-        ema._hooks = []
-        for optimizer in ema._optimizers:  # the same hooks, timed
-            ema._hooks.append(optimizer.register_step_pre_hook(self._timed(ema._before_optimizer_step, "hook")))
-            ema._hooks.append(optimizer.register_step_post_hook(self._timed(ema._after_optimizer_step, "hook")))
+        time_scaled_ema(self.scaled_ema, self._spent)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         start = time.perf_counter()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._hook_time += time.perf_counter() - start
+        self._spent["hook"] += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         start = time.perf_counter()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._hook_time += time.perf_counter() - start  # includes the update, subtracted below
-        self.hooks.append(self._hook_time)
-        self.updates.append(self._update_time)
-        self._hook_time = self._update_time = 0.0
+        self._spent["hook"] += time.perf_counter() - start  # includes the update, subtracted below
+        self.hooks.append(self._spent["hook"])
+        self.updates.append(self._spent["update"])
+        self._spent["hook"] = self._spent["update"] = 0.0
 
 
 def plain_loop(steps: int, rounds: int, data: DataLoader) -> tuple[list[float], list[float]]:
@@ -133,24 +135,7 @@ def plain_loop(steps: int, rounds: int, data: DataLoader) -> tuple[list[float], 
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
         ema = ScaledEMA(model, optimizer, momentum=0.999, optimizer_rule="sgd")
         spent = {"hook": 0.0, "update": 0.0}
-
-        def timed(fn, kind, spent=spent):
-            def wrapper(*args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    spent[kind] += time.perf_counter() - start
-
-            return wrapper
-
-        ema.averager.update = timed(ema.averager.update, "update")
-        for hook in ema._hooks:
-            hook.remove()
-        ema._hooks = [
-            optimizer.register_step_pre_hook(timed(ema._before_optimizer_step, "hook")),
-            optimizer.register_step_post_hook(timed(ema._after_optimizer_step, "hook")),
-        ]
+        time_scaled_ema(ema, spent)
         for index, (x, y) in enumerate(data):
             if index == steps:
                 break
