@@ -55,6 +55,8 @@ class EMAOptions:
     freeze_teachers: bool = False
     flat_parameters: bool = False
     offload: bool = False
+    side_stream: bool = True
+    copy_on_swap: bool = False
 
     def __post_init__(self) -> None:
         def store(name: str, value: Any) -> None:
@@ -117,6 +119,13 @@ class EMAOptions:
         store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
         store("flat_parameters", check_bool(self.flat_parameters, "flat_parameters"))
         store("offload", check_bool(self.offload, "offload"))
+        store("side_stream", check_bool(self.side_stream, "side_stream"))
+        store("copy_on_swap", check_bool(self.copy_on_swap, "copy_on_swap"))
+        if self.copy_on_swap and (self.teachers or self.sigma_rels is not None):
+            raise ValueError(
+                "`copy_on_swap=True` changes how a Polyak EMA is swapped in for evaluation: teacher mode and a"
+                " post-hoc EMA swap nothing, so drop it"
+            )
         clashing = [name for name in ("flat_parameters", "skip_non_finite") if self.offload and getattr(self, name)]
         if self.offload and (self.teachers or self.sigma_rels is not None or clashing):
             raise ValueError(
@@ -230,3 +239,5 @@ class OptionsView:
     freeze_teachers = _option("freeze_teachers")
     flat_parameters = _option("flat_parameters")
     offload = _option("offload")
+    side_stream = _option("side_stream")
+    copy_on_swap = _option("copy_on_swap")

@@ -70,7 +70,7 @@ class EMAScalingCallback(OptionsView, Callback):
         total_samples: the run's training samples (global), for :attr:`progress`. ``None`` derives
             ``max_epochs`` × samples per epoch; pass it where that cannot be derived (an ``IterableDataset``,
             ``max_steps`` that stops the run first, ``limit_train_batches``).
-        include, exclude, skip_non_finite, freeze_teachers, flat_parameters, offload: as in
+        include, exclude, skip_non_finite, freeze_teachers, flat_parameters, offload, side_stream, copy_on_swap: as in
             :class:`~lightning_emascale.ScaledEMA`
             (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
 
@@ -106,12 +106,14 @@ class EMAScalingCallback(OptionsView, Callback):
         freeze_teachers: bool = False,
         flat_parameters: bool = False,
         offload: bool = False,
+        side_stream: bool = True,
+        copy_on_swap: bool = False,
     ) -> None:
         self._options = EMAOptions(
             momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, momentum_schedule,
             final_momentum, total_samples, teachers, momentum_attributes, include=include, exclude=exclude,
             skip_non_finite=skip_non_finite, freeze_teachers=freeze_teachers, flat_parameters=flat_parameters,
-            offload=offload,
+            offload=offload, side_stream=side_stream, copy_on_swap=copy_on_swap,
         )  # fmt: skip
         self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(self._options.teachers))
         self.name = check_name(name, "name")
@@ -254,6 +256,10 @@ class EMAScalingCallback(OptionsView, Callback):
             )
         else:
             self._ema.attach(trainer.optimizers)
+        # Automatic optimization runs forward and backward inside `optimizer.step()`: wait for the side stream
+        # after them (`on_before_optimizer_step`), not in the pre-step hook, so that the update overlaps them.
+        # Manual optimization may step the raw optimizer, which Lightning does not see: the hook waits.
+        self._ema._wait_before_step = not pl_module.automatic_optimization
         if self._state_to_load is not None:
             self._ema.load_state_dict(self._state_to_load)
             self._state_to_load = None
@@ -316,6 +322,8 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = self._ema
+        if ema is not None:
+            ema.wait()  # before Lightning moves the module off the GPU
         if ema is not None and ema.ema_updates == 0 and not self._warned_no_update and not self._options.teachers:
             rank_zero_warn(
                 f"{self.state_key}: the run ended after {ema.optimizer_steps} optimizer step(s) without one EMA update"
@@ -361,6 +369,13 @@ class EMAScalingCallback(OptionsView, Callback):
             if type(self).batch_size_of is EMAScalingCallback.batch_size_of and batch_idx == 0:
                 check_first_batch(trainer.train_dataloader, size)
         self.scaled_ema.count_samples(size * trainer.world_size)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._ema is not None:
+            self._ema.wait()  # after the closure's forward and backward, before the step writes the weights
 
     @override
     def on_train_batch_end(

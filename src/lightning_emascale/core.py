@@ -136,6 +136,15 @@ class ScaledEMA:
             beside them: each update copies the weights into pinned host memory without blocking and averages
             them on the CPU in a background thread, so training goes on meanwhile; readers of the EMA (swaps,
             checkpoints, :meth:`ema_state_dict`) wait for it. Host memory: the EMA plus one copy of the model.
+        side_stream: on a GPU, run each Polyak or post-hoc update on a CUDA side stream, beside the next forward
+            and backward: it waits for the optimizer step that wrote the weights, and the next optimizer step,
+            swaps, checkpoints and :meth:`wait` wait for it, on the device (no host sync). Needs the optimizers
+            attached (otherwise, and on a CPU, the update runs in line). Teachers are always updated in line (the
+            next forward reads them). Write the weights outside the optimizer step only after :meth:`wait`.
+        copy_on_swap: evaluation with the EMA (:meth:`swap_in`, :meth:`swapped`) copies the averages into the
+            module and keeps a copy of the training weights, instead of pointing each parameter at its average
+            (no copy where the dtypes match; a bf16 model gets only the cast). Choose it when evaluation writes
+            the weights in place (test-time adaptation), which would otherwise change the EMA (with a warning).
         auto_end_step: end each step in the optimizer's post-hook (advance the clock, move the EMA). With
             ``False``, or with several optimizers, call :meth:`end_step` once after all of a step's optimizers
             have stepped (the Lightning callback does, at the end of each batch).
@@ -188,6 +197,8 @@ class ScaledEMA:
         freeze_teachers: bool = False,
         flat_parameters: bool = False,
         offload: bool = False,
+        side_stream: bool = True,
+        copy_on_swap: bool = False,
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
@@ -212,6 +223,8 @@ class ScaledEMA:
             freeze_teachers=freeze_teachers,
             flat_parameters=flat_parameters,
             offload=offload,
+            side_stream=side_stream,
+            copy_on_swap=copy_on_swap,
         )
         self._setup(module, optimizers, options, auto_end_step, total_samples_from)
 
@@ -264,11 +277,15 @@ class ScaledEMA:
         else:
             self.averager = EMAState.from_module(
                 module, options.ema_precision, options.include, options.exclude, options.flat_parameters,
-                options.offload,
+                options.offload, options.copy_on_swap,
             )  # fmt: skip
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
         self._write_snapshots = True  # an adapter turns it off for a smoke test (Lightning's fast_dev_run)
+        # The optimizer's pre-step hook waits for the side stream. An adapter whose loop runs the closure (forward
+        # and backward) inside `optimizer.step()` turns it off and calls `wait()` after the closure instead, so
+        # that the update overlaps the forward and backward there too (Lightning's `on_before_optimizer_step`).
+        self._wait_before_step = True
         self._saved_groups: SavedGroups = []
         self._attributes: list[MomentumAttribute] = []
         self._reset_clock()
@@ -336,6 +353,8 @@ class ScaledEMA:
             state.refresh()  # the tensors' storage now (a module moved since it was built)
         self._attributes = attributes
         self._optimizers = unwrapped
+        for averager in self._side_stream_owners():  # the pre-step hook below waits for the side stream
+            averager.use_side_stream = self.options.side_stream and bool(unwrapped)
         if scaling:
             _SCALED_BY.update(dict.fromkeys(unwrapped, self))
         self._step_lrs = [[] for _ in unwrapped]
@@ -352,6 +371,9 @@ class ScaledEMA:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for averager in self._side_stream_owners():  # no hook waits for a side stream any more
+            averager.join()
+            averager.use_side_stream = False
         self._restore_hyperparameters()
         for attribute in self._attributes:
             attribute.restore()
@@ -403,6 +425,8 @@ class ScaledEMA:
         return self._step_samples / self._base
 
     def _before_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
+        if self._wait_before_step:
+            self.averager.join()  # the step writes the weights the last update may still be reading
         self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
         if self.is_swapped:
             raise RuntimeError(
@@ -473,6 +497,15 @@ class ScaledEMA:
             if every and before // every < self._samples_seen // every:
                 self.save_snapshot()
 
+    def _side_stream_owners(self) -> list[Union[EMAState, PowerEMAState]]:
+        return [self.averager] if isinstance(self.averager, (EMAState, PowerEMAState)) else []
+
+    def wait(self) -> None:
+        """Make the current CUDA stream wait for the EMA update under way (``side_stream``; queued on the
+        device, no host sync). The next optimizer step, swaps and checkpoints do it themselves: call it before
+        writing or freeing the module's weights any other way (weight clipping right after the step)."""
+        self.averager.join()
+
     def _ema_states(self) -> list[EMAState]:
         if isinstance(self.averager, PowerEMAState):
             return list(self.averager.states)
@@ -489,8 +522,8 @@ class ScaledEMA:
         else:
             state = averager.states[0] if isinstance(averager, PowerEMAState) else averager
             finite = all_finite(state.tracked, nan_only=state.is_buffer)
-        if self._skipped.device != finite.device:
-            self._skipped = self._skipped.to(finite.device)
+        if self._skipped.device != finite.device:  # made on the device: a host-to-device copy would sync
+            self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device) + int(self._skipped)
         self._skipped += (~finite).long()
         return finite
 

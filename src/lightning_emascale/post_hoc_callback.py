@@ -37,8 +37,8 @@ class PostHocEMACallback(EMAScalingCallback):
         snapshot_every_samples: samples seen (global) between snapshots. More snapshots fit a target better;
             each costs one file of ``len(sigma_rels)`` fp32 copies of the model.
         directory: where the snapshots go (``post_hoc-<samples>.pt``).
-        base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite: as
-            in ``EMAScalingCallback``.
+        base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite,
+            side_stream: as in ``EMAScalingCallback``.
 
     Example:
         >>> from lightning_emascale import PostHocEMACallback
@@ -59,6 +59,7 @@ class PostHocEMACallback(EMAScalingCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         skip_non_finite: bool = False,
+        side_stream: bool = True,
     ) -> None:
         super().__init__(
             base_batch_size=base_batch_size,
@@ -70,6 +71,7 @@ class PostHocEMACallback(EMAScalingCallback):
             include=include,
             exclude=exclude,
             skip_non_finite=skip_non_finite,
+            side_stream=side_stream,
         )
         if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
             raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")

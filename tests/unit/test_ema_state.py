@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -31,6 +33,27 @@ def test_foreach_update_equals_reference_loop(dtype):
         decay = 0.9 ** (step + 1)
         state.update(decay)
         reference_update(reference, [t for _, t in named], decay)
+        for name, fast, slow in zip(state.names, state.averages, reference):
+            assert torch.equal(fast, slow), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_gathered_mixed_update_of_the_gpu_path_equals_reference_loop(dtype):
+    """The GPU's mixed-dtype path (one same-dtype cat per block, then one cast), forced on the CPU."""
+    named = _tensors(dtype)
+    state = EMAState(named)
+    for group in state._groups:
+        if group.mixed:
+            group.gathered = torch.empty(group.staging.numel(), dtype=group.model_dtype)
+    assert any(group.gathered is not None for group in state._groups)
+    reference = [e.clone() for e in state.averages]
+    for step in range(3):
+        with torch.no_grad():
+            for _, tensor in named:
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype))
+        state.update(0.8 ** (step + 1))
+        reference_update(reference, [t for _, t in named], 0.8 ** (step + 1))
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
 
@@ -159,10 +182,11 @@ def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monke
     assert state.index_of_name["tied.weight"] == state.index_of_name["small.0.weight"]
 
 
+@pytest.mark.parametrize("copy_on_swap", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_swap_copies_the_averages_in_and_restores_the_same_storage(dtype):
+def test_the_swap_puts_the_averages_in_and_restores_the_same_storage(dtype, copy_on_swap):
     model = _Zoo(dtype)
-    state = EMAState.from_module(model)
+    state = EMAState.from_module(model, copy_on_swap=copy_on_swap)
     with torch.no_grad():
         for tensor in state.tracked:
             tensor.mul_(3) if tensor.is_floating_point() else tensor.add_(1)
@@ -172,6 +196,12 @@ def test_the_swap_copies_the_averages_in_and_restores_the_same_storage(dtype):
     with state.swapped():
         for name, tensor, average in zip(state.names, state.tracked, state.averages):
             assert torch.equal(tensor, average.to(tensor.dtype)), name
+            assert tensor.dtype == raw[state.names.index(name)].dtype, name
+            parameter = isinstance(tensor, torch.nn.Parameter)
+            # zero copy: a parameter of the EMA's dtype holds the average's own storage; buffers are copied
+            shares = parameter and not copy_on_swap and tensor.dtype == average.dtype
+            if tensor.numel():
+                assert (tensor.data_ptr() == average.data_ptr()) == shares, name
     assert [tensor.data_ptr() for tensor in state.tracked] == pointers
     for name, tensor, before in zip(state.names, state.tracked, raw):
         assert torch.equal(tensor, before), name
@@ -245,17 +275,56 @@ def test_the_update_follows_tensors_whose_storage_or_strides_changed_without_an_
             assert torch.equal(fast, slow), name
 
 
-def test_writes_while_swapped_do_not_reach_the_ema_and_autograd_still_sees_the_swap():
+def test_a_write_while_swapped_reaches_the_ema_with_a_warning_that_names_it():
     model = _Zoo(torch.float32)
     state = EMAState.from_module(model)
+    big = state.names.index("big.weight")
+    with pytest.warns(UserWarning, match=r"'big.weight' \(1 tensors\) were written in place while the EMA was"
+                      r" swapped in .* `copy_on_swap=True`"):  # fmt: skip
+        with state.swapped():
+            with torch.no_grad():
+                model.big.weight.mul_(0)  # test-time adaptation, an unhooked optimizer
+    assert not state.averages[big].any()  # the write landed in the EMA: said, not hidden
+    assert model.big.weight.any()  # the training weights came back
+
+
+def test_with_copy_on_swap_writes_while_swapped_do_not_reach_the_ema():
+    model = _Zoo(torch.float32)
+    state = EMAState.from_module(model, copy_on_swap=True)
+    before = [average.clone() for average in state.averages]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with state.swapped():
+            with torch.no_grad():
+                model.big.weight.mul_(0)
+    assert all(torch.equal(a, b) for a, b in zip(state.averages, before))
+
+
+@pytest.mark.parametrize("copy_on_swap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_refuses_a_graph_built_on_the_other_side_of_a_swap(dtype, copy_on_swap):
+    model = _Zoo(dtype)
+    state = EMAState.from_module(model, copy_on_swap=copy_on_swap)
+    with state.swapped():
+        loss = (model.big.weight**2).sum()  # built on the EMA (pow saves the weight), back-propagated after
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = (model.big.weight**2).sum()  # built on the training weights, back-propagated while swapped
+    with state.swapped():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_reset_while_swapped_raises_and_changes_nothing():
+    model = _Zoo(torch.float32)
+    state = EMAState.from_module(model)
+    with torch.no_grad():
+        model.big.weight.add_(1)
     before = [average.clone() for average in state.averages]
     with state.swapped():
-        with torch.no_grad():
-            model.big.weight.mul_(0)  # test-time adaptation, an unhooked optimizer
-        loss = (model.big.weight**2).sum()
+        with pytest.raises(RuntimeError, match=r"reset\(\) while the EMA is swapped into the model: call swap_out"):
+            state.reset()
     assert all(torch.equal(a, b) for a, b in zip(state.averages, before))
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()  # a graph built while swapped, back-propagated after: refused, not silently wrong
 
 
 def test_flat_parameters_refuse_to_untie_tensors_that_share_storage():
