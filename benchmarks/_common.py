@@ -14,17 +14,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin so that machine noise hits all alike."""
+def interleaved_medians(
+    candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3, inner: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed round-robin so that machine noise hits all alike.
+
+    Each timing covers ``inner`` calls back to back between two device syncs (on a GPU, so that the launches of
+    one call overlap the kernels of the last, as in training, and the sync's own cost is spread out).
+    """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(warmup + repeats):
         for name, fn in candidates.items():
             sync()
             start = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             sync()
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -1,14 +1,16 @@
 """One EMA update: lightning-emascale against the floor and against peer libraries, in one process.
 
-    python benchmarks/ema_update.py [--runs 2] [--repeats 25] [--device cpu] [--memory]
+    python benchmarks/ema_update.py [--runs 2] [--repeats 25] [--device cpu|cuda] [--memory]
 
 Floor: one flat fp32 ``lerp_`` over as many elements as the model has (the memory traffic any EMA must pay).
 Each candidate is built alone and timed interleaved with the floor (so that memory holds one EMA copy at a time).
 Peers: timm ``ModelEmaV3``, ema-pytorch ``EMA`` (per tensor and ``use_foreach``), torch ``AveragedModel`` with
 ``get_ema_multi_avg_fn``, Lightning's ``EMAWeightAveraging`` (its ``AveragedModel`` with a per-tensor
 ``avg_fn``), and the readable per-tensor reference update. Each table is measured ``--runs`` times (interleaved
-repetitions, medians); the table shows the median of the runs' medians and their spread. ``--memory`` runs every
-candidate in a fresh process and prints its peak resident memory over the model alone. Needs the ``bench`` extra.
+repetitions, medians); the table shows the median of the runs' medians and their spread. On a GPU each timing
+covers ``--inner`` updates back to back (20 by default). ``--memory`` runs every candidate in a fresh process and
+prints its peak memory over the model alone: resident memory on a CPU, allocated GPU memory on a GPU. Needs the
+``bench`` extra.
 Targets: fp32 <= 1.05x the floor; a bf16 model with an fp32 EMA <= 1.2x.
 """
 
@@ -119,11 +121,18 @@ sys.path.insert(0, {folder!r})
 import ema_update as bench
 model = bench.build({model!r}, {device!r}, {bf16!r})
 gc.collect()
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set (VmHWM) to the current one
+cuda = {device!r}.startswith("cuda")
+if cuda:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+else:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set (VmHWM) to the current one
 def hwm():
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
-base = hwm()
+base = torch.cuda.memory_allocated() / 2**20 if cuda else hwm()
 update = bench.make({name!r}, model, {bf16!r})
 for _ in range(3):
     update()
@@ -132,8 +141,8 @@ print(hwm() - base)
 
 
 def peak_memory_mib(model_name: str, name: str, device: str, bf16: bool) -> str:
-    """Peak resident memory of a fresh process building ``name`` over the model and updating 3 times, minus the
-    model's (Linux: the peak is reset once the model is built); GPU memory is not counted."""
+    """Peak memory of a fresh process building ``name`` over the model and updating 3 times, minus the model's:
+    resident memory on a CPU (Linux: the peak is reset once the model is built), allocated memory on a GPU."""
     code = _PEAK.format(folder=str(Path(__file__).parent), model=model_name, device=device, bf16=bf16, name=name)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return f"{float(run.stdout.split()[-1]):.0f}" if run.returncode == 0 else "n/a"
@@ -146,8 +155,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224"])
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each candidate")
+    parser.add_argument("--only", nargs="+", default=None, help="candidates whose name starts with one of these")
+    parser.add_argument("--inner", type=int, default=None, help="updates per timing (default: 1 CPU, 20 GPU)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, runs {args.runs}")
+    inner = args.inner or (20 if args.device.startswith("cuda") else 1)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, device {args.device} ({where}), runs {args.runs}, inner {inner}")
     for model_name in args.models:
         for bf16 in (False, True):
             model = build(model_name, args.device, bf16)
@@ -158,14 +171,15 @@ def main() -> None:
             floor, _ = candidate(FLOOR, model, bf16)
             assert floor is not None
             worst = flat_worst = 0.0
-            for name in CANDIDATES[1:]:  # one at a time against the floor: memory stays one EMA copy
+            chosen = [name for name in CANDIDATES[1:] if not args.only or name.startswith(tuple(args.only))]
+            for name in chosen:  # one at a time against the floor: memory stays one EMA copy
                 fn, failure = candidate(name, model, bf16)
                 if fn is None:
                     print(f"{name:<46} {'fails':>8}   {failure}")
                     continue
                 ratios = []
                 for _ in range(args.runs):
-                    medians = interleaved_medians({FLOOR: floor, name: fn}, repeats=args.repeats)
+                    medians = interleaved_medians({FLOOR: floor, name: fn}, repeats=args.repeats, inner=inner)
                     ratios.append(medians[name] / medians[FLOOR])
                 ratios.sort()
                 mib = f"  {peak_memory_mib(model_name, name, args.device, bf16):>10}" if args.memory else ""
