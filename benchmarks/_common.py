@@ -22,6 +22,14 @@ def interleaved_medians(
     Each timing covers ``inner`` calls back to back between two device syncs (on a GPU, so that the launches of
     one call overlap the kernels of the last, as in training, and the sync's own cost is spread out).
     """
+    times = interleaved_times(candidates, repeats, warmup, inner)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_times(
+    candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 3, inner: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in every round (see :func:`interleaved_medians`)."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(warmup + repeats):
         for name, fn in candidates.items():
@@ -32,7 +40,14 @@ def interleaved_medians(
             sync()
             if round_index >= warmup:
                 times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(fn: Callable[[], None], floor: Callable[[], None], repeats: int, inner: int = 1) -> float:
+    """The median over rounds of (time of ``fn`` / time of ``floor``) measured back to back in the same round:
+    a drift of the machine's speed between rounds cancels in each ratio (a ratio of medians keeps it)."""
+    times = interleaved_times({"floor": floor, "fn": fn}, repeats, inner=inner)
+    return statistics.median(a / b for a, b in zip(times["fn"], times["floor"]))
 
 
 def print_table(title: str, medians: dict[str, float], floor: str, notes: dict[str, str]) -> None:

@@ -6,8 +6,9 @@ Floor: one flat fp32 ``lerp_`` over as many elements as the model has (the memor
 Each candidate is built alone and timed interleaved with the floor (so that memory holds one EMA copy at a time).
 Peers: timm ``ModelEmaV3``, ema-pytorch ``EMA`` (per tensor and ``use_foreach``), torch ``AveragedModel`` with
 ``get_ema_multi_avg_fn``, Lightning's ``EMAWeightAveraging`` (its ``AveragedModel`` with a per-tensor
-``avg_fn``), and the readable per-tensor reference update. Each table is measured ``--runs`` times (interleaved
-repetitions, medians); the table shows the median of the runs' medians and their spread. On a GPU each timing
+``avg_fn``), and the readable per-tensor reference update. Each table is measured ``--runs`` times; a run's ratio is
+the median over repetitions of (candidate / floor) timed back to back, so that drift of the machine cancels; the
+table shows the median of the runs' ratios and their spread. On a GPU each timing
 covers ``--inner`` updates back to back (20 by default). ``--memory`` runs every candidate in a fresh process and
 prints its peak memory over the model alone: resident memory on a CPU, allocated GPU memory on a GPU. Needs the
 ``bench`` extra.
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians
+from _common import paired_ratio
 
 from lightning_emascale._ema import EMAState, reference_update
 
@@ -179,8 +180,7 @@ def main() -> None:
                     continue
                 ratios = []
                 for _ in range(args.runs):
-                    medians = interleaved_medians({FLOOR: floor, name: fn}, repeats=args.repeats, inner=inner)
-                    ratios.append(medians[name] / medians[FLOOR])
+                    ratios.append(paired_ratio(fn, floor, repeats=args.repeats, inner=inner))
                 ratios.sort()
                 mib = f"  {peak_memory_mib(model_name, name, args.device, bf16):>10}" if args.memory else ""
                 middle = (

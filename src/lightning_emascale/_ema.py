@@ -15,11 +15,16 @@ they agree.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import glob
+import os
+import sys
 import warnings
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import FrameType
 from typing import Literal, Optional, Protocol
 
 import torch
@@ -39,12 +44,27 @@ _SMALL = 1 << 16
 _GPU_BLOCK = 1 << 24  # elements of the staging block on a GPU (64 MiB in fp32): launches, not cache, matter there
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, contextlib and torch, for a warning issued by
+    the function that calls this one (so that it points at the user's line)."""
+    skipped = tuple(
+        os.path.abspath(path)
+        for path in (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
+    )
+    frame: Optional[FrameType] = sys._getframe(2)  # the frame that called the warning's issuer
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _last_level_cache_bytes() -> Optional[int]:
     """The CPU's largest cache, read from Linux's sysfs; ``None`` where it cannot be read."""
     sizes = []
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
-            text = open(index).read().strip().upper()
+            with open(index) as file:
+                text = file.read().strip().upper()
         except OSError:
             continue
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
@@ -124,6 +144,7 @@ class _FlatGroup:
         # same-dtype `cat` into this model-dtype buffer and cast by one `copy_` instead.
         gather = self.mixed and device.type == "cuda"
         self.gathered = torch.empty(max(capacity, 1), dtype=self.model_dtype, device=device) if gather else None
+        self.buffers = False  # whether the group holds buffers (set by the owner)
         self.model_flat: Optional[Tensor] = None  # flat-parameter mode: the model tensors' own buffer
         self._adopted: list[int] = []
         self.refresh()
@@ -222,12 +243,16 @@ class _FlatGroup:
             offset += chunk.numel()
         return (start, end, chunks, slices)
 
-    def update(self, weight: float, moved: bool = True) -> None:
-        """One update; ``moved=False``: the owner checked that no tracked tensor's storage moved since the last."""
-        if moved and [model.data_ptr() for model in self.models] != self._pointers:
+    def follow(self) -> None:
+        """If a model tensor's storage moved since the views were taken: re-adopt it (flat-parameter mode, or leave
+        that mode with a warning) and take the views again. The owner calls it before :meth:`update`."""
+        if [model.data_ptr() for model in self.models] != self._pointers:
             if self.model_flat is not None:
                 self._still_adopted()
             self.refresh()
+
+    def update(self, weight: float) -> None:
+        """One update of the averages, through the views :meth:`follow` took."""
         if self.per_tensor:
             for view, model in zip(self.views, self.models):
                 view.lerp_(model.detach().to(view.dtype), weight)
@@ -319,6 +344,8 @@ class EMAState:
             self.index_of_name[name] = index_of_tensor[id(tensor)]
         #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
         self.untracked_names: frozenset[str] = frozenset()
+        #: Those tensors (a swap copies a tracked tensor that shares memory with one of them, so they stay tied).
+        self.untracked_tensors: list[Tensor] = []
         self._seen_versions: list[int] = []
         self._stale_at_swap = False
         #: Whether each tracked tensor is a buffer (``skip_non_finite`` allows an infinite buffer, not a NaN one).
@@ -328,12 +355,15 @@ class EMAState:
         self.averages: list[Tensor] = [torch.empty(0)] * len(self.tracked)
         self._groups: list[_FlatGroup] = []
         self._loose: list[tuple[Tensor, Tensor]] = []  # (average, tensor) of non-dense floating-point tensors
+        self._loose_is_buffer: list[bool] = []
         self._copies: tuple[list[Tensor], list[Tensor]] = ([], [])  # (copy, tensor) of integer tensors
         self._raw_backup: list[Tensor] | None = None
         self.copy_on_swap = copy_on_swap
         self._pointed: list[int] = []  # tensors whose .data points at their average while swapped
         self._pointed_versions: list[int] = []
-        dense: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+        # Buffers get their own groups: a forward in training mode writes them, so on a GPU they are updated on the
+        # training stream while the parameters' update runs beside the next forward.
+        dense: dict[tuple[torch.device, torch.dtype, torch.dtype, bool], list[int]] = {}
         with torch.no_grad():
             for index, tensor in enumerate(self.tracked):
                 # An integer buffer, or a float buffer holding +-inf (a mask: the lerp of inf and inf is NaN), is
@@ -345,15 +375,17 @@ class EMAState:
                     self._copies[0].append(self.averages[index])
                     self._copies[1].append(tensor)
                 elif _is_dense(tensor):
-                    key = (tensor.device, tensor.dtype, ema_dtype_for(tensor.dtype, precision))
+                    key = (tensor.device, tensor.dtype, ema_dtype_for(tensor.dtype, precision), self.is_buffer[index])
                     dense.setdefault(key, []).append(index)
                 else:  # overlapping or gapped storage has no memory order to lay flat: its own tensor
                     self.averages[index] = tensor.detach().to(home, ema_dtype_for(tensor.dtype, precision), copy=True)
                     self._loose.append((self.averages[index], tensor))
-            for (_, _, ema_dtype), indices in dense.items():
+                    self._loose_is_buffer.append(self.is_buffer[index])
+            for (_, _, ema_dtype, buffers), indices in dense.items():
                 group = _FlatGroup(
                     [self.tracked[i] for i in indices], ema_dtype, torch.device("cpu") if offload else None
                 )
+                group.buffers = buffers
                 for position, view in zip(group.order, group.views):
                     self.averages[indices[position]] = view
                 if flat_parameters:
@@ -386,6 +418,8 @@ class EMAState:
         # Memory the side stream reads or writes must not be handed to the training stream while the update
         # still runs (a module moved or freed right after a step): each storage is recorded once on the stream.
         if moved or not self._recorded:
+            if any(tensor.device != self._side.device for tensor in self.tracked):
+                return nullcontext()  # moved to another device: in line
             self._recorded = True
             return self._side.launch([only_if, *self.tracked, *self.averages, *self._buffers()])
         return self._side.launch([only_if])
@@ -410,6 +444,8 @@ class EMAState:
         buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
         state = cls(selected, precision, buffers, flat_parameters, offload, copy_on_swap)
         state.untracked_names = untracked
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        state.untracked_tensors = [tensor for name, tensor in named if name in untracked]
         return state
 
     @torch.no_grad()
@@ -419,35 +455,44 @@ class EMAState:
         ``only_if``: a 0-d bool tensor (e.g. :func:`all_finite` of the tracked tensors); where it is False every
         average keeps its value, decided on the device without a host sync (a slower, per-tensor path).
         """
+        weight = 1.0 - decay
         pointers = [tensor.data_ptr() for tensor in self.tracked]  # one look per update (~20 us for 320 tensors)
         moved = pointers != self._pointers
-        self._pointers = pointers
-        with self._launch(only_if, moved):
-            self._update(1.0 - decay, only_if, moved)
-
-    def _update(self, weight: float, only_if: Optional[Tensor], moved: bool) -> None:
+        if moved:  # on the training stream: a re-adopted flat buffer is allocated and filled here
+            for group in self._groups:
+                group.follow()
+            self._pointers = pointers
         if self._offload is not None:
-            self._offload.update(weight)
+            self._offload.update(weight)  # on the training stream: the copy reads buffers the forward writes
             return
+        side = self._launch(only_if, moved)
+        self._update_part(weight, only_if, buffers=True)  # the next forward writes them: on the training stream
+        with side:
+            self._update_part(weight, only_if, buffers=False)
+
+    def _update_part(self, weight: float, only_if: Optional[Tensor], buffers: bool) -> None:
+        """Update the buffers' averages (``buffers=True``, with the copied tensors) or the parameters'."""
+        groups = [group for group in self._groups if group.buffers == buffers]
+        loose = [pair for pair, is_buffer in zip(self._loose, self._loose_is_buffer) if is_buffer == buffers]
         if only_if is not None:
-            averaged = [pair for group in self._groups for pair in zip(group.views, group.models)] + self._loose
-            for ema, model in averaged:
+            for ema, model in [pair for group in groups for pair in zip(group.views, group.models)] + loose:
                 ema.lerp_(torch.where(only_if, model.detach().to(ema.dtype), ema), weight)
-            for copy, model in zip(*self._copies):
-                copy.copy_(torch.where(only_if, model.detach(), copy))
+            if buffers:
+                for copy, model in zip(*self._copies):
+                    copy.copy_(torch.where(only_if, model.detach(), copy))
             return
-        for group in self._groups:
-            group.update(weight, moved)
-        for ema, model in self._loose:
+        for group in groups:
+            group.update(weight)
+        for ema, model in loose:
             ema.lerp_(model.to(ema.dtype), weight)
-        if self._copies[0]:
+        if buffers and self._copies[0]:
             torch._foreach_copy_(*self._copies)
 
     def refresh(self) -> None:
         """Read the tracked tensors' current storage from now on (after ``module.to(...)`` replaced ``.data``)."""
         self._pointers = []  # the next update looks again
         for group in self._groups:
-            group.refresh()
+            group.follow()
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -478,19 +523,35 @@ class EMAState:
         if self._raw_backup is not None:
             raise RuntimeError("The EMA weights are already swapped into the model")
         self.flush()
-        self._stale_at_swap = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
+        stale = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
+        # Tensors that share memory with another tensor of the module (separate Parameters tied by `.data`) are
+        # copied, so that they stay tied; so are buffers (a forward in training mode writes them).
+        starts = Counter(tensor.data_ptr() for tensor in [*self.tracked, *self.untracked_tensors] if tensor.numel())
+        pointed = [
+            index
+            for index, tensor in enumerate(self.tracked)
+            if not self.copy_on_swap
+            and not self.is_buffer[index]
+            and tensor.is_floating_point()
+            and (not tensor.numel() or starts[tensor.data_ptr()] == 1)
+        ]
+        # Everything is allocated before anything changes: an error (out of memory) leaves the module as it was.
         backup: list[Tensor] = []
-        pointed: list[int] = []
+        point_to: dict[int, Tensor] = {}
+        with torch.inference_mode(False):  # a swap inside inference mode must not make inference tensors
+            for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
+                if index in pointed:
+                    backup.append(tensor.data)  # the training storage itself: no copy
+                    same = average.dtype == tensor.dtype and average.device == tensor.device
+                    point_to[index] = average if same else average.to(tensor.device, tensor.dtype)
+                else:
+                    backup.append(tensor.detach().clone())
         for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
-            if self.copy_on_swap or self.is_buffer[index] or not tensor.is_floating_point():
-                backup.append(tensor.detach().clone())
+            if index in point_to:
+                tensor.data = point_to[index]
+            else:
                 tensor.copy_(average)
-                continue
-            backup.append(tensor.data)  # the training storage itself: no copy
-            same = average.dtype == tensor.dtype and average.device == tensor.device
-            tensor.data = average if same else average.to(tensor.device, tensor.dtype)
-            pointed.append(index)
-        self._raw_backup, self._pointed = backup, pointed
+        self._raw_backup, self._pointed, self._stale_at_swap = backup, pointed, stale
         self._bump([self.tracked[index] for index in pointed])
         self._pointed_versions = [self.tracked[index]._version for index in pointed]
 
@@ -519,9 +580,9 @@ class EMAState:
             shown = ", ".join(repr(name) for name in written[:5]) + (", ..." if len(written) > 5 else "")
             warnings.warn(
                 f"{shown} ({len(written)} tensors) were written in place while the EMA was swapped in (an optimizer"
-                " step, test-time adaptation): they pointed at the EMA's own storage, so the EMA now holds those"
-                " writes. Evaluate on a copy with `copy_on_swap=True` if the EMA must not change.",
-                stacklevel=3,
+                " step, test-time adaptation, `load_state_dict`): they pointed at the EMA's own storage, so the EMA"
+                " now holds those writes. Evaluate on a copy with `copy_on_swap=True` if the EMA must not change.",
+                stacklevel=_caller_level(),
             )
 
     def _shares_average(self, index: int) -> bool:

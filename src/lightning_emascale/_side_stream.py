@@ -48,9 +48,9 @@ class SideStream:
         for tensor in uses:
             if tensor is not None and tensor.is_cuda:
                 tensor.record_stream(self._stream)
+        self._pending = True  # also if the block raises part-way: what it queued is waited for
         with torch.cuda.stream(self._stream):
             yield
-        self._pending = True
 
     def join(self) -> None:
         """Make the current stream wait for the updates launched so far (queued on the device; no host sync)."""

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
@@ -258,8 +259,11 @@ class EMAScalingCallback(OptionsView, Callback):
             self._ema.attach(trainer.optimizers)
         # Automatic optimization runs forward and backward inside `optimizer.step()`: wait for the side stream
         # after them (`on_before_optimizer_step`), not in the pre-step hook, so that the update overlaps them.
-        # Manual optimization may step the raw optimizer, which Lightning does not see: the hook waits.
-        self._ema._wait_before_step = not pl_module.automatic_optimization
+        # Manual optimization, or an overridden `optimizer_step`, may step the raw optimizer, which Lightning does
+        # not see: there the pre-step hook waits.
+        self._ema._wait_before_step = not pl_module.automatic_optimization or is_overridden(
+            "optimizer_step", pl_module, pl.LightningModule
+        )
         if self._state_to_load is not None:
             self._ema.load_state_dict(self._state_to_load)
             self._state_to_load = None

@@ -385,6 +385,8 @@ class ScaledEMA:
         The optimizers stay hooked. A ``base_batch_size`` that was resolved from the first step is resolved
         again. In teacher mode the teachers are the module's own and keep their values.
         """
+        if self.is_swapped:
+            raise RuntimeError("reset() while the EMA is swapped into the model: call swap_out() first")
         self._restore_hyperparameters()
         self._reset_clock()
         if isinstance(self.averager, EMAState):

@@ -550,3 +550,19 @@ def test_an_offloaded_ema_in_a_fit_equals_the_default(tmp_path):
     assert all(torch.equal(ema[name], offloaded[name]) for name in ema)
     assert all(torch.equal(saved[name], offloaded_saved[name]) for name in saved)
     assert loss == offloaded_loss
+
+
+def test_the_pre_step_hook_waits_for_the_side_stream_unless_lightning_calls_the_closure_first(tmp_path):
+    """Automatic optimization waits in `on_before_optimizer_step`, after forward and backward; manual optimization
+    or an overridden `optimizer_step` may step the raw optimizer, so there the pre-step hook waits."""
+
+    class OwnStep(TinyModel):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer_closure()
+            optimizer.optimizer.step()  # the raw optimizer: Lightning calls no `on_before_optimizer_step`
+
+    for module_class, expected in ((TinyModel, False), (OwnStep, True)):
+        callback = EMAScalingCallback(momentum=0.9)
+        make_trainer([callback], max_epochs=1).fit(module_class())
+        assert callback.ema_updates > 0
+        assert callback.scaled_ema._wait_before_step is expected, module_class

@@ -416,3 +416,29 @@ def test_a_mask_buffer_holding_minus_inf_is_copied_not_averaged_into_nan():
 def test_offload_and_flat_parameters_say_what_they_do_not_combine_with(kwargs):
     with pytest.raises(ValueError, match=r"`(offload|flat_parameters)=True` .* (not combine|does not apply)"):
         ScaledEMA(Annealed(), None, momentum=0.9, **kwargs)
+
+
+def test_reset_while_swapped_raises_before_the_clock_changes():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=8)
+    model(torch.randn(8, 4)).sum().backward()
+    ema.count_samples(8)
+    optimizer.step()
+    with ema.swapped():
+        with pytest.raises(RuntimeError, match=r"reset\(\) while the EMA is swapped into the model"):
+            ema.reset()
+    assert ema.samples_seen == 8 and ema.ema_updates == 1
+
+
+def test_flat_parameters_follow_a_converted_module_after_attach():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.0, base_batch_size=8, flat_parameters=True)
+    model.double().float()  # `.data` replaced: same device, dtype and strides
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema.attach(optimizer)
+    model(torch.randn(8, 4)).sum().backward()
+    ema.count_samples(8)
+    optimizer.step()  # momentum 0: the EMA equals the weights
+    assert torch.equal(ema.ema_state_dict()["weight"], model.weight.detach())

@@ -167,7 +167,8 @@ def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monke
     model = _Zoo(dtype)
     state = EMAState.from_module(model)
     reference = [average.clone() for average in state.averages]
-    assert len({a.untyped_storage().data_ptr() for a in state.averages if a.is_floating_point() and a.numel()}) <= 2
+    storages = {a.untyped_storage().data_ptr() for a in state.averages if a.is_floating_point() and a.numel()}
+    assert len(storages) <= 3  # one flat buffer for the parameters, one for the buffers, the non-dense tensor
     for step in range(4):
         with torch.no_grad():
             for tensor in state.tracked:
@@ -333,3 +334,93 @@ def test_flat_parameters_refuse_to_untie_tensors_that_share_storage():
     model.extra.data = model.big.weight.data  # tied through separate Parameter objects
     with pytest.raises(ValueError, match=r"`flat_parameters=True` would untie tensors that share storage"):
         EMAState.from_module(model, flat_parameters=True)
+
+
+def test_a_swap_that_fails_part_way_changes_nothing(monkeypatch):
+    model = _Zoo(torch.bfloat16)  # the swap casts each fp32 average to bf16: allocations that can fail
+    state = EMAState.from_module(model)
+    with torch.no_grad():
+        for tensor in state.tracked:
+            tensor.add_(1)
+    state.update(0.5)
+    raw = [tensor.detach().clone() for tensor in state.tracked]
+    pointers = [tensor.data_ptr() for tensor in state.tracked]
+    calls = []
+    real_to = torch.Tensor.to
+
+    def failing_to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(RuntimeError, match="simulated"):
+        state.swap_in()
+    monkeypatch.undo()
+    assert not state.is_swapped
+    assert [tensor.data_ptr() for tensor in state.tracked] == pointers
+    assert all(torch.equal(tensor, before) for tensor, before in zip(state.tracked, raw))
+
+
+def test_parameters_tied_through_separate_objects_stay_tied_in_the_swap():
+    class TiedAutoencoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 4, bias=False)
+            self.dec = torch.nn.Linear(4, 4, bias=False)
+            self.dec.weight = torch.nn.Parameter(self.enc.weight.data)  # shared storage, two Parameter objects
+
+    for exclude in (None, ["dec"]):
+        model = TiedAutoencoder()
+        state = EMAState.from_module(model, exclude=exclude)
+        with torch.no_grad():
+            model.enc.weight.add_(1)
+        state.update(0.5)
+        with state.swapped():
+            assert model.enc.weight.data_ptr() == model.dec.weight.data_ptr(), exclude  # copied in, still tied
+            assert torch.equal(model.enc.weight, state.averages[0]), exclude
+        assert model.enc.weight.data_ptr() == model.dec.weight.data_ptr()
+
+
+def test_a_bf16_swap_inside_inference_mode_leaves_normal_tensors():
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    state = EMAState.from_module(model)
+    with torch.inference_mode():
+        state.swap_in()
+    assert not model.weight.is_inference()
+    model(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()  # training on the EMA: allowed, not crashed
+    state.swap_out()
+
+
+def test_a_storage_move_seen_by_a_guarded_update_is_followed_by_the_next_plain_one():
+    model = torch.nn.Linear(4, 4)
+    state = EMAState.from_module(model)
+    state.update(0.0)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()  # module.double().float(), load_state_dict(assign=True)
+    state.update(0.0, only_if=torch.tensor(True))
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+        model.bias.fill_(7.0)
+    state.update(0.0)  # decay 0: the EMA equals the weights
+    assert torch.equal(state.averages[0], model.weight.detach()) and torch.equal(state.averages[1], model.bias)
+
+
+def test_the_write_warning_points_at_the_callers_line():
+    model = torch.nn.Linear(4, 4)
+    state = EMAState.from_module(model)
+    with pytest.warns(UserWarning, match="written in place") as record:
+        with state.swapped():
+            with torch.no_grad():
+                model.weight.mul_(2)
+    assert record[0].filename == __file__
+
+
+def test_buffers_are_grouped_apart_from_parameters():
+    """On a GPU the parameters' update runs on a side stream and the buffers' (which a forward writes) does not."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    state = EMAState.from_module(model)
+    kinds = {group.buffers: {id(t) for t in group.models} for group in state._groups}
+    assert kinds[True] == {id(model[1].running_mean), id(model[1].running_var)}
+    assert id(model[0].weight) in kinds[False]
