@@ -43,11 +43,15 @@ def interleaved_times(
     return times
 
 
-def paired_ratio(fn: Callable[[], None], floor: Callable[[], None], repeats: int, inner: int = 1) -> float:
-    """The median over rounds of (time of ``fn`` / time of ``floor``) measured back to back in the same round:
-    a drift of the machine's speed between rounds cancels in each ratio (a ratio of medians keeps it)."""
+def paired_ratio(
+    fn: Callable[[], None], floor: Callable[[], None], repeats: int, inner: int = 1
+) -> tuple[float, float]:
+    """The median over rounds of (time of ``fn`` / time of ``floor``) measured back to back in the same round (a
+    drift of the machine's speed between rounds cancels in each ratio; a ratio of medians keeps it), and the
+    floor's median seconds."""
     times = interleaved_times({"floor": floor, "fn": fn}, repeats, inner=inner)
-    return statistics.median(a / b for a, b in zip(times["fn"], times["floor"]))
+    ratio = statistics.median(a / b for a, b in zip(times["fn"], times["floor"]))
+    return ratio, statistics.median(times["floor"])
 
 
 def print_table(title: str, medians: dict[str, float], floor: str, notes: dict[str, str]) -> None:
