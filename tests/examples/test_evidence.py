@@ -10,7 +10,7 @@ from test_examples import EXAMPLES, run_example
 sys.path.insert(0, str(EXAMPLES / "studies"))
 import noisy_parabola as np_
 
-from lightning_emascale import scale_ema_momentum
+from lightning_emascale import WarmupCosine, scale_ema_momentum
 
 
 @pytest.mark.parametrize(
@@ -102,6 +102,39 @@ def test_supervised_script_runs_every_arm(tmp_path):
     assert all(d > 0 for d in runs[1]["distance"][1:])  # another data order: another trajectory
     assert "kappa 2, no rule" in proc.stdout
     assert (tmp_path / "out" / "supervised.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adam_rule_study_runs_every_arm_with_paired_seeds(tmp_path):
+    args = "--epochs 2 --train-samples 64 --val-samples 32 --kappas 2,4 --base-batch 8 --seeds 2 --out-dir out"
+    proc = run_example("studies/adam_rule.py", args, tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    arms = ["full rule", "no EMA rule", "no optimizer rule", "linear LR", "no rule"]
+    assert [(run["arm"], run["kappa"]) for run in runs if run["seed"] == 1] == [
+        ("base", 1), ("floor", 1), *[(arm, kappa) for kappa in (2, 4) for arm in arms]
+    ]  # fmt: skip
+    base = {run["seed"]: run for run in runs if run["arm"] == "base"}
+    for run in runs:
+        kappa, reference = run["kappa"], base[run["seed"]]
+        assert run["samples"] == [0, 64, 128]  # the same samples seen in every arm: paired records
+        assert run["ema_ce"][0] == reference["ema_ce"][0]  # the same initial weights within a seed
+        rho = 0.99 if run["arm"] in ("base", "floor", "no EMA rule", "no rule") else 0.99**kappa
+        assert run["rho_hat"] == pytest.approx(rho)
+        # the LR the last step of the first epoch used: the rule's factor x the schedule at the samples seen
+        # before that step (the schedule runs on samples, so the factor is all that differs between arms)
+        factor = {"full rule": kappa**0.5, "no EMA rule": kappa**0.5, "linear LR": kappa}.get(run["arm"], 1.0)
+        schedule = WarmupCosine(warmup=0.1, final=0.0)((64 - 8 * kappa) / 128)
+        assert run["step_lr"][1] == pytest.approx(2e-3 * factor * schedule, rel=1e-9)
+    assert base[0]["ema_ce"][0] != base[1]["ema_ce"][0]  # another seed: other data and weights
+    floor = summary["floor"]["ema_ce"]
+    assert floor > 0
+    for cell in summary["arms"]:
+        ema = cell["ema_ce"]
+        assert ema["min"] <= ema["mean"] <= ema["max"] and ema["over_floor"] == pytest.approx(ema["mean"] / floor)
+        expected = "kept" if ema["mean"] <= 1.5 * floor else "separated" if ema["mean"] > 3 * floor else "inconclusive"
+        assert ema["verdict"] == expected
+    assert "Noise floor F" in proc.stdout
+    assert (tmp_path / "out" / "adam_rule.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_byol_study_script_runs_every_arm(tmp_path):
@@ -218,3 +251,34 @@ def test_post_hoc_study_supports_what_results_md_claims(tmp_path):
         assert result["memory"]["snapshots"] == 16
     base = results[0]
     assert max(r["accuracy"] for r in base["post_hoc_sigma_rels"]) - max(r["accuracy"] for r in base["parallel"]) > 0.02
+
+
+@pytest.mark.slow
+def test_adam_rule_study_supports_what_results_md_claims(tmp_path):
+    """The full run behind docs/results.md §5: the claims made there."""
+    run_example("studies/adam_rule.py", "--out-dir out", tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    cells = {(cell["kappa"], cell["arm"]): cell for cell in summary["arms"]}
+    base = {run["seed"]: run for run in runs if run["arm"] == "base"}
+
+    def run(arm, kappa, seed):
+        return next(r for r in runs if r["arm"] == arm and r["kappa"] == kappa and r["seed"] == seed)
+
+    def gap(r):
+        return sum(abs(a - b) for a, b in zip(r["ema_ce"], base[r["seed"]]["ema_ce"])) / len(r["ema_ce"])
+
+    assert summary["floor"]["ema_ce"] > 0
+    pairs = [(2, "full rule", "no EMA rule"), (4, "full rule", "no EMA rule")]
+    pairs += [(kappa, "no optimizer rule", "no rule") for kappa in (2, 4, 8)]
+    for kappa, with_rule, without in pairs:  # the EMA rule isolated: the same raw model, only rho differs
+        for seed in range(3):
+            assert run(with_rule, kappa, seed)["raw_ce"] == run(without, kappa, seed)["raw_ce"]
+            assert gap(run(with_rule, kappa, seed)) < gap(run(without, kappa, seed)), (kappa, with_rule, seed)
+    assert cells[(2, "full rule")]["ema_ce"]["verdict"] == "kept"
+    for kappa in (4, 8):  # the Adam rule degrades training there; AdamW unchanged does not as much
+        full = cells[(kappa, "full rule")]
+        assert full["ema_ce"]["verdict"] == "separated" and full["raw_ce"]["over_floor"] > 3
+        assert full["peak_ema_acc"] < summary["base_peak_ema_acc"] - 0.1
+        assert cells[(kappa, "no optimizer rule")]["peak_ema_acc"] > full["peak_ema_acc"] + 0.1
+        assert cells[(kappa, "no rule")]["ema_ce"]["verdict"] == "separated"
