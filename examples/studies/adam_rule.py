@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 import torch
 from emascale_examples.data import pattern_images
+from emascale_examples.paired import gap_summary, mean_gap
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -190,19 +191,13 @@ def fit(
     return {"arm": arm, "kappa": kappa, "seed": seed, "rho_hat": ema.ema_momentum, **records}
 
 
-def gap(run: dict, base: dict, key: str) -> float:
-    """Mean over records of |run - base| (the same samples seen by construction)."""
-    assert run["samples"] == base["samples"], (run["arm"], run["samples"], base["samples"])
-    return statistics.fmean(abs(a - b) for a, b in zip(run[key], base[key]))
-
-
 def summarize(runs: list[dict], kappas: list[int], seeds: int) -> dict:
     """Per kappa and arm: the paired gaps (EMA and raw CE) over seeds, against the floor F, and the verdict."""
     base = {run["seed"]: run for run in runs if run["arm"] == "base"}
     floor_runs = {run["seed"]: run for run in runs if run["arm"] == "floor"}
     summary: dict[str, Any] = {"floor": {}}
     for key in ("ema_ce", "raw_ce"):
-        summary["floor"][key] = statistics.fmean(gap(floor_runs[s], base[s], key) for s in range(seeds))
+        summary["floor"][key] = statistics.fmean(mean_gap(floor_runs[s], base[s], key) for s in range(seeds))
     summary["base_peak_ema_acc"] = statistics.fmean(max(base[s]["ema_acc"]) for s in range(seeds))
     summary["arms"] = []
     for kappa in kappas:
@@ -210,17 +205,9 @@ def summarize(runs: list[dict], kappas: list[int], seeds: int) -> dict:
             cell: dict[str, Any] = {"kappa": kappa, "arm": arm}
             chosen = [run for run in runs if run["arm"] == arm and run["kappa"] == kappa]
             for key in ("ema_ce", "raw_ce"):
-                gaps = [gap(run, base[run["seed"]], key) for run in chosen]
-                floor = summary["floor"][key]
-                mean = statistics.fmean(gaps)
-                verdict = "kept" if mean <= 1.5 * floor else "separated" if mean > 3 * floor else "inconclusive"
-                cell[key] = {
-                    "mean": mean,
-                    "min": min(gaps),
-                    "max": max(gaps),
-                    "over_floor": mean / floor,
-                    "verdict": verdict,
-                }
+                gaps = [mean_gap(run, base[run["seed"]], key) for run in chosen]
+                cell[key] = gap_summary(gaps, summary["floor"][key])
+
             cell["peak_ema_acc"] = statistics.fmean(max(run["ema_acc"]) for run in chosen)
             cell["rho_hat"] = chosen[0]["rho_hat"]
             summary["arms"].append(cell)

@@ -205,20 +205,23 @@ class ProgressiveBatchCallback(Callback):
             assert self._initial is not None
             return self._initial
         expected = lightning_getattr(pl_module, self.batch_arg_name)
-        for loader in _loaders(trainer.train_dataloader):
-            built = _loader_batch_size(loader)
-            if built is None:
-                rank_zero_warn(
-                    "ProgressiveBatchCallback cannot read the batch size of the train dataloader (a custom batch"
-                    f" sampler without `batch_size`) to check that it follows `{self.batch_arg_name}`"
-                )
-            elif built != expected:
-                raise RuntimeError(
-                    f"ProgressiveBatchCallback set `{self.batch_arg_name}`={expected} for epoch"
-                    f" {trainer.current_epoch}, but the train dataloader was built with batch_size={built}: make"
-                    f" `train_dataloader()` read `self.{self.batch_arg_name}` (or `self.hparams.{self.batch_arg_name}`)"
-                )
-        return expected  # type: ignore[return-value]
+        # Several loaders (a CombinedLoader: labelled and unlabelled streams of other sizes): one must follow it.
+        sizes = [_loader_batch_size(loader) for loader in _loaders(trainer.train_dataloader)]
+        if expected in sizes:
+            return expected  # type: ignore[return-value]
+        built = [size for size in sizes if size is not None]
+        if not built:
+            rank_zero_warn(
+                "ProgressiveBatchCallback cannot read the batch size of the train dataloader (a custom batch"
+                f" sampler without `batch_size`) to check that it follows `{self.batch_arg_name}`"
+            )
+            return expected  # type: ignore[return-value]
+        shown = built[0] if len(built) == 1 else f"{built} (one per loader; none follows it)"
+        raise RuntimeError(
+            f"ProgressiveBatchCallback set `{self.batch_arg_name}`={expected} for epoch"
+            f" {trainer.current_epoch}, but the train dataloader was built with batch_size={shown}: make"
+            f" `train_dataloader()` read `self.{self.batch_arg_name}` (or `self.hparams.{self.batch_arg_name}`)"
+        )
 
     @override
     def on_train_batch_end(

@@ -137,6 +137,32 @@ def test_adam_rule_study_runs_every_arm_with_paired_seeds(tmp_path):
     assert (tmp_path / "out" / "adam_rule.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_pseudo_label_study_runs_every_arm_with_paired_seeds(tmp_path):
+    args = "--epochs 3 --unlabeled 256 --kappas 2,4 --base-batch 8 --seeds 2 --out-dir out"
+    run_example("studies/pseudo_label_study.py", args, tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    arms = [(1, "base"), (1, "floor"), (2, "rule"), (2, "no EMA rule"), (2, "no rule")]
+    arms += [(4, "rule"), (4, "no EMA rule"), (4, "no rule"), (4, "progressive")]
+    assert [(run["kappa"], run["arm"]) for run in runs if run["seed"] == 0] == arms
+    for run in runs:
+        assert run["samples"] == [0, 256, 512, 768]  # unlabelled samples seen: the same records in every arm
+        rho = 0.99 ** run["kappa"] if run["arm"] in ("rule", "progressive") else 0.99
+        assert run["rho_hat"] == pytest.approx(rho)
+    by = {(run["seed"], run["kappa"], run["arm"]): run for run in runs}
+    for seed in range(2):
+        base, progressive = by[(seed, 1, "base")], by[(seed, 4, "progressive")]
+        assert progressive["pseudo_acc"][:2] == base["pseudo_acc"][:2]  # the shared first epoch, by construction
+        assert progressive["pseudo_acc"][2:] != base["pseudo_acc"][2:]  # then its own run at 4 x the batch
+        assert by[(seed, 4, "no EMA rule")]["pseudo_acc"] == by[(seed, 4, "no rule")]["pseudo_acc"]  # lr x 4 alike
+    floor = summary["floor"]
+    for cell in summary["arms"][1:]:
+        gap = cell["gap"]
+        expected = "kept" if gap["mean"] <= 1.5 * floor else "separated" if gap["mean"] > 3 * floor else "inconclusive"
+        assert gap["verdict"] == expected and 0 <= cell["area"] <= 1
+    assert (tmp_path / "out" / "pseudo_label_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_byol_study_script_runs_every_arm(tmp_path):
     args = "--base-batch 4 --kappa 2 --epochs 2 --train-samples 32 --knn-samples 20 --grow-at 1 --out-dir out"
     run_example("studies/byol_study.py", args, tmp_path)
@@ -282,3 +308,27 @@ def test_adam_rule_study_supports_what_results_md_claims(tmp_path):
         assert full["peak_ema_acc"] < summary["base_peak_ema_acc"] - 0.1
         assert cells[(kappa, "no optimizer rule")]["peak_ema_acc"] > full["peak_ema_acc"] + 0.1
         assert cells[(kappa, "no rule")]["ema_ce"]["verdict"] == "separated"
+
+
+@pytest.mark.slow
+def test_pseudo_label_study_supports_what_results_md_claims(tmp_path):
+    """The full run behind docs/results.md §6: the claims made there."""
+    run_example("studies/pseudo_label_study.py", "--out-dir out", tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    cells = {(cell["kappa"], cell["arm"]): cell for cell in summary["arms"]}
+    by = {(run["seed"], run["kappa"], run["arm"]): run for run in runs}
+    final = {key: run["teacher_acc"][-1] for key, run in by.items()}
+    # without the EMA rule the teacher collapses to chance on 3 of the 6 runs at kappa 4 and 8; with it none does
+    collapsed = [final[(seed, kappa, "no rule")] < 0.2 for seed in range(3) for kappa in (4, 8)]
+    assert sum(collapsed) == 3
+    assert min(final[(seed, kappa, "rule")] for seed in range(3) for kappa in (4, 8)) > 0.8
+    for kappa in (4, 8):
+        assert cells[(kappa, "no rule")]["samples_to_target"] == [None, None, None]
+        assert cells[(kappa, "rule")]["gap"]["mean"] < cells[(kappa, "no rule")]["gap"]["mean"] / 5
+        assert cells[(kappa, "rule")]["gap"]["verdict"] == "separated"
+    assert cells[(2, "rule")]["gap"]["verdict"] == "inconclusive"
+    assert cells[(2, "no EMA rule")]["gap"]["verdict"] == "separated"
+    progressive, base = cells[(8, "progressive")], cells[(1, "base")]
+    assert progressive["gap"]["verdict"] == "kept" and progressive["late_gap"]["verdict"] == "kept"
+    assert all(p - b <= 4096 for p, b in zip(progressive["samples_to_target"], base["samples_to_target"]))

@@ -124,3 +124,11 @@ def test_post_hoc_example_sweeps_lengths_after_one_run(tmp_path):
     # 2 epochs of the 1844 training samples (random_split of 90 % of 2048): a snapshot every 512, one at the end
     assert sorted(p.name for p in (tmp_path / "snaps").iterdir())[-1] == "post_hoc-000000000003688.pt"
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pseudo_label_counts_kappa_on_the_unlabeled_stream_and_pseudo_labels_help(tmp_path):
+    proc = run_example("pseudo_label.py", "--epochs 3 --batch-size 64", tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if "kappa" in line]
+    assert len(lines) == 2 and all("kappa 2, rho-hat 0.980100" in line for line in lines)  # 64 unlabelled / 32
+    final = [float(line.split("teacher validation accuracy ")[1].split()[0]) for line in lines]
+    assert final[1] > final[0] + 0.05  # pseudo-labels beat the labels alone on this task
