@@ -308,6 +308,38 @@ def test_a_dataloader_that_ignores_the_attribute_is_caught():
         fit_with([ProgressiveBatchCallback({1: 8})], model=IgnoresBatchSize(n_samples=N, batch_size=4))
 
 
+class TwoStreams(TinyModel):
+    """A labelled loader at a quarter of the batch beside the main one, as in pseudo-labelling."""
+
+    follows = True
+
+    def train_dataloader(self):
+        from lightning.pytorch.utilities import CombinedLoader
+
+        data = TensorDataset(self.x, self.y)
+        main = self.hparams.batch_size if self.follows else 4
+        loaders = {"labeled": DataLoader(data, batch_size=max(1, main // 4)), "main": DataLoader(data, batch_size=main)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch["main"], batch_idx)
+
+
+def test_a_combined_loader_needs_one_loader_to_follow_the_attribute():
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, len(batch["main"][0]), len(batch["labeled"][0])))
+
+    fit_with([ProgressiveBatchCallback({1: 8}), Record()], model=TwoStreams(n_samples=N, batch_size=4))
+    assert {entry for entry in seen if entry[0] == 1} == {(1, 8, 2)}  # both rebuilt: 8 and 8 // 4
+    model = TwoStreams(n_samples=N, batch_size=4)
+    model.follows = False
+    with pytest.raises(RuntimeError, match=r"built with batch_size=\[1, 4\] \(one per loader; none follows it\)"):
+        fit_with([ProgressiveBatchCallback({1: 8})], model=model)
+
+
 def test_accumulation_mode_errors():
     with pytest.raises(ValueError, match=r"got `Trainer\(accumulate_grad_batches=2\)`: remove that argument"):
         fit_with([ProgressiveBatchCallback({1: 8}, mode="accumulation")], accumulate_grad_batches=2)
