@@ -294,20 +294,31 @@ def test_adam_rule_study_supports_what_results_md_claims(tmp_path):
     def gap(r):
         return sum(abs(a - b) for a, b in zip(r["ema_ce"], base[r["seed"]]["ema_ce"])) / len(r["ema_ce"])
 
-    assert summary["floor"]["ema_ce"] > 0
     pairs = [(2, "full rule", "no EMA rule"), (4, "full rule", "no EMA rule")]
     pairs += [(kappa, "no optimizer rule", "no rule") for kappa in (2, 4, 8)]
-    for kappa, with_rule, without in pairs:  # the EMA rule isolated: the same raw model, only rho differs
+    for kappa, with_rule, without in [*pairs, (8, "full rule", "no EMA rule")]:  # the same raw model, rho differs
         for seed in range(3):
             assert run(with_rule, kappa, seed)["raw_ce"] == run(without, kappa, seed)["raw_ce"]
+    for kappa, with_rule, without in pairs:  # 5 of the 6 comparisons: rho^kappa closer on every seed
+        for seed in range(3):
             assert gap(run(with_rule, kappa, seed)) < gap(run(without, kappa, seed)), (kappa, with_rule, seed)
-    assert cells[(2, "full rule")]["ema_ce"]["verdict"] == "kept"
-    for kappa in (4, 8):  # the Adam rule degrades training there; AdamW unchanged does not as much
+    for seed in range(3):  # the sixth, where the raw model fails: rho^kappa further on every seed
+        assert gap(run("full rule", 8, seed)) > gap(run("no EMA rule", 8, seed))
+        assert run("full rule", 8, seed)["raw_ce"][-1] > run("full rule", 8, seed)["raw_ce"][0]
+    verdicts = {  # the summary table of docs/results.md
+        (2, "full rule"): "kept", (4, "full rule"): "separated", (8, "full rule"): "separated",
+        (2, "no optimizer rule"): "kept", (4, "no optimizer rule"): "inconclusive", (8, "no optimizer rule"): "separated",
+        (2, "no rule"): "inconclusive", (4, "no rule"): "separated", (8, "no rule"): "separated",
+    }  # fmt: skip
+    assert {key: cells[key]["ema_ce"]["verdict"] for key in verdicts} == verdicts
+    for kappa in (4, 8):  # the Adam rule degrades training there; AdamW unchanged or lr x kappa far less, not kept
         full = cells[(kappa, "full rule")]
-        assert full["ema_ce"]["verdict"] == "separated" and full["raw_ce"]["over_floor"] > 3
-        assert full["peak_ema_acc"] < summary["base_peak_ema_acc"] - 0.1
-        assert cells[(kappa, "no optimizer rule")]["peak_ema_acc"] > full["peak_ema_acc"] + 0.1
-        assert cells[(kappa, "no rule")]["ema_ce"]["verdict"] == "separated"
+        assert full["raw_ce"]["over_floor"] > 3 and full["peak_ema_acc"] < summary["base_peak_ema_acc"] - 0.1
+        for other in ("no optimizer rule", "linear LR"):
+            cell = cells[(kappa, other)]
+            assert cell["ema_ce"]["mean"] < full["ema_ce"]["mean"] and cell["raw_ce"]["over_floor"] < 3
+            assert cell["ema_ce"]["verdict"] != "kept" and cell["peak_ema_acc"] > full["peak_ema_acc"] + 0.1
+    assert cells[(2, "full rule")]["ema_ce"]["mean"] > cells[(2, "linear LR")]["ema_ce"]["mean"]  # no better
 
 
 @pytest.mark.slow
