@@ -436,6 +436,9 @@ class ScaledEMA:
                 " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
             )
         kappa = self._step_kappa()
+        if isinstance(optimizer, torch.optim.AdamW):  # torch < 2.7's AdamW has no such key: its decay is decoupled
+            for group in optimizer.param_groups:
+                group.setdefault("decoupled_weight_decay", True)
         self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
         index = next(i for i, hooked in enumerate(self._optimizers) if hooked is optimizer)
         self._step_lrs[index] = [group["lr"] for group in optimizer.param_groups]

@@ -442,3 +442,19 @@ def test_flat_parameters_follow_a_converted_module_after_attach():
     ema.count_samples(8)
     optimizer.step()  # momentum 0: the EMA equals the weights
     assert torch.equal(ema.ema_state_dict()["weight"], model.weight.detach())
+
+
+def test_the_adam_rule_scales_adamw_weight_decay_also_without_the_newer_group_key():
+    """AdamW before torch 2.7 was its own class, whose param groups lack `decoupled_weight_decay`."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05)
+    for group in optimizer.param_groups:
+        group.pop("decoupled_weight_decay", None)  # as an older AdamW builds them
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=8, optimizer_rule="adam")
+    seen = []  # a pre-hook registered after the EMA's sees the step's values
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["weight_decay"]))
+    model(torch.randn(32, 4)).sum().backward()
+    ema.count_samples(32)  # kappa 4
+    optimizer.step()
+    assert seen == [pytest.approx(0.05 * 2)]  # sqrt(4) x the decoupled weight decay, during the step
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05  # restored after it
