@@ -445,7 +445,7 @@ def test_flat_parameters_follow_a_converted_module_after_attach():
 
 
 def test_the_adam_rule_scales_adamw_weight_decay_also_without_the_newer_group_key():
-    """AdamW before torch 2.7 was its own class, whose param groups lack `decoupled_weight_decay`."""
+    """AdamW before it became an Adam subclass (pytorch PR #118857) had param groups without `decoupled_weight_decay`."""
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05)
     for group in optimizer.param_groups:
