@@ -436,7 +436,8 @@ class ScaledEMA:
                 " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
             )
         kappa = self._step_kappa()
-        if isinstance(optimizer, torch.optim.AdamW):  # older torch's AdamW (before it became an Adam subclass) lacks the key; its decay is decoupled
+        # An older torch's AdamW (before it became an Adam subclass) lacks the key; its weight decay is decoupled.
+        if isinstance(optimizer, torch.optim.AdamW):
             for group in optimizer.param_groups:
                 group.setdefault("decoupled_weight_decay", True)
         self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
