@@ -43,6 +43,7 @@ import lightning as L
 import torch
 from emascale_examples.data import pattern_images
 from emascale_examples.paired import gap_summary, mean_gap
+from emascale_examples.study import kappa_sweep_parser, save_figure
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -237,23 +238,14 @@ def plot(runs: list[dict], kappas: list[int], path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
     axes[0, 0].set_ylabel("EMA validation cross-entropy")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-batch", type=int, default=32)
-    parser.add_argument("--kappas", type=lambda text: [int(k) for k in text.split(",")], default=[2, 4, 8])
+    parser = kappa_sweep_parser(__doc__, epochs=10, lr=2e-3, out_dir="adam_rule")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-samples", type=int, default=4096)
     parser.add_argument("--val-samples", type=int, default=2048)
-    parser.add_argument("--momentum", type=float, default=0.99)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--out-dir", type=Path, default=Path("adam_rule"))
     parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
     args = parser.parse_args()
     largest = max(args.kappas) * args.base_batch

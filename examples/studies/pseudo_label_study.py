@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emascale_examples.paired import gap_summary, mean_gap
 from emascale_examples.pseudo import few_label_clusters, fit_pseudo_labeler
+from emascale_examples.study import kappa_sweep_parser, save_figure
 
 from lightning_emascale import ProgressiveBatchCallback
 
@@ -137,23 +138,14 @@ def plot(runs: list[dict], kappas: list[int], path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
     axes[0, 0].set_ylabel("teacher pseudo-label accuracy on the unlabelled pool")
     axes[0, -1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-batch", type=int, default=32)
-    parser.add_argument("--kappas", type=lambda text: [int(k) for k in text.split(",")], default=[2, 4, 8])
+    parser = kappa_sweep_parser(__doc__, epochs=8, lr=0.05, out_dir="pseudo_label_study")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--momentum", type=float, default=0.99)
-    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--target", type=float, default=0.85, help="pseudo-label accuracy for samples-to-target")
     parser.add_argument("--unlabeled", type=int, default=4096)
-    parser.add_argument("--out-dir", type=Path, default=Path("pseudo_label_study"))
     args = parser.parse_args()
     if args.unlabeled % (max(args.kappas) * args.base_batch):
         parser.error(f"--unlabeled must be a multiple of the largest batch {max(args.kappas) * args.base_batch}")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 import torch
 from emascale_examples.resnet import Classifier, generated_data
+from emascale_examples.study import kappa_sweep_parser, save_figure
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import EMAScalingCallback
@@ -189,22 +190,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     for axis in axes[1]:
         axis.set_xlabel("samples seen")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-batch", type=int, default=32)
-    parser.add_argument("--kappas", type=lambda text: [int(k) for k in text.split(",")], default=[2, 4, 8])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser = kappa_sweep_parser(__doc__, epochs=16, lr=0.05, out_dir="supervised")
     parser.add_argument("--train-samples", type=int, default=4096)
     parser.add_argument("--val-samples", type=int, default=2048)
-    parser.add_argument("--momentum", type=float, default=0.99)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--out-dir", type=Path, default=Path("supervised"))
     parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
     args = parser.parse_args()
     largest = max(args.kappas) * args.base_batch

@@ -201,8 +201,8 @@ class _FlatGroup:
     def refresh(self) -> None:
         """Take the views of the model tensors' current storage that the update reads.
 
-        Called at build, at every attach, and by :meth:`update` whenever a tensor's storage moved (``.data``
-        replaced: a device move, ``.half()``, ``load_state_dict(assign=True)``). If a tensor no longer has the
+        Called at build and by :meth:`follow` whenever a tensor's storage moved (``.data`` replaced: a device
+        move, ``.half()``, ``load_state_dict(assign=True)``). If a tensor no longer has the
         dtype or the strides its average was laid out for, the group updates tensor by tensor (correct, slower).
         """
         self._pointers = [model.data_ptr() for model in self.models]
