@@ -65,8 +65,16 @@ class PseudoLabeler(L.LightningModule):
 
     def train_dataloader(self) -> CombinedLoader:
         x_u = self.unlabeled.tensors[0]  # the pool's labels stay out of training
+        labeled_batch = max(1, self.batch_size // 4)
+        steps, labeled_steps = len(x_u) // self.batch_size, -(-len(self.labeled) // labeled_batch)
+        if steps < labeled_steps:  # the combined loader would run the epoch on the labelled stream, cycling the pool
+            raise ValueError(
+                f"batch {self.batch_size} gives {steps} unlabelled batches per epoch but {labeled_steps} labelled ones"
+                f" ({len(self.labeled)} labels, {labeled_batch} per batch): an epoch must be one pass over the pool,"
+                " so use more unlabelled samples or a larger batch"
+            )
         loaders = {
-            "labeled": DataLoader(self.labeled, batch_size=max(1, self.batch_size // 4), shuffle=True,
+            "labeled": DataLoader(self.labeled, batch_size=labeled_batch, shuffle=True,
                                   generator=self.order, drop_last=False),
             "unlabeled": DataLoader(TensorDataset(x_u), batch_size=self.batch_size, shuffle=True,
                                     generator=self.order, drop_last=True),
