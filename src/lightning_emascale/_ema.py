@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
 from lightning_emascale._side_stream import SideStream
 from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
@@ -318,6 +319,11 @@ class EMAState:
 
     On one CUDA device the update can run on a side stream (:attr:`use_side_stream`, set by the owner, who then
     calls :meth:`join` before anything writes the tracked tensors again); every reader of the averages joins.
+
+    A sharded tensor (a ``DTensor`` of FSDP2 or tensor parallelism) is averaged through its rank-local piece: the
+    averages hold this rank's shard only, a swap copies (the strategy gathers from the parameter's own storage),
+    and the by-name views (:meth:`state_dict`, :meth:`averages_by_name`) are ``DTensor`` views laid out like the
+    parameter. The owner reshards the strategy's modules after anything here writes the pieces.
     """
 
     def __init__(
@@ -335,13 +341,17 @@ class EMAState:
         self.tracked: list[Tensor] = []
         #: Every name, aliases included, -> the index of its tensor in :attr:`tracked` and :attr:`averages`.
         self.index_of_name: dict[str, int] = {}
+        #: The ``DTensor`` of each tracked tensor that is a rank's piece of one (``None`` for the others).
+        self.sources: list[Optional[Tensor]] = []
         index_of_tensor: dict[int, int] = {}
         for name, tensor in named_tensors:
             if id(tensor) not in index_of_tensor:
                 index_of_tensor[id(tensor)] = len(self.tracked)
                 self.names.append(name)
-                self.tracked.append(tensor)
+                self.tracked.append(local_piece(tensor) if is_sharded(tensor) else tensor)
+                self.sources.append(tensor if is_sharded(tensor) else None)
             self.index_of_name[name] = index_of_tensor[id(tensor)]
+        self._sharded = [index for index, source in enumerate(self.sources) if source is not None]
         #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
         self.untracked_names: frozenset[str] = frozenset()
         #: Those tensors (a swap copies a tracked tensor that shares memory with one of them, so they stay tied).
@@ -361,6 +371,9 @@ class EMAState:
         self.copy_on_swap = copy_on_swap
         self._pointed: list[int] = []  # tensors whose .data points at their average while swapped
         self._pointed_versions: list[int] = []
+        # Where the update reads each tracked tensor ("copies", "loose" or its group; a position), so that a sharded
+        # tensor whose local piece moved is replaced there (:meth:`_follow_shards`).
+        self._slots: dict[int, tuple[object, int]] = {}
         # Buffers get their own groups: a forward in training mode writes them, so on a GPU they are updated on the
         # training stream while the parameters' update runs beside the next forward.
         dense: dict[tuple[torch.device, torch.dtype, torch.dtype, bool], list[int]] = {}
@@ -372,6 +385,7 @@ class EMAState:
                 home = torch.device("cpu") if offload else tensor.device  # where the average lives
                 if not tensor.is_floating_point() or constant:
                     self.averages[index] = tensor.detach().to(home, copy=True)
+                    self._slots[index] = ("copies", len(self._copies[1]))
                     self._copies[0].append(self.averages[index])
                     self._copies[1].append(tensor)
                 elif _is_dense(tensor):
@@ -379,6 +393,7 @@ class EMAState:
                     dense.setdefault(key, []).append(index)
                 else:  # overlapping or gapped storage has no memory order to lay flat: its own tensor
                     self.averages[index] = tensor.detach().to(home, ema_dtype_for(tensor.dtype, precision), copy=True)
+                    self._slots[index] = ("loose", len(self._loose))
                     self._loose.append((self.averages[index], tensor))
                     self._loose_is_buffer.append(self.is_buffer[index])
             for (_, _, ema_dtype, buffers), indices in dense.items():
@@ -388,6 +403,8 @@ class EMAState:
                 group.buffers = buffers
                 for position, view in zip(group.order, group.views):
                     self.averages[indices[position]] = view
+                for slot, position in enumerate(group.order):
+                    self._slots[indices[position]] = (group, slot)
                 if flat_parameters:
                     group.adopt_model()
                 self._groups.append(group)
@@ -456,6 +473,8 @@ class EMAState:
         average keeps its value, decided on the device without a host sync (a slower, per-tensor path).
         """
         weight = 1.0 - decay
+        if self._sharded:
+            self._follow_shards()
         pointers = [tensor.data_ptr() for tensor in self.tracked]  # one look per update (~20 us for 320 tensors)
         moved = pointers != self._pointers
         if moved:  # on the training stream: a re-adopted flat buffer is allocated and filled here
@@ -469,6 +488,30 @@ class EMAState:
         self._update_part(weight, only_if, buffers=True)  # the next forward writes them: on the training stream
         with side:
             self._update_part(weight, only_if, buffers=False)
+
+    def _follow_shards(self) -> None:
+        """Read a sharded tensor's local piece from where its ``DTensor`` keeps it now (FSDP2 re-creates the piece
+        when a parameter is reset); the pointer look that follows re-takes the group's views."""
+        for index in self._sharded:
+            source = self.sources[index]
+            assert source is not None
+            if not storage_moved(source, self.tracked[index]):
+                continue
+            piece = local_piece(source)
+            if piece.shape != self.tracked[index].shape:
+                raise RuntimeError(
+                    f"The local shard of {self.names[index]!r} changed shape from {tuple(self.tracked[index].shape)}"
+                    f" to {tuple(piece.shape)} (the module was sharded again): build the EMA after sharding"
+                )
+            self.tracked[index] = piece
+            where, position = self._slots[index]
+            if where == "copies":
+                self._copies[1][position] = piece
+            elif where == "loose":
+                self._loose[position] = (self._loose[position][0], piece)
+            else:
+                assert isinstance(where, _FlatGroup)
+                where.models[position] = piece
 
     def _update_part(self, weight: float, only_if: Optional[Tensor], buffers: bool) -> None:
         """Update the buffers' averages (``buffers=True``, with the copied tensors) or the parameters'."""
@@ -500,6 +543,8 @@ class EMAState:
         if self.is_swapped:
             raise RuntimeError("reset() while the EMA is swapped into the model: call swap_out() first")
         self.flush()
+        if self._sharded:
+            self._follow_shards()
         for average, raw in zip(self.averages, self.raw_tensors()):
             average.copy_(raw)
         self.mark_seen()
@@ -523,14 +568,17 @@ class EMAState:
         if self._raw_backup is not None:
             raise RuntimeError("The EMA weights are already swapped into the model")
         self.flush()
+        if self._sharded:
+            self._follow_shards()
         stale = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
         # Tensors that share memory with another tensor of the module (separate Parameters tied by `.data`) are
         # copied, so that they stay tied; so are buffers (a forward in training mode writes them).
         starts = Counter(tensor.data_ptr() for tensor in [*self.tracked, *self.untracked_tensors] if tensor.numel())
-        pointed = [
+        pointed = [  # a sharded tensor is copied: the strategy gathers from its own storage, not from `.data`
             index
             for index, tensor in enumerate(self.tracked)
             if not self.copy_on_swap
+            and self.sources[index] is None
             and not self.is_buffer[index]
             and tensor.is_floating_point()
             and (not tensor.numel() or starts[tensor.data_ptr()] == 1)
@@ -607,23 +655,30 @@ class EMAState:
         """The training (raw) values of the tracked tensors, also while the EMA is swapped in."""
         return self._raw_backup if self._raw_backup is not None else [t.detach() for t in self.tracked]
 
+    def _by_name(self, tensors: Sequence[Tensor], names: Iterator[tuple[str, int]]) -> dict[str, Tensor]:
+        """``tensors`` (one per tracked tensor) by name; a sharded one as a ``DTensor`` view laid out like its
+        parameter."""
+        views = [tensor if s is None else global_view(tensor, s) for tensor, s in zip(tensors, self.sources)]
+        return {name: views[index] for name, index in names}
+
     def averages_by_name(self) -> dict[str, Tensor]:
-        """The EMA of every tracked tensor under every one of its names (live tensors, EMA dtype)."""
+        """The EMA of every tracked tensor under every one of its names (live tensors, EMA dtype; a sharded one
+        as a ``DTensor`` view of this rank's shard, like the module's own ``state_dict()``)."""
         self.flush()
-        return {name: self.averages[index] for name, index in self.index_of_name.items()}
+        return self._by_name(self.averages, iter(self.index_of_name.items()))
 
     def raw_by_name(self) -> dict[str, Tensor]:
         """The training values under every name, also while the EMA is swapped in."""
-        raw = self.raw_tensors()
-        return {name: raw[index] for name, index in self.index_of_name.items()}
+        return self._by_name(self.raw_tensors(), iter(self.index_of_name.items()))
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The EMA tensors by their first names (the live tensors, not copies)."""
+        """The EMA tensors by their first names (the live tensors, not copies; sharded ones as ``DTensor`` views)."""
         self.flush()
-        return dict(zip(self.names, self.averages))
+        return self._by_name(self.averages, ((name, index) for index, name in enumerate(self.names)))
 
     def check_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Raise ``KeyError`` naming missing and unexpected names, ``ValueError`` for a shape that differs."""
+        """Raise ``KeyError`` naming missing and unexpected names, ``ValueError`` for a shape that differs (a
+        sharded tensor's saved value: its global shape, and a ``DTensor``'s layout)."""
         missing = sorted(set(self.names) - set(state))
         unexpected = sorted(set(state) - set(self.names) - self.untracked_names)  # 0.1 averaged every buffer
         if missing or unexpected:
@@ -631,8 +686,10 @@ class EMAState:
                 f"The saved EMA does not match the model: missing {missing}, unexpected {unexpected}."
                 " Was the checkpoint written for another model?"
             )
-        for name, ema in zip(self.names, self.averages):
-            if state[name].shape != ema.shape:
+        for name, ema, source in zip(self.names, self.averages, self.sources):
+            if source is not None:
+                local_piece_of(state[name], source, name)  # raises for a shape or a layout that differs
+            elif state[name].shape != ema.shape:
                 raise ValueError(
                     f"The saved EMA of {name!r} has shape {tuple(state[name].shape)}, the model's is {tuple(ema.shape)}"
                 )
@@ -654,8 +711,8 @@ class EMAState:
         """Copy saved EMA values in, after :meth:`check_state_dict` (every check before the first copy)."""
         self.flush()
         self.check_state_dict(state)
-        for name, ema in zip(self.names, self.averages):
-            ema.copy_(state[name])
+        for name, ema, source in zip(self.names, self.averages, self.sources):
+            ema.copy_(state[name] if source is None else local_piece_of(state[name], source, name))
 
 
 class _Offload:
@@ -930,6 +987,7 @@ def _pair(
                     f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
                     f" {tuple(tensor.shape)} in the online module"
                 )
+            _check_sharded_alike(teacher[name], tensor, f"{mirror}: `{name}`")
             pairs.append((teacher[name], tensor))
     onlines = {id(online) for _, online in pairs}
     if any(id(teacher) in onlines for teacher, _ in pairs):
@@ -937,7 +995,28 @@ def _pair(
             f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
             " another), so the EMA would move the weights it averages"
         )
-    return pairs
+    # Sharded twins move shard by shard: their rank-local pieces, no communication.
+    return [(local_piece(t), local_piece(o)) if is_sharded(t) else (t, o) for t, o in pairs]
+
+
+def _check_sharded_alike(teacher: Tensor, online: Tensor, what: str) -> None:
+    """Raise ``ValueError`` unless a teacher tensor and its online twin are sharded alike (or both not at all), so
+    that each rank's pieces are the same slice of the same parameter."""
+    if not (is_sharded(teacher) or is_sharded(online)):
+        return
+
+    def layout(tensor: Tensor) -> str:
+        if not is_sharded(tensor):
+            return "not sharded"
+        local = tuple(local_piece(tensor).shape)
+        return f"sharded as {tensor.placements} on {tensor.device_mesh} (local shape {local})"  # type: ignore[attr-defined]
+
+    if layout(teacher) != layout(online):
+        raise ValueError(
+            f"{what} is {layout(teacher)} in the teacher and {layout(online)} in the online module: shard the"
+            " teacher exactly like its online twin (the same `fully_shard`/`parallelize_module` calls, in the same"
+            " order), so that each rank holds the same slice of both"
+        )
 
 
 def _submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:

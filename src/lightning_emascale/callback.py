@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -32,11 +32,18 @@ from lightning_emascale._lightning import (
     swap_ema_into,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
+from lightning_emascale._sharded_checkpoint import (
+    data_parallel_size,
+    load_sharded_ema,
+    save_sharded_ema,
+    write_raw,
+    writes_distributed_checkpoint,
+)
 from lightning_emascale.core import ScaledEMA, _check_state
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
 
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_UNSUPPORTED = (FSDPStrategy, DeepSpeedStrategy)
 _BEFORE_FIT = "before fit"  # the "format" of the state of a callback whose fit has not started
 
 
@@ -128,6 +135,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._module_loaded_from_ema = False  # evaluation after load_from_checkpoint-style loading
         self._run_length = RunLength(type(self).__name__)  # the total samples, derived from the Trainer
         self._step_at_batch_start = 0
+        self._replicas = 1  # the processes that train on different samples (tensor-parallel ranks share theirs)
         self._resuming = False  # this fit loaded a checkpoint's state for this callback
         self._fit_starting = False  # between setup("fit") and on_fit_start: states are stashed, not applied
         self._evaluating = False  # between setup and teardown of validate/test/predict
@@ -199,10 +207,12 @@ class EMAScalingCallback(OptionsView, Callback):
     # ------------------------------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if is_one_of(trainer.strategy, _SHARDED):
+        if is_one_of(trainer.strategy, _UNSUPPORTED):
             raise RuntimeError(
-                f"EMAScalingCallback keeps a full copy of the parameters and supports single-device and DDP"
-                f" strategies, got {type(trainer.strategy).__name__}. Use `strategy='ddp'` (or 'ddp_spawn')."
+                f"EMAScalingCallback supports single-device, DDP and ModelParallelStrategy (FSDP2 `fully_shard`"
+                f" and tensor parallelism, each rank averaging its own shards), got"
+                f" {type(trainer.strategy).__name__}. For a model that needs sharding, shard it with `fully_shard`"
+                " in `configure_model` and use `ModelParallelStrategy`; otherwise use `strategy='ddp'`."
             )
         # Lightning itself rejects two instances with the same `name` (their state keys collide).
         swapping = [c.name for c in trainer.callbacks if isinstance(c, EMAScalingCallback) and c.evaluate_with_ema]  # type: ignore[attr-defined]
@@ -249,6 +259,7 @@ class EMAScalingCallback(OptionsView, Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._replicas = data_parallel_size(trainer.strategy, trainer.world_size)
         continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
         if self._ema is None or self._ema.module is not pl_module or not continuing:
             # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors.
@@ -281,7 +292,19 @@ class EMAScalingCallback(OptionsView, Callback):
         """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
         ema = self._ema
         if ema is not None and ema.ema_updates > 0:
+            if ema.is_sharded:
+                self._save_sharded(ema, None, checkpoint)
+                return
             swap_ema_into(checkpoint["state_dict"], ema.ema_state_dict(), ema.raw_state_dict())
+
+    def _save_sharded(self, ema: ScaledEMA, state: Optional[dict[str, Any]], checkpoint: dict[str, Any]) -> None:
+        trainer = self._run_length.trainer
+        assert trainer is not None  # set in setup
+        swap = self.evaluate_with_ema and ema.ema_updates > 0 and not self._options.teachers
+        distributed = writes_distributed_checkpoint(trainer.strategy)
+        save_sharded_ema(
+            ema, state, checkpoint["state_dict"], distributed, f"_emascale.{self.name}.", swap, trainer.is_global_zero
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -372,7 +395,7 @@ class EMAScalingCallback(OptionsView, Callback):
             self._first_batch_checked = True
             if type(self).batch_size_of is EMAScalingCallback.batch_size_of and batch_idx == 0:
                 check_first_batch(trainer.train_dataloader, size)
-        self.scaled_ema.count_samples(size * trainer.world_size)
+        self.scaled_ema.count_samples(size * self._replicas)
 
     @override
     def on_before_optimizer_step(
@@ -456,6 +479,9 @@ class EMAScalingCallback(OptionsView, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         ema = self._ema
+        if ema is not None and ema.is_sharded and not self._fit_starting:
+            self._save_sharded(ema, checkpoint.get("callbacks", {}).get(self.state_key), checkpoint)
+            return
         if not (self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and not self._options.teachers):
             return
         # `Model.load_from_checkpoint` reads "state_dict": put the EMA there and keep the training weights
@@ -475,10 +501,21 @@ class EMAScalingCallback(OptionsView, Callback):
                 " another `name`): the EMA starts again from the loaded weights."
             )
             return
+        ema = self._ema
+        if "sharded_ema_in_state_dict" in state:
+            if ema is None or not ema.is_sharded:
+                raise RuntimeError(
+                    "The checkpoint is a distributed one with a sharded EMA: resume it with the same"
+                    " ModelParallelStrategy sharding, or convert it to a full checkpoint first"
+                )
+            load_sharded_ema(ema, state, trainer.ckpt_path, "state_dict")
+            return
         raw = state.get("raw_state_dict")
         if raw is None:
             return
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and ema is not None and ema.is_sharded:
+            write_raw(ema, raw)  # each rank its own shards of the full training weights
+        elif trainer.state.fn == TrainerFn.FITTING:
             # Resume from the training weights, not from the EMA that "state_dict" holds.
             result = pl_module.load_state_dict(raw, strict=False)
             if result.unexpected_keys:

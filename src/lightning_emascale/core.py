@@ -29,6 +29,7 @@ from lightning_emascale._ema import (
     freeze_teachers,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule
+from lightning_emascale._sharded import fsdp_modules, is_sharded, local_piece, reshard
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.post_hoc import snapshot_path, write_snapshot
 from lightning_emascale.post_hoc_math import power_beta
@@ -262,6 +263,22 @@ class ScaledEMA:
             raise TypeError(
                 f"`total_samples_from` must be a callable that returns the total, got {total_samples_from!r}"
             )
+        sharded = any(is_sharded(tensor) for tensor in [*module.parameters(), *module.buffers()])
+        if sharded and (options.flat_parameters or options.sigma_rels):
+            option = "flat_parameters=True" if options.flat_parameters else "a post-hoc EMA (`sigma_rels`)"
+            raise ValueError(
+                f"{option} is not supported for a sharded module (DTensor parameters of FSDP2 or tensor"
+                " parallelism): "
+                + (
+                    "the strategy gathers each parameter from its own storage, so the parameters cannot be moved"
+                    " into one buffer. Leave it False: the per-shard update needs no gather."
+                    if options.flat_parameters
+                    else "its snapshots are written by rank 0 alone. Keep a Polyak EMA (no `sigma_rels`)."
+                )
+            )
+        #: Whether the module is sharded (``DTensor`` parameters): each rank then averages its own shards.
+        self.is_sharded = sharded
+        self._fsdp_modules = fsdp_modules(module) if sharded else []
         self.options = options
         self._auto_end_step = auto_end_step
         self.total_samples_from = total_samples_from
@@ -286,6 +303,7 @@ class ScaledEMA:
         # and backward) inside `optimizer.step()` turns it off and calls `wait()` after the closure instead, so
         # that the update overlaps the forward and backward there too (Lightning's `on_before_optimizer_step`).
         self._wait_before_step = True
+        self._state_init_step: Optional[Optimizer] = None  # the optimizer whose state-initializing step runs now
         self._saved_groups: SavedGroups = []
         self._attributes: list[MomentumAttribute] = []
         self._reset_clock()
@@ -427,6 +445,9 @@ class ScaledEMA:
         return self._step_samples / self._base
 
     def _before_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
+        if self._step_samples == 0 and _initializes_state(optimizer):
+            self._state_init_step = optimizer  # no training step: nothing to scale or count
+            return
         if self._wait_before_step:
             self.averager.join()  # the step writes the weights the last update may still be reading
         self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
@@ -446,6 +467,9 @@ class ScaledEMA:
         self._group_names[index] = [group.get("name") for group in optimizer.param_groups]
 
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
+        if self._state_init_step is optimizer:
+            self._state_init_step = None
+            return
         self._restore_hyperparameters()
         self._count_step_on_clock()  # before a SampleClockLR stepped next reads the clock
         if self._auto_end_step:
@@ -497,6 +521,8 @@ class ScaledEMA:
                 self.averager.advance(before, self._samples_seen, finite)
             else:
                 self.averager.update(self._decay_since_update, finite)
+                if self._fsdp_modules and isinstance(self.averager, TeacherState):
+                    reshard(self._fsdp_modules)  # a teacher left unsharded must gather its moved shards again
             self._ema_updates += 1
             self._decay_since_update = 1.0
             every = self.options.snapshot_every_samples  # post-hoc: a snapshot at each multiple of N samples crossed
@@ -528,6 +554,10 @@ class ScaledEMA:
         else:
             state = averager.states[0] if isinstance(averager, PowerEMAState) else averager
             finite = all_finite(state.tracked, nan_only=state.is_buffer)
+        if self.is_sharded and torch.distributed.is_initialized():  # every rank skips together, or none does
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
         if self._skipped.device != finite.device:  # made on the device: a host-to-device copy would sync
             self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device) + int(self._skipped)
         self._skipped += (~finite).long()
@@ -710,16 +740,26 @@ class ScaledEMA:
     @contextmanager
     def swapped(self) -> Iterator[None]:
         """Hold the EMA weights in the module inside the block; restore the training weights exactly after."""
-        with self._polyak().swapped():
+        self.swap_in()
+        try:
             yield
+        finally:
+            self.swap_out()
 
     def swap_in(self) -> None:
-        """Write the EMA weights into the module (e.g. before an evaluation loop); :meth:`swap_out` undoes it."""
-        self._polyak().swap_in()
+        """Write the EMA weights into the module (e.g. before an evaluation loop); :meth:`swap_out` undoes it.
+
+        A sharded module gets each rank's EMA shards copied into its local shards."""
+        state = self._polyak()
+        reshard(self._fsdp_modules)  # a module left unsharded by a no-grad forward would keep the gathered copy
+        state.swap_in()
 
     def swap_out(self) -> None:
         """Restore the training weights exactly after :meth:`swap_in`; nothing to do if they are in place."""
-        self._polyak().swap_out()
+        state = self._polyak()
+        if state.is_swapped:
+            reshard(self._fsdp_modules)  # the evaluation's gathered copies hold the EMA
+        state.swap_out()
 
     @property
     def is_swapped(self) -> bool:
@@ -729,6 +769,11 @@ class ScaledEMA:
     def functional_call(self, module: torch.nn.Module, args: Any, kwargs: Optional[dict[str, Any]] = None) -> Any:
         """Run ``module`` on the EMA weights without touching its own (:func:`torch.func.functional_call`)."""
         state = self._polyak()
+        if self.is_sharded:
+            raise NotImplementedError(
+                "functional_call is not supported for a sharded module: FSDP2 gathers the parameters it holds, not"
+                " the ones functional_call substitutes. Evaluate inside `with ema.swapped():` instead."
+            )
         if _unwrap_module(module) is not self.module:
             raise ValueError(
                 f"`module` must be the module this EMA averages (the {type(self.module).__name__} it was built"
@@ -806,6 +851,13 @@ class ScaledEMA:
         )
 
 
+def _initializes_state(optimizer: Optimizer) -> bool:
+    """Whether a step is the one ``torch.distributed.checkpoint`` takes to create an optimizer's state before
+    loading it (no state yet, every learning rate set to 0), not a training step."""
+    groups = optimizer.param_groups
+    return not optimizer.state and bool(groups) and all(float(group.get("lr", 1.0)) == 0.0 for group in groups)
+
+
 def _is_rank_zero() -> bool:
     """Whether this process writes files: the only one, or rank 0 of a torch.distributed group."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -838,7 +890,8 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
         for name, tensor in averages.items():
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{where} has {key}[{name!r}] of type {type(tensor).__name__}; a tensor is allowed")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            local = local_piece(tensor) if is_sharded(tensor) else tensor  # this rank's shard: no communication
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
                 raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
     if "power_ema" in state:
         if "samples_at_update" not in state:

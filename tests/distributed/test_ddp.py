@@ -11,12 +11,13 @@ import torch
 HERE = Path(__file__).parent
 
 
-def run_script(script: str, out: Path, cwd: Path, timeout: int = 300) -> None:
+def run_script(script: str, *args: object, cwd: Path, timeout: int = 300) -> None:
+    """Run ``script`` (beside this file) with ``args``; fail the test on a non-zero exit or after ``timeout``."""
     # the runner scripts import helpers.py from tests/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     try:
         proc = subprocess.run(
-            [sys.executable, str(HERE / script), str(out)],
+            [sys.executable, str(HERE / script), *map(str, args)],
             env=env,
             cwd=cwd,
             capture_output=True,
@@ -24,13 +25,13 @@ def run_script(script: str, out: Path, cwd: Path, timeout: int = 300) -> None:
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as err:  # pragma: no cover - a hang is a failure, never a stall
-        pytest.fail(f"the DDP run did not finish in {timeout} s: {err.stdout!r} {err.stderr!r}")
+        pytest.fail(f"{script} did not finish in {timeout} s: {err.stdout!r} {err.stderr!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_ddp_two_processes_kappa_counts_world_size(tmp_path):
     out = tmp_path / "result.pt"
-    run_script("ddp_run.py", out, tmp_path)
+    run_script("ddp_run.py", out, cwd=tmp_path)
     result = torch.load(out, weights_only=False)
     metrics = result["metrics"]
     # 24 samples per epoch split over 2 ranks, micro-batch 3, accumulation 2: 2 steps per epoch of 12 samples
@@ -42,7 +43,7 @@ def test_ddp_two_processes_kappa_counts_world_size(tmp_path):
 
 
 def test_ddp_progressive_batch_growth_and_bit_identical_resume(tmp_path):
-    run_script("ddp_progressive_run.py", tmp_path, tmp_path, timeout=420)
+    run_script("ddp_progressive_run.py", tmp_path, cwd=tmp_path, timeout=420)
     shuffled = torch.load(tmp_path / "shuffled.pt", weights_only=False)
     assert [kappa for _, _, kappa, _ in shuffled["rows"]] == [1.0] * 8 + [2.0] * 4 + [4.0] * 2
     assert len({tuple(ids) for ids in shuffled["epoch_ids"].values()}) == 3  # a new order every epoch
@@ -64,7 +65,7 @@ def test_ddp_progressive_batch_growth_and_bit_identical_resume(tmp_path):
 
 def test_ddp_teachers_stay_identical_across_ranks(tmp_path):
     out = tmp_path / "teacher.pt"
-    run_script("ddp_teacher_run.py", out, tmp_path)
+    run_script("ddp_teacher_run.py", out, cwd=tmp_path)
     result = torch.load(out, weights_only=False)
     assert result["checks"] == 8  # 16 samples per rank per epoch in batches of 4, 2 epochs: checked every step
     assert result["moved"]  # the teacher followed the (DDP-synchronised) student
@@ -72,7 +73,7 @@ def test_ddp_teachers_stay_identical_across_ranks(tmp_path):
 
 def test_fabric_ddp_two_processes_kappa_counts_both_ranks_and_the_ema_matches_one_process(tmp_path):
     out = tmp_path / "fabric.pt"
-    run_script("fabric_ddp_run.py", out, tmp_path)
+    run_script("fabric_ddp_run.py", out, cwd=tmp_path)
     result = torch.load(out, weights_only=False)
     assert result["kappas"] == [2.0] * 4
     assert (result["samples_seen"], result["steps"]) == (48, 4)
@@ -82,7 +83,7 @@ def test_fabric_ddp_two_processes_kappa_counts_both_ranks_and_the_ema_matches_on
 def test_ddp_post_hoc_snapshots_are_written_by_rank_zero_and_reconstruct(tmp_path):
     from lightning_emascale import reconstruct_post_hoc
 
-    run_script("ddp_post_hoc_run.py", tmp_path, tmp_path)
+    run_script("ddp_post_hoc_run.py", tmp_path, cwd=tmp_path)
     # per rank 12 samples per epoch, micro-batch 3, accumulation 2: global steps of 12, a snapshot at each
     names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
     assert [int(name[9:-3]) for name in names] == [12, 24, 36, 48]
@@ -92,7 +93,7 @@ def test_ddp_post_hoc_snapshots_are_written_by_rank_zero_and_reconstruct(tmp_pat
 
 
 def test_ddp_spawn_evaluation_after_fit_uses_the_ema_from_the_workers(tmp_path):
-    run_script("ddp_spawn_eval_run.py", tmp_path, tmp_path, timeout=420)
+    run_script("ddp_spawn_eval_run.py", tmp_path, cwd=tmp_path, timeout=420)
     result = torch.load(tmp_path / "out.pt", weights_only=False)
     # trainer.validate(model) in the main process evaluated the raw weights before, silently
     assert result["validated"] == pytest.approx(result["expected"], rel=1e-5)

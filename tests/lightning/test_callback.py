@@ -452,7 +452,9 @@ def test_setup_errors():
     ):
         make_trainer([a, b]).fit(TinyModel())
     fake = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[a])
-    with pytest.raises(RuntimeError, match=r"supports single-device and DDP strategies, got FSDPStrategy"):
+    with pytest.raises(
+        RuntimeError, match=r"supports single-device, DDP and ModelParallelStrategy .* got FSDPStrategy\. For a model"
+    ):
         a.setup(fake, TinyModel(), "fit")
 
 

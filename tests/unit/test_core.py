@@ -484,3 +484,25 @@ def test_two_rules_on_one_optimizer_would_compound_and_are_refused():
     ScaledEMA(model, optimizer, momentum=0.99)  # momentum only: fine
     first.detach()
     ScaledEMA(model, optimizer, momentum=0.99, optimizer_rule="sgd")  # the first one let go
+
+
+def test_the_state_initializing_step_of_distributed_checkpoint_is_no_training_step():
+    # torch.distributed.checkpoint steps an optimizer without state once, every lr set to 0, to create its state
+    # (Lightning does it when resuming a ModelParallelStrategy fit): that step is neither scaled nor counted
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=4, optimizer_rule="sgd")
+    state = get_optimizer_state_dict(model, optimizer)
+    assert state["state"]  # the momentum buffers exist now
+    assert (ema.optimizer_steps, ema.samples_seen, ema.ema_updates) == (0, 0, 0)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    ema.count_samples(8)  # and training goes on as before
+    model(torch.randn(8, 3)).sum().backward()
+    optimizer.step()
+    assert (ema.optimizer_steps, ema.kappa) == (1, 2.0)
+    # a training step with no samples counted still raises, also at lr 0 once the optimizer has state
+    optimizer.param_groups[0]["lr"] = 0.0
+    with pytest.raises(RuntimeError, match=r"No samples were counted for this optimizer step"):
+        optimizer.step()

@@ -1,0 +1,133 @@
+"""Where the EMA of a sharded module goes in the checkpoints of Lightning's ``ModelParallelStrategy``.
+
+Each rank averages its own shards (:mod:`lightning_emascale._sharded`); a checkpoint must give every rank its own
+shards back, also at another world size where the layout allows it. The strategy writes two kinds:
+
+- **full** (``save_distributed_checkpoint=False``): one file, written by rank 0 and read whole by every rank. The
+  EMA is gathered (every rank takes part, one tensor at a time) and stored as in an unsharded run: the callback
+  state's ``"ema"``, and with ``evaluate_with_ema`` the checkpoint's ``state_dict`` (the EMA, for
+  ``load_from_checkpoint``) with the training weights in ``"raw_state_dict"``. Each rank slices its shards back
+  out, so it resumes on any number of processes, or on one without sharding.
+- **distributed** (a folder written by ``torch.distributed.checkpoint``): only the model's and the optimizers'
+  tensors are written shard by shard; the callback state is pickled by rank 0 alone. The EMA therefore goes
+  beside the model's tensors, under ``"{prefix}ema.<name>"`` (and the training weights under
+  ``"{prefix}raw.<name>"`` when the model's entries hold the EMA), and is read back here from the same folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_emascale._ema import EMAState
+from lightning_emascale._lightning import swap_ema_into
+from lightning_emascale._sharded import full_value, global_view, local_piece_of, reshard
+from lightning_emascale.core import ScaledEMA
+
+
+def data_parallel_size(strategy: Any, world_size: int) -> int:
+    """The processes that train on different samples: the strategy's sampler replicas (tensor-parallel ranks share
+    their samples), or the world size where the strategy names none."""
+    kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", world_size))
+
+
+def writes_distributed_checkpoint(strategy: Any) -> bool:
+    """Whether the strategy saves a distributed (sharded) checkpoint rather than one full file."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+
+
+def _polyak(ema: ScaledEMA) -> Optional[EMAState]:
+    return ema.averager if isinstance(ema.averager, EMAState) else None
+
+
+def save_sharded_ema(
+    ema: ScaledEMA, state: Optional[dict[str, Any]], model_state: dict[str, Any], distributed: bool, prefix: str,
+    swap: bool, keep: bool,
+) -> None:  # fmt: skip
+    """Put a sharded EMA into a checkpoint being written, on every rank (the full kind gathers: a collective).
+
+    ``state``: this callback's state in the checkpoint (``None`` in a weights-only checkpoint), whose ``"ema"``
+    holds ``DTensor`` views; ``model_state``: the checkpoint's ``state_dict`` (sharded, or full on rank 0 and empty
+    elsewhere); ``swap``: put the EMA into the model's entries (``evaluate_with_ema``); ``keep``: this rank's
+    gathered tensors are written (rank 0).
+    """
+    averager = _polyak(ema)
+    if averager is None:
+        return  # teacher mode: the teachers are the module's own entries, which the strategy saves
+    views = averager.averages_by_name()  # every name, DTensor views of this rank's shards
+    if distributed:
+        raw = swap_ema_into(model_state, views, dict(model_state)) if swap else {}
+        model_state.update({f"{prefix}ema.{name}": views[name] for name in averager.names})
+        model_state.update({f"{prefix}raw.{name}": value for name, value in raw.items()})
+        if state is not None:
+            del state["ema"]
+            state["sharded_ema_in_state_dict"] = prefix
+        return
+    full: dict[str, Tensor] = {}
+    for name in averager.names:  # one gather at a time, kept on the CPU by the writing rank only
+        value = full_value(views[name])
+        if keep:
+            full[name] = value.cpu()
+    by_name = {name: full[averager.names[index]] for name, index in averager.index_of_name.items()} if keep else {}
+    if state is not None:
+        state["ema"] = full
+    if swap and keep:
+        raw = swap_ema_into(model_state, by_name, dict(model_state))
+        if state is not None:
+            state["raw_state_dict"] = raw
+
+
+def load_sharded_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, top_key: str) -> None:
+    """Read a sharded EMA (and the training weights, if the model's entries held the EMA) back from the distributed
+    checkpoint at ``path``, every rank its own shards; the EMA goes into ``state["ema"]`` for ``load_state_dict``."""
+    averager = _polyak(ema)
+    prefix = state.pop("sharded_ema_in_state_dict")
+    if averager is None:
+        raise ValueError(
+            "The checkpoint holds a Polyak EMA (saved beside the model's tensors), but this EMA is in teacher"
+            " mode: load it with the same `teachers` setting it was saved with"
+        )
+    import torch.distributed.checkpoint as dcp
+
+    def like(tensor: Tensor, source: Optional[Tensor]) -> Tensor:
+        empty = torch.empty_like(tensor)
+        return empty if source is None else global_view(empty, source)
+
+    pieces = zip(averager.names, averager.averages, averager.sources)
+    averages = {f"{prefix}ema.{name}": like(average, source) for name, average, source in pieces}
+    raw_keys = _raw_keys(path, top_key, prefix)
+    raws = {
+        f"{prefix}raw.{name}": like(t, s)
+        for name, t, s in zip(averager.names, averager.tracked, averager.sources)
+        if f"{prefix}raw.{name}" in raw_keys
+    }
+    loaded = {top_key: {**averages, **raws}}
+    dcp.load(loaded, checkpoint_id=path)
+    state["ema"] = {name: loaded[top_key][f"{prefix}ema.{name}"] for name in averager.names}
+    if raws:
+        write_raw(ema, {key[len(f"{prefix}raw.") :]: value for key, value in loaded[top_key].items() if key in raws})
+
+
+def _raw_keys(path: Any, top_key: str, prefix: str) -> set[str]:
+    """The training-weight entries a distributed checkpoint holds beside the model's (none without the swap)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    start = f"{top_key}.{prefix}raw."
+    return {key[len(top_key) + 1 :] for key in metadata.state_dict_metadata if key.startswith(start)}
+
+
+@torch.no_grad()
+def write_raw(ema: ScaledEMA, raw: dict[str, Tensor]) -> None:
+    """Write saved training weights (full tensors, or ``DTensor``s laid out like the parameters) into the sharded
+    module's tensors, every rank its own shards; then reshard, so the next forward gathers them."""
+    averager = _polyak(ema)
+    assert averager is not None
+    for name, tensor, source in zip(averager.names, averager.tracked, averager.sources):
+        if name in raw:
+            value = raw[name] if source is None else local_piece_of(raw[name], source, name)
+            tensor.copy_(value)
+    reshard(ema._fsdp_modules)

@@ -1,0 +1,196 @@
+"""Run by test_sharded.py in a subprocess: 2-process CPU (gloo) fits under ModelParallelStrategy (FSDP2
+``fully_shard``, or tensor parallelism), results written by rank 0 as torch files.
+
+``python sharded_run.py MODE OUT_DIR [PRECISION] [CKPT]``, MODE one of:
+
+- ``fsdp2``: a fit with validation on the EMA, the gathered raw weights recorded after every step, a full and a
+  distributed checkpoint written after step 4 (each rank's EMA shards recorded beside them);
+- ``resume``: the same fit resumed from CKPT; each rank's EMA shards recorded when training starts again;
+- ``tp``: tensor parallelism on 2 ranks (dp = 1): one sample stream, counted once;
+- ``teacher``: teacher mode, the teacher sharded with ``reshard_after_forward=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_emascale import EMAScalingCallback
+
+N_SAMPLES, PER_DEVICE, BASE, MOMENTUM = 16, 2, 2, 0.9
+
+
+def make_net(mode: str = "fsdp2") -> torch.nn.Sequential:
+    if mode == "tp":  # column-wise then row-wise parallel: the hidden features are split over the 2 ranks
+        return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    # 5 rows over 2 ranks: uneven shards (3 and 2); the last layer's single row: one rank holds nothing
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+
+
+def data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(1234)
+    return TensorDataset(torch.randn(N_SAMPLES, 6, generator=generator), torch.randn(N_SAMPLES, 1, generator=generator))
+
+
+class ShardedModel(L.LightningModule):
+    """The model of the tests: unsharded when run on one process (the reference), sharded in ``configure_model``."""
+
+    def __init__(self, mode: str = "fsdp2", batch_size: int = PER_DEVICE) -> None:
+        super().__init__()
+        self.mode, self.batch_size = mode, batch_size
+        torch.manual_seed(0)
+        self.net = make_net(mode)
+        self.register_buffer("scale", torch.tensor([1.5]))  # a float buffer: tracked, never sharded
+        if mode == "teacher":
+            self.teacher = copy.deepcopy(self.net).requires_grad_(False)
+        self.teacher_checks = 0
+
+    def configure_model(self) -> None:
+        if self._device_mesh is None or isinstance(self.net[0].weight, DTensor):
+            return  # one process (the reference), or sharded already
+        if self.mode == "tp":
+            plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+            return
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+        if self.mode == "teacher":  # the teacher stays gathered after its no-grad forward
+            fully_shard(self.teacher[0], mesh=mesh, reshard_after_forward=False)
+            fully_shard(self.teacher, mesh=mesh, reshard_after_forward=False)
+            self.teacher_shards = dict(self.teacher.named_parameters())
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x) * self.scale, y)
+        if self.mode == "teacher":
+            with torch.no_grad():
+                # The teacher's forward must see its latest shards: compare with a plain copy of the shards gathered
+                # first (through the sharded parameters kept since setup: the module's own attributes and its
+                # state_dict() would reshard a module left unsharded, hiding a stale gathered copy).
+                plain = make_net()
+                plain.load_state_dict({name: _full(p) for name, p in self.teacher_shards.items()})
+                target = self.teacher(x)
+                torch.testing.assert_close(target, plain(x), rtol=0, atol=1e-6)
+                self.teacher_checks += 1
+            loss = loss + 0.1 * torch.nn.functional.mse_loss(self.net(x), target)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x) * self.scale, y), sync_dist=True)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+    def _loader(self) -> DataLoader:
+        # in order (the Trainer runs with use_distributed_sampler=False): rank r of n takes samples r, r + n, ...,
+        # so one optimizer step sees the same samples on 2 data-parallel ranks as on one process
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {"num_replicas": 1, "rank": 0}
+        sampler = DistributedSampler(data(), shuffle=False, **kwargs)
+        return DataLoader(data(), batch_size=self.batch_size, sampler=sampler)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class Recorder(L.Callback):
+    """After every optimizer step: the gathered raw weights and the EMA's numbers. Checks the raw shards survive
+    each validation bit for bit. Saves both checkpoint kinds after step ``save_at``."""
+
+    def __init__(self, ema: EMAScalingCallback, out: Path, save_at: int = 0) -> None:
+        self.ema, self.out, self.save_at = ema, out, save_at
+        self.rows: list[tuple[int, float, float, int]] = []
+        self.raw: list[dict[str, torch.Tensor]] = []
+        self.before_validation: dict[str, torch.Tensor] = {}
+        self.validations = 0
+
+    def on_train_start(self, trainer, pl_module):
+        initial = {name: _full(value).detach().clone() for name, value in pl_module.state_dict().items()}
+        if trainer.is_global_zero:
+            torch.save(initial, self.out / "initial.pt")
+        if self.ema._options.teachers:
+            return
+        shards = {name: _local(value).clone() for name, value in self.ema.ema_state_dict().items()}
+        torch.save(shards, self.out / f"start_shards_rank{trainer.global_rank}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ema = self.ema
+        self.rows.append((ema.optimizer_steps, ema.kappa, ema.ema_momentum, ema.samples_seen))
+        self.raw.append({name: _full(value).detach().clone() for name, value in pl_module.state_dict().items()})
+        # the raw shards before a validation swaps the EMA in
+        self.before_validation = {name: _local(p).detach().clone() for name, p in pl_module.named_parameters()}
+        if trainer.global_step == self.save_at:
+            shards = {name: _local(value).clone() for name, value in ema.ema_state_dict().items()}
+            torch.save(shards, self.out / f"saved_shards_rank{trainer.global_rank}.pt")
+            for kind, distributed in (("full", False), ("distributed", True)):  # the strategy's two kinds
+                trainer.strategy._save_distributed_checkpoint = distributed
+                trainer.save_checkpoint(self.out / f"{kind}.ckpt")
+            assert (self.out / "full.ckpt").is_file() and (self.out / "distributed.ckpt").is_dir()
+
+    def on_validation_end(self, trainer, pl_module):
+        if not self.before_validation:
+            return
+        for name, p in pl_module.named_parameters():  # restored bit for bit after the EMA callback swapped out
+            assert torch.equal(_local(p), self.before_validation[name]), name
+        self.validations += 1
+
+
+def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> None:
+    L.seed_everything(0)
+    tp = mode == "tp"
+    strategy = ModelParallelStrategy(data_parallel_size=1 if tp else 2, tensor_parallel_size=2 if tp else 1)
+    teachers = {"net": "teacher"} if mode == "teacher" else None
+    callback = EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE, optimizer_rule="sgd", teachers=teachers)
+    recorder = Recorder(callback, out, save_at=4 if mode == "fsdp2" else 0)
+    # the EMA callback first: the recorder's validation hooks then run after its swaps
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_epochs=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[callback, recorder], limit_val_batches=0 if mode in ("tp", "teacher") else None,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    model = ShardedModel(mode, batch_size=PER_DEVICE * 2 if tp else PER_DEVICE)
+    trainer.fit(model, ckpt_path=ckpt or None)
+    ema_full = {}
+    if mode != "teacher":
+        ema_full = {name: _full(value).clone() for name, value in callback.ema_state_dict().items()}
+    final_raw = {name: _full(value).detach().clone() for name, value in model.state_dict().items()}
+    if trainer.is_global_zero:
+        torch.save(
+            {
+                "rows": recorder.rows,
+                "raw": recorder.raw,
+                "ema": ema_full,
+                "final_raw": final_raw,
+                "val_loss": float(trainer.callback_metrics.get("val_loss", float("nan"))),
+                "validations": recorder.validations,
+                "teacher_checks": model.teacher_checks,
+                "replicas": callback._replicas,
+            },
+            out / f"{mode}.pt",
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])
