@@ -31,7 +31,14 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
+from lightning_emascale._sharded import (
+    clean_name,
+    global_view,
+    is_sharded,
+    local_piece,
+    local_piece_of,
+    storage_moved,
+)
 from lightning_emascale._side_stream import SideStream
 from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
@@ -458,11 +465,11 @@ class EMAState:
     ) -> EMAState:
         """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
         selected, untracked = select_tensors(module, include, exclude)
-        buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
+        buffers = {clean_name(name) for name, _ in module.named_buffers(remove_duplicate=False)}
         state = cls(selected, precision, buffers, flat_parameters, offload, copy_on_swap)
         state.untracked_names = untracked
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-        state.untracked_tensors = [tensor for name, tensor in named if name in untracked]
+        state.untracked_tensors = [tensor for name, tensor in named if clean_name(name) in untracked]
         return state
 
     @torch.no_grad()
@@ -801,9 +808,15 @@ def select_tensors(
     temperature) are left out unless ``include`` names them exactly. A tied tensor left out under one name is left out.
     Raises ``ValueError`` for an entry that matches nothing and when nothing is left to average.
     """
-    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    named = [
+        (clean_name(name), tensor)  # FSDP1's wrappers' names are not in the module's checkpoint keys
+        for name, tensor in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
+    ]
     non_persistent = {
-        f"{prefix}.{name}" if prefix else name
+        clean_name(f"{prefix}.{name}" if prefix else name)
         for prefix, submodule in module.named_modules(remove_duplicate=False)
         for name in submodule._non_persistent_buffers_set
     }

@@ -1,4 +1,5 @@
-"""Sharded tensors (``DTensor``: FSDP2 ``fully_shard``, tensor parallelism): the piece each rank averages. Pure torch.
+"""Sharded tensors (``DTensor``: FSDP2 ``fully_shard``, tensor parallelism; FSDP1 with ``use_orig_params=True``): the
+piece each rank averages. Pure torch.
 
 A sharded parameter is a ``DTensor`` whose rank-local piece (``to_local()``) lives in storage the strategy owns:
 the optimizer writes it in place, and FSDP2 all-gathers from it before each forward. The EMA of a sharded module
@@ -12,6 +13,12 @@ communication per step, and EMA memory per rank = the rank's shard. Three things
   distributed checkpoint writes shard by shard and ``full_tensor()`` gathers for a full one;
 - a saved value comes back through :func:`local_piece_of`, from a ``DTensor`` laid out alike or from a full tensor
   (sliced on each rank, no communication), so a full checkpoint also resumes at another world size.
+
+FSDP1 (``FullyShardedDataParallel`` with ``use_orig_params=True``) keeps each original parameter as a plain tensor
+whose ``.data`` is a 1-D view of the rank's slice of a flat parameter between steps, and a view of the gathered
+flat parameter during forward and backward (and after a no-grad forward of a module left gathered). The EMA reads
+and writes those views after :func:`reshard_fsdp1` has put every module back on its shard; checkpoints go through
+FSDP1's own state dicts (the owner's job).
 """
 
 from __future__ import annotations
@@ -30,8 +37,44 @@ except ImportError:  # pragma: no cover - torch built without distributed suppor
 
 try:
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 except ImportError:  # pragma: no cover - torch built without distributed support
     FSDPModule = None  # type: ignore[assignment,misc]
+    FSDP1 = None  # type: ignore[assignment,misc]
+
+#: The wrapper names FSDP1 and activation checkpointing insert into parameter names (removed from the EMA's names,
+#: which are the checkpoint's keys).
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrappers' inserted module names (FSDP1, activation checkpointing)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def is_fsdp1(module: object) -> bool:
+    """Whether ``module`` is an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    return FSDP1 is not None and isinstance(module, FSDP1)
+
+
+def fsdp1_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP1 wrappers in ``root``, itself included."""
+    return list(FSDP1.fsdp_modules(root)) if FSDP1 is not None else []
+
+
+def reshard_fsdp1(modules: Iterable[torch.nn.Module]) -> None:
+    """Put every FSDP1 module left gathered (the root after a no-grad forward) back on its shard: its original
+    parameters then view the rank's slice again, and the next forward gathers what the EMA wrote there.
+
+    FSDP1 has no public call for this; its own reshard step is used (a module already on its shard is skipped)."""
+    from torch.distributed.fsdp._runtime_utils import _reshard
+
+    for module in modules:
+        handle = getattr(module, "_handle", None)
+        if handle is not None and handle.uses_sharded_strategy and not handle.needs_unshard():
+            _reshard(module, handle, free_unsharded_flat_param=True)
 
 
 def is_sharded(tensor: object) -> bool:

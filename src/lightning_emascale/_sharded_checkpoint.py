@@ -1,4 +1,5 @@
-"""Where the EMA of a sharded module goes in the checkpoints of Lightning's ``ModelParallelStrategy``.
+"""Where the EMA of a sharded module goes in the checkpoints of Lightning's ``ModelParallelStrategy`` and
+``FSDPStrategy``.
 
 Each rank averages its own shards (:mod:`lightning_emascale._sharded`); a checkpoint must give every rank its own
 shards back, also at another world size where the layout allows it. The strategy writes two kinds:
@@ -12,6 +13,10 @@ shards back, also at another world size where the layout allows it. The strategy
   tensors are written shard by shard; the callback state is pickled by rank 0 alone. The EMA therefore goes
   beside the model's tensors, under ``"{prefix}ema.<name>"`` (and the training weights under
   ``"{prefix}raw.<name>"`` when the model's entries hold the EMA), and is read back here from the same folder.
+
+Under FSDP1 a rank's piece of a parameter is a slice of a flat parameter, with no global layout of its own: the
+EMA goes through FSDP1's own state dicts instead, swapped into the shards (a copy, exact for the fp32 parameters
+FSDP1 trains; the core refuses an fp32 EMA of low-precision FSDP1 parameters), in either kind.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ def data_parallel_size(strategy: Any, world_size: int) -> int:
 
 def writes_distributed_checkpoint(strategy: Any) -> bool:
     """Whether the strategy saves a distributed (sharded) checkpoint rather than one full file."""
-    return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
+        getattr(strategy, "_state_dict_type", None) == "sharded"  # FSDPStrategy
+    )
+
+
+def checkpoint_top_key(strategy: Any) -> str:
+    """The key under which the strategy's distributed checkpoint holds the model's tensors."""
+    return "model" if hasattr(strategy, "_state_dict_type") else "state_dict"
 
 
 def _polyak(ema: ScaledEMA) -> Optional[EMAState]:
@@ -78,6 +90,108 @@ def save_sharded_ema(
         raw = swap_ema_into(model_state, by_name, dict(model_state))
         if state is not None:
             state["raw_state_dict"] = raw
+
+
+def save_fsdp1_ema(
+    ema: ScaledEMA, strategy: Any, state: Optional[dict[str, Any]], model_state: dict[str, Any], prefix: str,
+    swap: bool, keep: bool,
+) -> None:  # fmt: skip
+    """FSDP1: put the EMA into a checkpoint being written, in the kind the strategy writes, through its own state
+    dict of the module with the EMA swapped into the shards (every rank: a collective). Arguments as
+    :func:`save_sharded_ema`."""
+    averager = _polyak(ema)
+    if averager is None:
+        return
+    if averager.is_swapped:
+        raise RuntimeError(
+            "A checkpoint was saved while the EMA was swapped into an FSDP1 module (inside `ema_weights()` or"
+            " between `swap_in()` and `swap_out()`): save it after the EMA is swapped out"
+        )
+    with ema.swapped():
+        ema_state = {key: _owned(value) for key, value in strategy.lightning_module_state_dict().items()}
+    names = averager.index_of_name
+    averages = {key: value for key, value in ema_state.items() if key in names}
+    if writes_distributed_checkpoint(strategy):
+        raw = {key: model_state[key] for key in averages if key in model_state} if swap else {}
+        if swap:
+            model_state.update(averages)
+        model_state.update({f"{prefix}ema.{key}": value for key, value in averages.items()})
+        model_state.update({f"{prefix}raw.{key}": value for key, value in raw.items()})
+        if state is not None:
+            del state["ema"]
+            state["sharded_ema_in_state_dict"] = prefix
+        return
+    if state is not None:
+        state["ema"] = {key: value for key, value in averages.items() if key in averager.names} if keep else {}
+    if swap and keep:
+        replaced = swap_ema_into(model_state, averages, dict(model_state))
+        if state is not None:
+            state["raw_state_dict"] = replaced
+
+
+def _owned(value: Any) -> Any:
+    """A state-dict value that does not share memory with the module (a sharded one may view the live shards)."""
+    local_shards = getattr(value, "local_shards", None)
+    if callable(local_shards):  # a ShardedTensor: its local shards are replaced by copies
+        for shard in local_shards():
+            shard.tensor = shard.tensor.clone()
+        return value
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+@torch.no_grad()
+def load_fsdp1_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, fitting: bool) -> None:
+    """FSDP1: read the EMA (and the training weights, where the checkpoint's model entries held the EMA) back,
+    every rank its own shards, through FSDP1's own loading of the module; ``state["ema"]`` then holds this rank's
+    EMA for ``load_state_dict``."""
+    from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig, StateDictType
+
+    averager = _polyak(ema)
+    root = ema.fsdp1_root
+    assert averager is not None and root is not None
+    fsdp1: Any = type(root)
+    ema.reshard()
+    backup = [tensor.detach().clone() for tensor in averager.tracked]
+    if "sharded_ema_in_state_dict" in state:
+        import torch.distributed.checkpoint as dcp
+
+        prefix = state.pop("sharded_ema_in_state_dict")
+
+        def context() -> Any:  # a new one per use: it cannot be entered twice
+            return fsdp1.state_dict_type(root, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig())
+
+        def template(kind: str) -> dict[str, Any]:  # tensors of their own to load into, laid out as the model's
+            with context():
+                state = root.state_dict()
+            return {f"{prefix}{kind}.{key}": _owned(v) for key, v in state.items() if key in averager.index_of_name}
+
+        raw_keys = _raw_keys(path, "model", prefix)
+        loaded = template("ema")
+        if raw_keys:
+            loaded.update({key: value for key, value in template("raw").items() if key in raw_keys})
+        dcp.load({"model": loaded}, checkpoint_id=path)
+        averages = {key[len(f"{prefix}ema.") :]: v for key, v in loaded.items() if key.startswith(f"{prefix}ema.")}
+        raw = {key[len(f"{prefix}raw.") :]: v for key, v in loaded.items() if key.startswith(f"{prefix}raw.")}
+    else:
+
+        def context() -> Any:
+            return fsdp1.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False))
+
+        averages, raw = state["ema"], state.get("raw_state_dict") or {}
+    with context():
+        root.load_state_dict(averages, strict=False)
+    ema.reshard()
+    for average, tensor in zip(averager.averages, averager.tracked):
+        average.copy_(tensor)
+    if raw and fitting:
+        with context():
+            root.load_state_dict(raw, strict=False)
+    else:
+        for tensor, value in zip(averager.tracked, backup):
+            tensor.copy_(value)
+    ema.reshard()
+    state["ema"] = {name: average.clone() for name, average in zip(averager.names, averager.averages)}
+    state.pop("raw_state_dict", None)
 
 
 def load_sharded_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, top_key: str) -> None:

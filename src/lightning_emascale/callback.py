@@ -32,9 +32,12 @@ from lightning_emascale._lightning import (
     swap_ema_into,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
+from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import (
     data_parallel_size,
+    load_fsdp1_ema,
     load_sharded_ema,
+    save_fsdp1_ema,
     save_sharded_ema,
     write_raw,
     writes_distributed_checkpoint,
@@ -43,7 +46,6 @@ from lightning_emascale.core import ScaledEMA, _check_state
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
 
-_UNSUPPORTED = (FSDPStrategy, DeepSpeedStrategy)
 _BEFORE_FIT = "before fit"  # the "format" of the state of a callback whose fit has not started
 
 
@@ -207,12 +209,16 @@ class EMAScalingCallback(OptionsView, Callback):
     # ------------------------------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if is_one_of(trainer.strategy, _UNSUPPORTED):
+        strategy = trainer.strategy
+        fsdp1_flat = is_one_of(strategy, (FSDPStrategy,)) and not getattr(strategy, "kwargs", {}).get("use_orig_params")
+        if is_one_of(strategy, (DeepSpeedStrategy,)) or fsdp1_flat:
+            what = "FSDPStrategy with use_orig_params=False" if fsdp1_flat else type(strategy).__name__
             raise RuntimeError(
-                f"EMAScalingCallback supports single-device, DDP and ModelParallelStrategy (FSDP2 `fully_shard`"
-                f" and tensor parallelism, each rank averaging its own shards), got"
-                f" {type(trainer.strategy).__name__}. For a model that needs sharding, shard it with `fully_shard`"
-                " in `configure_model` and use `ModelParallelStrategy`; otherwise use `strategy='ddp'`."
+                f"EMAScalingCallback supports single-device, DDP, ModelParallelStrategy (FSDP2 `fully_shard` and"
+                f" tensor parallelism) and FSDPStrategy with use_orig_params=True (its default), each rank"
+                f" averaging its own shards; got {what}. For a model that needs sharding, shard it with"
+                " `fully_shard` in `configure_model` and use `ModelParallelStrategy`, or keep FSDPStrategy's"
+                " `use_orig_params=True`."
             )
         # Lightning itself rejects two instances with the same `name` (their state keys collide).
         swapping = [c.name for c in trainer.callbacks if isinstance(c, EMAScalingCallback) and c.evaluate_with_ema]  # type: ignore[attr-defined]
@@ -262,9 +268,12 @@ class EMAScalingCallback(OptionsView, Callback):
         self._replicas = data_parallel_size(trainer.strategy, trainer.world_size)
         continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
         if self._ema is None or self._ema.module is not pl_module or not continuing:
-            # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors.
+            # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors. Under
+            # FSDP1 the root wrapper is given: its checkpoints and reshards go through it.
+            wrapped = trainer.strategy.model
+            module = wrapped if wrapped is not None and is_fsdp1(wrapped) else pl_module
             self._ema = ScaledEMA._from_options(
-                pl_module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
+                module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
         else:
             self._ema.attach(trainer.optimizers)
@@ -301,10 +310,12 @@ class EMAScalingCallback(OptionsView, Callback):
         trainer = self._run_length.trainer
         assert trainer is not None  # set in setup
         swap = self.evaluate_with_ema and ema.ema_updates > 0 and not self._options.teachers
+        prefix, keep = f"_emascale.{self.name}.", trainer.is_global_zero
+        if ema.fsdp1_root is not None:
+            save_fsdp1_ema(ema, trainer.strategy, state, checkpoint["state_dict"], prefix, swap, keep)
+            return
         distributed = writes_distributed_checkpoint(trainer.strategy)
-        save_sharded_ema(
-            ema, state, checkpoint["state_dict"], distributed, f"_emascale.{self.name}.", swap, trainer.is_global_zero
-        )
+        save_sharded_ema(ema, state, checkpoint["state_dict"], distributed, prefix, swap, keep)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -502,6 +513,11 @@ class EMAScalingCallback(OptionsView, Callback):
             )
             return
         ema = self._ema
+        fsdp1 = ema is not None and ema.fsdp1_root is not None
+        if fsdp1 and ("ema" in state or "sharded_ema_in_state_dict" in state):
+            assert ema is not None
+            load_fsdp1_ema(ema, state, trainer.ckpt_path, trainer.state.fn == TrainerFn.FITTING)
+            return
         if "sharded_ema_in_state_dict" in state:
             if ema is None or not ema.is_sharded:
                 raise RuntimeError(

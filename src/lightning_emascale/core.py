@@ -29,7 +29,15 @@ from lightning_emascale._ema import (
     freeze_teachers,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule
-from lightning_emascale._sharded import fsdp_modules, is_sharded, local_piece, reshard
+from lightning_emascale._sharded import (
+    fsdp1_modules,
+    fsdp_modules,
+    is_fsdp1,
+    is_sharded,
+    local_piece,
+    reshard,
+    reshard_fsdp1,
+)
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.post_hoc import snapshot_path, write_snapshot
 from lightning_emascale.post_hoc_math import power_beta
@@ -263,12 +271,15 @@ class ScaledEMA:
             raise TypeError(
                 f"`total_samples_from` must be a callable that returns the total, got {total_samples_from!r}"
             )
-        sharded = any(is_sharded(tensor) for tensor in [*module.parameters(), *module.buffers()])
+        fsdp1_root = module if is_fsdp1(module) else None
+        if fsdp1_root is not None:
+            module = _check_fsdp1(fsdp1_root, options)
+        sharded = fsdp1_root is not None or any(is_sharded(t) for t in [*module.parameters(), *module.buffers()])
         if sharded and (options.flat_parameters or options.sigma_rels):
             option = "flat_parameters=True" if options.flat_parameters else "a post-hoc EMA (`sigma_rels`)"
             raise ValueError(
                 f"{option} is not supported for a sharded module (DTensor parameters of FSDP2 or tensor"
-                " parallelism): "
+                " parallelism, FSDP1): "
                 + (
                     "the strategy gathers each parameter from its own storage, so the parameters cannot be moved"
                     " into one buffer. Leave it False: the per-shard update needs no gather."
@@ -276,9 +287,12 @@ class ScaledEMA:
                     else "its snapshots are written by rank 0 alone. Keep a Polyak EMA (no `sigma_rels`)."
                 )
             )
-        #: Whether the module is sharded (``DTensor`` parameters): each rank then averages its own shards.
+        #: Whether the module is sharded (``DTensor`` parameters, or FSDP1): each rank averages its own shards.
         self.is_sharded = sharded
         self._fsdp_modules = fsdp_modules(module) if sharded else []
+        #: FSDP1: the root wrapper (its checkpoints go through FSDP1's state dicts) and every wrapper in it.
+        self.fsdp1_root = fsdp1_root
+        self._fsdp1_modules = fsdp1_modules(fsdp1_root) if fsdp1_root is not None else []
         self.options = options
         self._auto_end_step = auto_end_step
         self.total_samples_from = total_samples_from
@@ -292,9 +306,9 @@ class ScaledEMA:
         elif options.sigma_rels:
             self.averager = PowerEMAState(module, options.sigma_rels, options.include, options.exclude)
         else:
-            self.averager = EMAState.from_module(
+            self.averager = EMAState.from_module(  # FSDP1 gathers from the flat parameter: a swap copies
                 module, options.ema_precision, options.include, options.exclude, options.flat_parameters,
-                options.offload, options.copy_on_swap,
+                options.offload, options.copy_on_swap or fsdp1_root is not None,
             )  # fmt: skip
         self._optimizers: list[Optimizer] = []
         self._hooks: list[RemovableHandle] = []
@@ -516,13 +530,14 @@ class ScaledEMA:
         self._decay_since_update *= self._step_momentum
         if self._optimizer_steps % self.options.update_every == 0:
             before, self._samples_at_update = self._samples_at_update, self._samples_seen
+            self.reshard()  # FSDP1: a module left gathered would hand the update its gathered views
             finite = self._weights_finite()
             if isinstance(self.averager, PowerEMAState):
                 self.averager.advance(before, self._samples_seen, finite)
             else:
                 self.averager.update(self._decay_since_update, finite)
-                if self._fsdp_modules and isinstance(self.averager, TeacherState):
-                    reshard(self._fsdp_modules)  # a teacher left unsharded must gather its moved shards again
+                if isinstance(self.averager, TeacherState):
+                    self.reshard()  # a teacher left gathered must gather its moved shards again
             self._ema_updates += 1
             self._decay_since_update = 1.0
             every = self.options.snapshot_every_samples  # post-hoc: a snapshot at each multiple of N samples crossed
@@ -751,15 +766,22 @@ class ScaledEMA:
 
         A sharded module gets each rank's EMA shards copied into its local shards."""
         state = self._polyak()
-        reshard(self._fsdp_modules)  # a module left unsharded by a no-grad forward would keep the gathered copy
+        self.reshard()  # a module left gathered by a no-grad forward would keep its gathered copy
         state.swap_in()
 
     def swap_out(self) -> None:
         """Restore the training weights exactly after :meth:`swap_in`; nothing to do if they are in place."""
         state = self._polyak()
         if state.is_swapped:
-            reshard(self._fsdp_modules)  # the evaluation's gathered copies hold the EMA
+            self.reshard()  # the evaluation's gathered copies hold the EMA
         state.swap_out()
+
+    def reshard(self) -> None:
+        """Sharded module: put every FSDP module left gathered (by a no-grad forward) back on its shard, so that
+        the EMA reads and writes the shards and the next forward gathers what it wrote. Nothing to do otherwise."""
+        if self.is_sharded:
+            reshard(self._fsdp_modules)
+            reshard_fsdp1(self._fsdp1_modules)
 
     @property
     def is_swapped(self) -> bool:
@@ -849,6 +871,26 @@ class ScaledEMA:
             f"{type(self).__name__}({self._mode()}, base_batch_size={self._base}, rule={self.options.rule!r},"
             f" samples_seen={self._samples_seen}, optimizer_steps={self._optimizer_steps})"
         )
+
+
+def _check_fsdp1(root: torch.nn.Module, options: EMAOptions) -> torch.nn.Module:
+    """The module inside an FSDP1 root wrapper, after checking that its EMA can be kept shard by shard."""
+    if not getattr(root, "_use_orig_params", False):
+        raise ValueError(
+            "FSDP1 with `use_orig_params=False` hides the parameters in flat parameters, so their EMA cannot be"
+            " kept or named: pass `use_orig_params=True` (Lightning's FSDPStrategy default), or shard with FSDP2"
+            " (`fully_shard`, ModelParallelStrategy)"
+        )
+    inner: torch.nn.Module = root.module  # type: ignore[assignment]
+    low = sorted({str(p.dtype) for p in inner.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if low and options.ema_precision == "fp32":
+        raise ValueError(
+            f"An fp32 EMA of FSDP1 parameters held in {', '.join(low)} is not supported: FSDP1's checkpoints carry"
+            " the EMA through the parameters' own dtype, which would round it. Keep fp32 parameters (precision"
+            " '16-mixed'/'bf16-mixed'), pass `ema_precision='model'`, or shard with FSDP2 (`fully_shard`,"
+            " ModelParallelStrategy), whose checkpoints keep the fp32 EMA"
+        )
+    return inner
 
 
 def _initializes_state(optimizer: Optimizer) -> bool:

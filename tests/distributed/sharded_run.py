@@ -7,7 +7,9 @@
   distributed checkpoint written after step 4 (each rank's EMA shards recorded beside them);
 - ``resume``: the same fit resumed from CKPT; each rank's EMA shards recorded when training starts again;
 - ``tp``: tensor parallelism on 2 ranks (dp = 1): one sample stream, counted once;
-- ``teacher``: teacher mode, the teacher sharded with ``reshard_after_forward=False``.
+- ``teacher``: teacher mode, the teacher sharded with ``reshard_after_forward=False``;
+- ``fsdp1``, ``resume1``, ``teacher1``: the same under FSDPStrategy (FSDP1, ``use_orig_params=True``), through a
+  test-only subclass that runs FSDP1 on the CPU (Lightning allows it on GPUs only).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -41,6 +44,20 @@ def data() -> TensorDataset:
     return TensorDataset(torch.randn(N_SAMPLES, 6, generator=generator), torch.randn(N_SAMPLES, 1, generator=generator))
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy on the CPU, for tests only: FSDP1 gets ``device_id=cpu`` and the barrier no device ids."""
+
+    def _setup_model(self, model):
+        if not any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            model = FullyShardedDataParallel(
+                module=model, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs
+            )
+        return model
+
+    def barrier(self, name=None):
+        torch.distributed.barrier()
+
+
 class ShardedModel(L.LightningModule):
     """The model of the tests: unsharded when run on one process (the reference), sharded in ``configure_model``."""
 
@@ -50,7 +67,7 @@ class ShardedModel(L.LightningModule):
         torch.manual_seed(0)
         self.net = make_net(mode)
         self.register_buffer("scale", torch.tensor([1.5]))  # a float buffer: tracked, never sharded
-        if mode == "teacher":
+        if mode.startswith("teacher"):
             self.teacher = copy.deepcopy(self.net).requires_grad_(False)
         self.teacher_checks = 0
 
@@ -72,6 +89,11 @@ class ShardedModel(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x) * self.scale, y)
+        if self.mode == "teacher1":  # FSDP1 reshards each unit after its forward: a plain teacher forward
+            with torch.no_grad():
+                target = self.teacher(x)
+            self.teacher_checks += 1
+            loss = loss + 0.1 * torch.nn.functional.mse_loss(self.net(x), target)
         if self.mode == "teacher":
             with torch.no_grad():
                 # The teacher's forward must see its latest shards: compare with a plain copy of the shards gathered
@@ -110,6 +132,18 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _gathered(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The module's whole state on every rank (a collective): DTensors gathered, or FSDP1's full state dict."""
+    root = trainer.strategy.model
+    if isinstance(root, FullyShardedDataParallel):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+        config = FullStateDictConfig(rank0_only=False)
+        with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+            return {name: value.detach().clone() for name, value in root.state_dict().items()}
+    return {name: _full(value).detach().clone() for name, value in module.state_dict().items()}
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -126,7 +160,7 @@ class Recorder(L.Callback):
         self.validations = 0
 
     def on_train_start(self, trainer, pl_module):
-        initial = {name: _full(value).detach().clone() for name, value in pl_module.state_dict().items()}
+        initial = _gathered(trainer, pl_module)
         if trainer.is_global_zero:
             torch.save(initial, self.out / "initial.pt")
         if self.ema._options.teachers:
@@ -137,14 +171,17 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         ema = self.ema
         self.rows.append((ema.optimizer_steps, ema.kappa, ema.ema_momentum, ema.samples_seen))
-        self.raw.append({name: _full(value).detach().clone() for name, value in pl_module.state_dict().items()})
+        self.raw.append(_gathered(trainer, pl_module))
         # the raw shards before a validation swaps the EMA in
         self.before_validation = {name: _local(p).detach().clone() for name, p in pl_module.named_parameters()}
         if trainer.global_step == self.save_at:
             shards = {name: _local(value).clone() for name, value in ema.ema_state_dict().items()}
             torch.save(shards, self.out / f"saved_shards_rank{trainer.global_rank}.pt")
             for kind, distributed in (("full", False), ("distributed", True)):  # the strategy's two kinds
-                trainer.strategy._save_distributed_checkpoint = distributed
+                if isinstance(trainer.strategy, FSDPStrategy):
+                    trainer.strategy._state_dict_type = "sharded" if distributed else "full"
+                else:
+                    trainer.strategy._save_distributed_checkpoint = distributed
                 trainer.save_checkpoint(self.out / f"{kind}.ckpt")
             assert (self.out / "full.ckpt").is_file() and (self.out / "distributed.ckpt").is_dir()
 
@@ -159,23 +196,31 @@ class Recorder(L.Callback):
 def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> None:
     L.seed_everything(0)
     tp = mode == "tp"
-    strategy = ModelParallelStrategy(data_parallel_size=1 if tp else 2, tensor_parallel_size=2 if tp else 1)
-    teachers = {"net": "teacher"} if mode == "teacher" else None
+    if mode.endswith("1"):  # FSDP1: each Linear its own unit (the rest in the root), or each Sequential for a teacher
+        policy = ModuleWrapPolicy({torch.nn.Sequential if mode == "teacher1" else torch.nn.Linear})
+        strategy = CPUFSDPStrategy(auto_wrap_policy=policy)
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=1 if tp else 2, tensor_parallel_size=2 if tp else 1)
+    teachers = {"net": "teacher"} if mode.startswith("teacher") else None
     callback = EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE, optimizer_rule="sgd", teachers=teachers)
-    recorder = Recorder(callback, out, save_at=4 if mode == "fsdp2" else 0)
+    recorder = Recorder(callback, out, save_at=4 if mode in ("fsdp2", "fsdp1") else 0)
     # the EMA callback first: the recorder's validation hooks then run after its swaps
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_epochs=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[callback, recorder], limit_val_batches=0 if mode in ("tp", "teacher") else None,
+        callbacks=[callback, recorder], limit_val_batches=0 if mode in ("tp", "teacher", "teacher1") else None,
         use_distributed_sampler=False,
     )  # fmt: skip
     model = ShardedModel(mode, batch_size=PER_DEVICE * 2 if tp else PER_DEVICE)
     trainer.fit(model, ckpt_path=ckpt or None)
     ema_full = {}
-    if mode != "teacher":
-        ema_full = {name: _full(value).clone() for name, value in callback.ema_state_dict().items()}
-    final_raw = {name: _full(value).detach().clone() for name, value in model.state_dict().items()}
+    if not mode.startswith("teacher"):
+        if isinstance(trainer.strategy.model, FullyShardedDataParallel):  # FSDP1: through its full state dict
+            with callback.ema_weights():
+                ema_full = _gathered(trainer, model)
+        else:  # the EMA's own DTensor views, gathered in the EMA's dtype
+            ema_full = {name: _full(value).clone() for name, value in callback.ema_state_dict().items()}
+    final_raw = _gathered(trainer, model)
     if trainer.is_global_zero:
         torch.save(
             {

@@ -1,5 +1,5 @@
-"""Sharded models: 2-process CPU (gloo) fits under ModelParallelStrategy (FSDP2, tensor parallelism), each run in a
-subprocess with a timeout (sharded_run.py), checked against one unsharded process in this one."""
+"""Sharded models: 2-process CPU (gloo) fits under ModelParallelStrategy (FSDP2, tensor parallelism) and FSDPStrategy
+(FSDP1), each run in a subprocess with a timeout (sharded_run.py), checked against one unsharded process in this one."""
 
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ from sharded_run import BASE, MOMENTUM, PER_DEVICE, ShardedModel, data
 STEPS = 8  # 2 epochs of 16 samples in global batches of 4
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory) -> Path:
-    """One FSDP2 fit (fp32) that also wrote a full and a distributed checkpoint after step 4."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    run_script("sharded_run.py", "fsdp2", out, cwd=out)
-    return out
+SHAPES = {"fsdp2": [(3, 6), (2, 6)], "fsdp1": [(19,), (11,)]}  # net.0.weight's shard on each rank
+
+
+@pytest.fixture(scope="module", params=["fsdp2", "fsdp1"])
+def sharded_fit(request, tmp_path_factory) -> tuple[str, Path]:
+    """One fit (fp32) per strategy that also wrote a full and a distributed checkpoint after step 4."""
+    out = tmp_path_factory.mktemp(request.param)
+    run_script("sharded_run.py", request.param, out, cwd=out)
+    return request.param, out
 
 
 def one_process_fit(mode: str = "fsdp2", ckpt: str | None = None) -> tuple[EMAScalingCallback, ShardedModel]:
@@ -42,11 +45,12 @@ def one_process_fit(mode: str = "fsdp2", ckpt: str | None = None) -> tuple[EMASc
     return callback, model
 
 
-def trajectory_ema(initial: dict, result: dict) -> dict:
-    """The EMA of the recorded (gathered) raw weights, step by step with the recorded rho-hat, in float64."""
+def trajectory_ema(initial: dict, result: dict, steps: int = STEPS, source: str = "") -> dict:
+    """The EMA of the recorded (gathered) raw weights over the first ``steps`` steps, with the recorded rho-hat, in
+    float64; ``source``: the prefix of the tensors averaged into ``initial``'s (a teacher's online twin)."""
     ema = {name: value.double() for name, value in initial.items()}
-    for (_, _, rho, _), raw in zip(result["rows"], result["raw"]):
-        ema = {name: rho * ema[name] + (1 - rho) * raw[name].double() for name in ema}
+    for (_, _, rho, _), raw in zip(result["rows"][:steps], result["raw"][:steps]):
+        ema = {name: rho * ema[name] + (1 - rho) * raw[source + name].double() for name in ema}
     return ema
 
 
@@ -56,12 +60,13 @@ def assert_close_all(actual: dict, expected: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(actual[name].double(), expected[name].double(), rtol=0, atol=atol, msg=name)
 
 
-def test_fsdp2_fit_equals_one_process_and_validates_on_the_ema(fsdp2_run):
-    result = torch.load(fsdp2_run / "fsdp2.pt", weights_only=False)
+def test_sharded_fit_equals_one_process_and_validates_on_the_ema(sharded_fit):
+    kind, out = sharded_fit
+    result = torch.load(out / f"{kind}.pt", weights_only=False)
     # kappa counts the 2 data-parallel ranks: global 4 against base 2
     assert result["replicas"] == 2
     assert result["rows"] == [(step, 2.0, pytest.approx(MOMENTUM**2), 4 * step) for step in range(1, STEPS + 1)]
-    initial = torch.load(fsdp2_run / "initial.pt", weights_only=False)
+    initial = torch.load(out / "initial.pt", weights_only=False)
     assert_close_all(result["ema"], trajectory_ema(initial, result))
     callback, model = one_process_fit()
     assert_close_all(result["final_raw"], model.state_dict())
@@ -80,36 +85,38 @@ def test_fsdp2_fit_equals_one_process_and_validates_on_the_ema(fsdp2_run):
     assert result["val_loss"] == pytest.approx(float(expected), abs=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["full", "distributed"])
-def test_fsdp2_resume_gives_every_rank_its_own_shards_and_equals_the_uninterrupted_run(fsdp2_run, tmp_path, kind):
-    run_script("sharded_run.py", "resume", tmp_path, "32-true", fsdp2_run / f"{kind}.ckpt", cwd=tmp_path)
-    full = torch.load(fsdp2_run / "fsdp2.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "resume.pt", weights_only=False)
+@pytest.mark.parametrize("checkpoint", ["full", "distributed"])
+def test_sharded_resume_gives_every_rank_its_own_shards_and_equals_the_uninterrupted_run(
+    sharded_fit, tmp_path, checkpoint
+):
+    kind, out = sharded_fit
+    mode = "resume" if kind == "fsdp2" else "resume1"
+    run_script("sharded_run.py", mode, tmp_path, "32-true", out / f"{checkpoint}.ckpt", cwd=tmp_path)
+    full = torch.load(out / f"{kind}.pt", weights_only=False)
+    resumed = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
     assert resumed["rows"] == full["rows"][4:]
     for name in full["ema"]:
         assert torch.equal(resumed["ema"][name], full["ema"][name]), name
         assert torch.equal(resumed["final_raw"][name], full["final_raw"][name]), name
     shapes = []
     for rank in (0, 1):  # the shards each rank held when saving are the ones it got back
-        saved = torch.load(fsdp2_run / f"saved_shards_rank{rank}.pt", weights_only=False)
+        saved = torch.load(out / f"saved_shards_rank{rank}.pt", weights_only=False)
         loaded = torch.load(tmp_path / f"start_shards_rank{rank}.pt", weights_only=False)
         assert saved.keys() == loaded.keys()
         for name in saved:
             assert torch.equal(loaded[name], saved[name]), (rank, name)
         shapes.append(tuple(saved["net.0.weight"].shape))
-    assert shapes == [(3, 6), (2, 6)]  # uneven shards: a swap of ranks would not even fit
+    assert shapes == SHAPES[kind]  # uneven shards: a swap of ranks would not even fit
 
 
-def test_fsdp2_full_checkpoint_loads_the_ema_and_resumes_on_one_process(fsdp2_run):
-    # the EMA at step 4, put together from the two ranks' shards (FSDP2 shards dim 0)
-    shards = [torch.load(fsdp2_run / f"saved_shards_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
-    ema_at_4 = {name: torch.cat([shards[0][name], shards[1][name]]) for name in shards[0] if name != "scale"}
-    ema_at_4["scale"] = shards[0]["scale"]
-    loaded = ShardedModel.load_from_checkpoint(fsdp2_run / "full.ckpt")
-    assert_close_all(loaded.state_dict(), ema_at_4, atol=0)
+def test_sharded_full_checkpoint_loads_the_ema_and_resumes_on_one_process(sharded_fit):
+    kind, out = sharded_fit
+    full = torch.load(out / f"{kind}.pt", weights_only=False)
+    initial = torch.load(out / "initial.pt", weights_only=False)
+    loaded = ShardedModel.load_from_checkpoint(out / "full.ckpt")  # the EMA at step 4, gathered
+    assert_close_all(loaded.state_dict(), trajectory_ema(initial, full, steps=4))
     # 2 processes -> 1: the full checkpoint resumes an unsharded fit, which ends where the sharded one did
-    full = torch.load(fsdp2_run / "fsdp2.pt", weights_only=False)
-    callback, model = one_process_fit(ckpt=str(fsdp2_run / "full.ckpt"))
+    callback, model = one_process_fit(ckpt=str(out / "full.ckpt"))
     assert callback.optimizer_steps == STEPS
     assert_close_all(model.state_dict(), full["final_raw"])
     assert_close_all(callback.ema_state_dict(), full["ema"])
@@ -137,12 +144,21 @@ def test_fsdp2_bf16_keeps_an_fp32_ema_of_the_shards(tmp_path, precision):
     assert_close_all(result["ema"], trajectory_ema(initial, result))
 
 
-def test_fsdp2_teacher_mode_is_seen_by_the_next_forward(tmp_path):
-    # the teacher is sharded with reshard_after_forward=False; each step checks its forward against its shards
-    run_script("sharded_run.py", "teacher", tmp_path, cwd=tmp_path)
-    result = torch.load(tmp_path / "teacher.pt", weights_only=False)
+@pytest.mark.parametrize("mode", ["teacher", "teacher1"])
+def test_sharded_teacher_mode_moves_the_teacher_shards(tmp_path, mode):
+    # FSDP2 ("teacher"): the teacher is sharded with reshard_after_forward=False, and each step checks its forward
+    # against its shards; FSDP1 ("teacher1"): teacher and online module each one FSDP unit
+    run_script("sharded_run.py", mode, tmp_path, cwd=tmp_path)
+    result = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
     assert result["teacher_checks"] == STEPS
     assert [kappa for _, kappa, _, _ in result["rows"]] == [2.0] * STEPS
+    # the teacher is the EMA of the online module's recorded weights
+    initial = torch.load(tmp_path / "initial.pt", weights_only=False)
+    teacher = {name[len("teacher.") :]: value for name, value in initial.items() if name.startswith("teacher.")}
+    final = {
+        name[len("teacher.") :]: value for name, value in result["final_raw"].items() if name.startswith("teacher.")
+    }
+    assert_close_all(final, trajectory_ema(teacher, result, source="net."))
 
 
 def test_fsdp2_without_lightning_reshards_after_writing_the_shards(tmp_path):

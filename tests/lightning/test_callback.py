@@ -451,9 +451,10 @@ def test_setup_errors():
         ValueError, match=r"Only one EMAScalingCallback may set `evaluate_with_ema=True`, got \['a', 'b'\]"
     ):
         make_trainer([a, b]).fit(TinyModel())
-    fake = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[a])
+    fake = SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False), callbacks=[a])
     with pytest.raises(
-        RuntimeError, match=r"supports single-device, DDP and ModelParallelStrategy .* got FSDPStrategy\. For a model"
+        RuntimeError,
+        match=r"supports single-device, DDP, ModelParallelStrategy .* got FSDPStrategy with use_orig_params=False\.",
     ):
         a.setup(fake, TinyModel(), "fit")
 
