@@ -519,6 +519,12 @@ class EMAState:
             else:
                 assert isinstance(where, _FlatGroup)
                 where.models[position] = piece
+            if self._offload is not None:  # its copy reads the model tensors in the same order
+                self._offload.models = [
+                    *(model for group in self._groups for model in group.models),
+                    *(model for _, model in self._loose),
+                    *self._copies[1],
+                ]
 
     def _update_part(self, weight: float, only_if: Optional[Tensor], buffers: bool) -> None:
         """Update the buffers' averages (``buffers=True``, with the copied tensors) or the parameters'."""
@@ -887,7 +893,13 @@ class TeacherState:
         self._module: Optional[torch.nn.Module] = None  # set by from_module: then the paths are followed
         self._teachers: dict[str, str] = {}
         self._submodules: list[torch.nn.Module] = []  # the submodules at the paths when they were paired
-        self._group(pairs)
+        self._set_pairs(pairs)
+
+    def _set_pairs(self, sources: Sequence[tuple[Tensor, Tensor]]) -> None:
+        #: The (teacher, online) parameters as paired; a sharded pair is moved through its rank-local pieces.
+        self.sources = list(sources)
+        self._sharded = [index for index, (teacher, _) in enumerate(self.sources) if is_sharded(teacher)]
+        self._group([(local_piece(t), local_piece(o)) if is_sharded(t) else (t, o) for t, o in self.sources])
 
     def _group(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
         #: (teacher, online) tensor pairs.
@@ -918,13 +930,22 @@ class TeacherState:
         return state
 
     def follow_paths(self) -> None:
-        """Pair again if a submodule at one of the paths was replaced since the last pairing."""
+        """Pair again if a submodule at one of the paths was replaced since the last pairing, or a sharded
+        parameter's local piece moved."""
         if self._module is None:
             return
         current = _at_paths(self._module, self._teachers)
         if any(now is not then for now, then in zip(current, self._submodules)):
-            self._group(_pair(self._module, self._teachers))
+            self._set_pairs(_pair(self._module, self._teachers))
             self._submodules = current
+            return
+        moved = any(  # FSDP2 re-creates a local piece when a parameter is reset (a dtype or device move)
+            storage_moved(source, piece)
+            for index in self._sharded
+            for source, piece in zip(self.sources[index], self.pairs[index])
+        )
+        if moved:
+            self._set_pairs(self.sources)
 
     def online_tensors(self) -> list[Tensor]:
         """The online tensors the teachers follow (what :func:`all_finite` checks before an update)."""
@@ -1008,8 +1029,7 @@ def _pair(
             f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
             " another), so the EMA would move the weights it averages"
         )
-    # Sharded twins move shard by shard: their rank-local pieces, no communication.
-    return [(local_piece(t), local_piece(o)) if is_sharded(t) else (t, o) for t, o in pairs]
+    return pairs  # sharded twins move shard by shard: TeacherState pairs their rank-local pieces
 
 
 def _check_sharded_alike(teacher: Tensor, online: Tensor, what: str) -> None:

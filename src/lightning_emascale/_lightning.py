@@ -26,8 +26,15 @@ def is_one_of(instance: Any, classes: tuple[type, ...]) -> bool:
     return isinstance(instance, classes) or any(cls.__name__ in names for cls in type(instance).__mro__)
 
 
+def data_parallel_size(trainer: pl.Trainer) -> int:
+    """The processes that train on different samples: the strategy's sampler replicas (tensor-parallel ranks share
+    their samples), or the world size where the strategy names none."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", trainer.world_size))
+
+
 def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], str]:
-    """``max_epochs`` × samples per epoch × world size, or ``None`` and the reason it cannot be derived."""
+    """``max_epochs`` × samples per epoch × data-parallel size, or ``None`` and the reason it cannot be derived."""
     if trainer is None:
         return None, "fit has not started"
     if trainer.max_epochs is None or trainer.max_epochs < 0:
@@ -57,7 +64,7 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
     sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
     if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
         return None, "the train dataset has no length (an IterableDataset)"
-    return trainer.max_epochs * len(sampler) * trainer.world_size, ""  # type: ignore[arg-type]
+    return trainer.max_epochs * len(sampler) * data_parallel_size(trainer), ""  # type: ignore[arg-type]
 
 
 class RunLength:

@@ -32,13 +32,6 @@ from lightning_emascale._sharded import full_value, global_view, local_piece_of,
 from lightning_emascale.core import ScaledEMA
 
 
-def data_parallel_size(strategy: Any, world_size: int) -> int:
-    """The processes that train on different samples: the strategy's sampler replicas (tensor-parallel ranks share
-    their samples), or the world size where the strategy names none."""
-    kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
-    return int(kwargs.get("num_replicas", world_size))
-
-
 def writes_distributed_checkpoint(strategy: Any) -> bool:
     """Whether the strategy saves a distributed (sharded) checkpoint rather than one full file."""
     return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
@@ -70,26 +63,53 @@ def save_sharded_ema(
     if averager is None:
         return  # teacher mode: the teachers are the module's own entries, which the strategy saves
     views = averager.averages_by_name()  # every name, DTensor views of this rank's shards
+    # The training weights: the module's own entries, unless the EMA is swapped in now (the module then holds the
+    # EMA, and the training weights are the swap's backup).
+    swapped = averager.is_swapped
     if distributed:
-        raw = swap_ema_into(model_state, views, dict(model_state)) if swap else {}
+        raws = averager.raw_by_name() if swapped else dict(model_state)
+        raw = swap_ema_into(model_state, views, raws) if swap else {}
+        if swapped and not swap:
+            _put_back(model_state, raws)
         model_state.update({f"{prefix}ema.{name}": views[name] for name in averager.names})
         model_state.update({f"{prefix}raw.{name}": value for name, value in raw.items()})
         if state is not None:
             del state["ema"]
             state["sharded_ema_in_state_dict"] = prefix
+            state["model_holds_ema"] = swap
         return
-    full: dict[str, Tensor] = {}
-    for name in averager.names:  # one gather at a time, kept on the CPU by the writing rank only
-        value = full_value(views[name])
-        if keep:
-            full[name] = value.cpu()
+    full = _gathered(averager, views, keep)
     by_name = {name: full[averager.names[index]] for name, index in averager.index_of_name.items()} if keep else {}
+    raws = dict(model_state)
+    if swapped:
+        gathered = _gathered(averager, averager.raw_by_name(), keep)
+        raws = {name: gathered[averager.names[index]] for name, index in averager.index_of_name.items()} if keep else {}
     if state is not None:
         state["ema"] = full
     if swap and keep:
-        raw = swap_ema_into(model_state, by_name, dict(model_state))
+        raw = swap_ema_into(model_state, by_name, raws)
         if state is not None:
             state["raw_state_dict"] = raw
+    elif swapped and keep:
+        _put_back(model_state, raws)
+
+
+def _gathered(averager: EMAState, views: dict[str, Tensor], keep: bool) -> dict[str, Tensor]:
+    """Each tracked tensor of ``views`` whole, by first name, one gather at a time (every rank takes part), kept
+    on the CPU by the writing rank only (``keep``)."""
+    full: dict[str, Tensor] = {}
+    for name in averager.names:
+        value = full_value(views[name])
+        if keep:
+            full[name] = value.cpu()
+    return full
+
+
+def _put_back(model_state: dict[str, Any], raws: dict[str, Tensor]) -> None:
+    """The training weights into the model's entries (saved while the EMA was swapped in), in the entries' dtype."""
+    for key, value in raws.items():
+        if key in model_state:
+            model_state[key] = value.to(model_state[key].dtype)
 
 
 def save_fsdp1_ema(
@@ -120,6 +140,7 @@ def save_fsdp1_ema(
         if state is not None:
             del state["ema"]
             state["sharded_ema_in_state_dict"] = prefix
+            state["model_holds_ema"] = swap
         return
     if state is not None:
         state["ema"] = {key: value for key, value in averages.items() if key in averager.names} if keep else {}

@@ -26,6 +26,7 @@ from lightning_emascale._lightning import (
     SpawnedFitFile,
     WeightsOnlyCheckpointHook,
     check_first_batch,
+    data_parallel_size,
     fingerprint,
     is_one_of,
     spawned_workers,
@@ -34,7 +35,6 @@ from lightning_emascale._lightning import (
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
 from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import (
-    data_parallel_size,
     load_fsdp1_ema,
     load_sharded_ema,
     save_fsdp1_ema,
@@ -61,7 +61,8 @@ class EMAScalingCallback(OptionsView, Callback):
 
     The Lightning adapter of :class:`~lightning_emascale.ScaledEMA` (the rule, the sample clock and the EMA:
     see its docstring), built when fit starts (:attr:`scaled_ema`). Each micro-batch counts
-    :meth:`batch_size_of` × the world size; the total samples come from ``max_epochs``; every
+    :meth:`batch_size_of` × the data-parallel size (the world size; fewer under tensor parallelism, whose ranks
+    share their samples); the total samples come from ``max_epochs``; every
     :class:`~lightning_emascale.SampleClockLR` without a clock gets this one; evaluation runs on the EMA; the
     keys of :meth:`ScaledEMA.metrics` are logged (``<name>/kappa`` and ``/momentum`` in the progress bar).
 
@@ -265,7 +266,7 @@ class EMAScalingCallback(OptionsView, Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._replicas = data_parallel_size(trainer.strategy, trainer.world_size)
+        self._replicas = data_parallel_size(trainer)
         continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
         if self._ema is None or self._ema.module is not pl_module or not continuing:
             # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors. Under
@@ -513,6 +514,12 @@ class EMAScalingCallback(OptionsView, Callback):
             )
             return
         ema = self._ema
+        if trainer.state.fn != TrainerFn.FITTING:
+            # validate/test/predict(ckpt_path=...): the module holds the checkpoint's model entries, the EMA where
+            # this callback put it there; this run's own EMA stays as it is
+            if state.get("raw_state_dict") is not None or state.get("model_holds_ema"):
+                self._module_loaded_from_ema = True
+            return
         fsdp1 = ema is not None and ema.fsdp1_root is not None
         if fsdp1 and ("ema" in state or "sharded_ema_in_state_dict" in state):
             assert ema is not None
@@ -521,20 +528,18 @@ class EMAScalingCallback(OptionsView, Callback):
         if "sharded_ema_in_state_dict" in state:
             if ema is None or not ema.is_sharded:
                 raise RuntimeError(
-                    "The checkpoint is a distributed one with a sharded EMA: resume it with the same"
-                    " ModelParallelStrategy sharding, or convert it to a full checkpoint first"
+                    "The checkpoint is a distributed one with a sharded EMA: resume it with the strategy and"
+                    " sharding it was saved with; to change them, resume from a full checkpoint"
                 )
             load_sharded_ema(ema, state, trainer.ckpt_path, "state_dict")
             return
         raw = state.get("raw_state_dict")
         if raw is None:
             return
-        if trainer.state.fn == TrainerFn.FITTING and ema is not None and ema.is_sharded:
+        if ema is not None and ema.is_sharded:
             write_raw(ema, raw)  # each rank its own shards of the full training weights
-        elif trainer.state.fn == TrainerFn.FITTING:
+        else:
             # Resume from the training weights, not from the EMA that "state_dict" holds.
             result = pl_module.load_state_dict(raw, strict=False)
             if result.unexpected_keys:
                 raise KeyError(f"The checkpoint's training weights do not fit the model: {result.unexpected_keys}")
-        else:
-            self._module_loaded_from_ema = True  # the module already holds the EMA from "state_dict"

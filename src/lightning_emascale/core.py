@@ -422,6 +422,7 @@ class ScaledEMA:
         self._restore_hyperparameters()
         self._reset_clock()
         if isinstance(self.averager, EMAState):
+            reshard_fsdp1(self._fsdp1_modules)  # FSDP1: read the shards, not a gathered copy
             self.averager.reset()
 
     # ------------------------------------------------------------------------------------------ the step
@@ -530,7 +531,7 @@ class ScaledEMA:
         self._decay_since_update *= self._step_momentum
         if self._optimizer_steps % self.options.update_every == 0:
             before, self._samples_at_update = self._samples_at_update, self._samples_seen
-            self.reshard()  # FSDP1: a module left gathered would hand the update its gathered views
+            reshard_fsdp1(self._fsdp1_modules)  # a module left gathered would hand the update its gathered views
             finite = self._weights_finite()
             if isinstance(self.averager, PowerEMAState):
                 self.averager.advance(before, self._samples_seen, finite)
@@ -750,7 +751,10 @@ class ScaledEMA:
 
     def raw_state_dict(self) -> dict[str, Tensor]:
         """The training values of every tracked tensor, by name, also while the EMA is swapped in."""
-        return self._polyak().raw_by_name()
+        state = self._polyak()
+        if not state.is_swapped:
+            reshard_fsdp1(self._fsdp1_modules)  # FSDP1: the shards, not a gathered copy
+        return state.raw_by_name()
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_emascale._checks import as_int, check_choice, check_name, check_saved_state
-from lightning_emascale._lightning import is_one_of
+from lightning_emascale._lightning import data_parallel_size, is_one_of
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
 
@@ -187,11 +187,12 @@ class ProgressiveBatchCallback(Callback):
         if current != self._announced:
             before = self._announced
             self._announced = current
-            global_batch = micro * current[1] * trainer.world_size
+            replicas = data_parallel_size(trainer)  # tensor-parallel ranks share their samples
+            global_batch = micro * current[1] * replicas
             change = "" if before is None else f" (was {before[0]} x {before[1]})"
             rank_zero_info(
                 f"ProgressiveBatchCallback: epoch {trainer.current_epoch} trains with {micro} per device x"
-                f" {current[1]} accumulated x {trainer.world_size} devices = {global_batch} samples per"
+                f" {current[1]} accumulated x {replicas} devices = {global_batch} samples per"
                 f" optimizer step{change}{_kappas(trainer, global_batch)}"
             )
             metrics = {"progressive/batch_size": float(global_batch)}
@@ -232,7 +233,7 @@ class ProgressiveBatchCallback(Callback):
         micro, accumulation = self._announced
         pl_module.log(
             "progressive/batch_size",
-            float(micro * accumulation * trainer.world_size),
+            float(micro * accumulation * data_parallel_size(trainer)),
             on_step=True,
             on_epoch=False,
             prog_bar=True,

@@ -92,9 +92,37 @@ def main() -> None:
         assert "functional_call is not supported for a sharded module" in str(err)
     else:
         raise AssertionError("functional_call on a sharded module did not raise")
+    check_moved_shards(mesh)
     check_errors(mesh)
     dist.destroy_process_group()
     print("ok")
+
+
+def check_moved_shards(mesh) -> None:
+    """FSDP2 re-creates a parameter's local piece on a dtype or device move: the teacher pairs and the offloaded
+    copy follow it (the EMA's own groups too), so an update still reads and writes the module's shards."""
+    for teacher_mode, offload in ((True, False), (False, True), (False, False)):
+        model = Model()
+        shard(model, mesh)
+        if teacher_mode:
+            ema = ScaledEMA(model, momentum=0.5, base_batch_size=8, teachers={"student": "teacher"})
+        else:
+            ema = ScaledEMA(model.student, momentum=0.5, base_batch_size=8, offload=offload)
+        model.to(torch.float64)  # new local pieces
+        with torch.no_grad():
+            for p in model.student.parameters():
+                p.to_local().add_(1.0)  # the student moves away from its EMA
+        before = (
+            [p.to_local().clone() for p in model.teacher.parameters()]
+            if teacher_mode
+            else [a.clone() for a in ema.averager.averages]
+        )
+        student = [p.to_local().clone() for p in model.student.parameters()]
+        ema.count_samples(8)
+        ema.end_step()
+        after = [p.to_local() for p in model.teacher.parameters()] if teacher_mode else ema.averager.averages
+        for old, new, online in zip(before, after, student):
+            torch.testing.assert_close(new.double(), 0.5 * old.double() + 0.5 * online, rtol=0, atol=1e-6)
 
 
 def raises(error: type, match: str, build) -> None:

@@ -158,6 +158,11 @@ class Recorder(L.Callback):
         self.raw: list[dict[str, torch.Tensor]] = []
         self.before_validation: dict[str, torch.Tensor] = {}
         self.validations = 0
+        self.swapped_save_error = ""
+        self.total_samples, self.progress = 0, 0.0
+
+    def on_train_end(self, trainer, pl_module):
+        self.total_samples, self.progress = self.ema.resolved_total_samples, self.ema.progress
 
     def on_train_start(self, trainer, pl_module):
         initial = _gathered(trainer, pl_module)
@@ -183,11 +188,17 @@ class Recorder(L.Callback):
                 else:
                     trainer.strategy._save_distributed_checkpoint = distributed
                 trainer.save_checkpoint(self.out / f"{kind}.ckpt")
+                # saved while the EMA is swapped in (FSDP2), or refused with a message (FSDP1)
+                try:
+                    with ema.ema_weights():
+                        trainer.save_checkpoint(self.out / f"swapped_{kind}.ckpt")
+                except RuntimeError as err:
+                    self.swapped_save_error = str(err)
             assert (self.out / "full.ckpt").is_file() and (self.out / "distributed.ckpt").is_dir()
 
     def on_validation_end(self, trainer, pl_module):
-        if not self.before_validation:
-            return
+        if not self.before_validation or trainer.state.fn != "fit":
+            return  # (a validation from a checkpoint evaluates the checkpoint's weights)
         for name, p in pl_module.named_parameters():  # restored bit for bit after the EMA callback swapped out
             assert torch.equal(_local(p), self.before_validation[name]), name
         self.validations += 1
@@ -213,6 +224,7 @@ def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> No
     )  # fmt: skip
     model = ShardedModel(mode, batch_size=PER_DEVICE * 2 if tp else PER_DEVICE)
     trainer.fit(model, ckpt_path=ckpt or None)
+    val_loss = float(trainer.callback_metrics.get("val_loss", float("nan")))  # the last validation of the fit
     ema_full = {}
     if not mode.startswith("teacher"):
         if isinstance(trainer.strategy.model, FullyShardedDataParallel):  # FSDP1: through its full state dict
@@ -221,6 +233,19 @@ def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> No
         else:  # the EMA's own DTensor views, gathered in the EMA's dtype
             ema_full = {name: _full(value).clone() for name, value in callback.ema_state_dict().items()}
     final_raw = _gathered(trainer, model)
+    # evaluation from a checkpoint written after step 4 (its model entries hold the EMA): on this Trainer, and for
+    # FSDP2 on a new Trainer with a new callback
+    validated = {}
+    if recorder.save_at:
+        for kind in ("full", "distributed"):
+            validated[kind] = trainer.validate(model, ckpt_path=out / f"{kind}.ckpt", verbose=False)[0]["val_loss"]
+        if mode == "fsdp2":
+            fresh = L.Trainer(
+                accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), logger=False,
+                enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                callbacks=[EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE)],
+            )  # fmt: skip
+            validated["fresh"] = fresh.validate(model, ckpt_path=out / "distributed.ckpt", verbose=False)[0]["val_loss"]
     if trainer.is_global_zero:
         torch.save(
             {
@@ -228,13 +253,19 @@ def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> No
                 "raw": recorder.raw,
                 "ema": ema_full,
                 "final_raw": final_raw,
-                "val_loss": float(trainer.callback_metrics.get("val_loss", float("nan"))),
+                "val_loss": val_loss,
                 "validations": recorder.validations,
                 "teacher_checks": model.teacher_checks,
                 "replicas": callback._replicas,
+                "validated": validated,
+                "swapped_save_error": recorder.swapped_save_error,
+                "total_samples": recorder.total_samples,
+                "progress": recorder.progress,
             },
             out / f"{mode}.pt",
         )
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # before exit: gloo's threads otherwise abort the interpreter
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def run_script(script: str, *args: object, cwd: Path, timeout: int = 300) -> Non
         )
     except subprocess.TimeoutExpired as err:  # pragma: no cover - a hang is a failure, never a stall
         pytest.fail(f"{script} did not finish in {timeout} s: {err.stdout!r} {err.stderr!r}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.returncode != 0:  # the first traceback names the cause; the tail is often warnings
+        start = proc.stderr.find("Traceback")
+        pytest.fail(f"{script} exited with {proc.returncode}:\n{proc.stderr[max(start, 0) :][:6000]}")
 
 
 def test_ddp_two_processes_kappa_counts_world_size(tmp_path):

@@ -75,14 +75,46 @@ def test_sharded_fit_equals_one_process_and_validates_on_the_ema(sharded_fit):
     # validation ran on the EMA (the raw shards restored bit for bit after each, checked in the run): its loss
     # is the loss of a plain model holding the gathered EMA
     assert result["validations"] == 2
+    assert result["val_loss"] == pytest.approx(val_loss_of(result["ema"]), abs=1e-6)
+    # validate(ckpt_path=...) of either kind written after step 4 evaluates the EMA the checkpoint holds (under
+    # FSDP2 also on a new Trainer with a new callback)
+    ema_at_4 = val_loss_of(trajectory_ema(initial, result, steps=4))
+    assert set(result["validated"]) == (
+        {"full", "distributed", "fresh"} if kind == "fsdp2" else {"full", "distributed"}
+    )
+    for checkpoint, loss in result["validated"].items():
+        assert loss == pytest.approx(ema_at_4, abs=1e-6), checkpoint
+
+
+def val_loss_of(state: dict) -> float:
+    """The validation loss (per-rank batches of 2, averaged) of a plain model holding ``state``."""
     plain = ShardedModel()
-    plain.load_state_dict(result["ema"])
+    plain.load_state_dict({name: value.float() for name, value in state.items()})
     x, y = data().tensors
     with torch.no_grad():
-        expected = torch.stack([
+        losses = [
             torch.nn.functional.mse_loss(plain.net(x[i : i + 2]) * plain.scale, y[i : i + 2]) for i in range(0, 16, 2)
-        ]).mean()  # fmt: skip
-    assert result["val_loss"] == pytest.approx(float(expected), abs=1e-6)
+        ]
+    return float(torch.stack(losses).mean())
+
+
+def test_sharded_checkpoint_saved_while_the_ema_is_swapped_in(sharded_fit, tmp_path):
+    kind, out = sharded_fit
+    result = torch.load(out / f"{kind}.pt", weights_only=False)
+    if kind == "fsdp1":  # its checkpoints swap the EMA in themselves
+        assert "A checkpoint was saved while the EMA was swapped into an FSDP1 module" in result["swapped_save_error"]
+        return
+    initial = torch.load(out / "initial.pt", weights_only=False)
+    ema_at_4, raw_at_4 = trajectory_ema(initial, result, steps=4), result["raw"][3]
+    full = torch.load(out / "swapped_full.ckpt", weights_only=False)
+    assert_close_all(full["state_dict"], ema_at_4)  # the EMA for load_from_checkpoint, the training weights to resume
+    assert_close_all(full["callbacks"]["EMAScalingCallback{'name': 'ema'}"]["raw_state_dict"], raw_at_4, atol=0)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(out / "swapped_distributed.ckpt", tmp_path / "distributed.pt")
+    saved = torch.load(tmp_path / "distributed.pt", weights_only=False)["state_dict"]
+    assert_close_all({name: saved[name] for name in raw_at_4}, ema_at_4)
+    assert_close_all({name: saved[f"_emascale.ema.raw.{name}"] for name in raw_at_4}, raw_at_4, atol=0)
 
 
 @pytest.mark.parametrize("checkpoint", ["full", "distributed"])
@@ -128,6 +160,7 @@ def test_tensor_parallel_counts_the_shared_samples_once(tmp_path):
     # dp = 1, tp = 2: both ranks train on the same 4 samples per step, so kappa is 4 / 2, not 8 / 2
     assert result["replicas"] == 1
     assert result["rows"] == [(step, 2.0, pytest.approx(MOMENTUM**2), 4 * step) for step in range(1, STEPS + 1)]
+    assert (result["total_samples"], result["progress"]) == (32, 1.0)  # 2 epochs of 16, not 2 x 32
     callback, model = one_process_fit("tp")
     assert_close_all(result["final_raw"], model.state_dict())
     assert_close_all(result["ema"], callback.ema_state_dict())

@@ -481,3 +481,17 @@ def test_two_callbacks_with_rules_fail_at_fit_start():
     second = EMAScalingCallback(momentum=0.99, name="b", optimizer_rule="sgd")
     with pytest.raises(ValueError, match=r"already scaled by the rule of .*: two rules would compound"):
         make_trainer([first, second]).fit(TinyModel())
+
+
+def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_sharding():
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    callback = EMAScalingCallback()
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    state = {"sharded_ema_in_state_dict": "_emascale.ema.", "model_holds_ema": True}
+    with pytest.raises(RuntimeError, match=r"resume it with the strategy and sharding it was saved with; to change"):
+        callback.on_load_checkpoint(fitting, TinyModel(), {"callbacks": {callback.state_key: state}})
+    # evaluating from it (validate(ckpt_path=...)) needs no EMA of this run: the module holds the checkpoint's EMA
+    validating = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    callback.on_load_checkpoint(validating, TinyModel(), {"callbacks": {callback.state_key: dict(state)}})
+    assert callback._module_loaded_from_ema
