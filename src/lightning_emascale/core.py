@@ -566,12 +566,15 @@ class ScaledEMA:
             return None
         averager = self.averager
         if isinstance(averager, TeacherState):
-            finite = all_finite(averager.online_tensors())  # parameters only
+            tensors = averager.online_tensors()
+            finite = all_finite(tensors)  # parameters only
         else:
             state = averager.states[0] if isinstance(averager, PowerEMAState) else averager
-            finite = all_finite(state.tracked, nan_only=state.is_buffer)
+            tensors = state.tracked
+            finite = all_finite(tensors, nan_only=state.is_buffer)
         if self.is_sharded and torch.distributed.is_initialized():  # every rank skips together, or none does
-            flag = finite.to(torch.int32)
+            # on the module's device (a rank whose shards are all empty got a CPU flag), for NCCL
+            flag = finite.to(tensors[0].device if tensors else finite.device, torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         if self._skipped.device != finite.device:  # made on the device: a host-to-device copy would sync

@@ -233,19 +233,18 @@ def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> No
         else:  # the EMA's own DTensor views, gathered in the EMA's dtype
             ema_full = {name: _full(value).clone() for name, value in callback.ema_state_dict().items()}
     final_raw = _gathered(trainer, model)
-    # evaluation from a checkpoint written after step 4 (its model entries hold the EMA): on this Trainer, and for
-    # FSDP2 on a new Trainer with a new callback
+    # evaluation from a checkpoint written after step 4 (its model entries hold the EMA): on this Trainer and on a
+    # new Trainer with a new callback. FSDP2 only: Lightning does not wrap an FSDP1 module again after its fit.
     validated = {}
-    if recorder.save_at:
+    if mode == "fsdp2" and precision == "32-true":
         for kind in ("full", "distributed"):
             validated[kind] = trainer.validate(model, ckpt_path=out / f"{kind}.ckpt", verbose=False)[0]["val_loss"]
-        if mode == "fsdp2":
-            fresh = L.Trainer(
-                accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), logger=False,
-                enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                callbacks=[EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE)],
-            )  # fmt: skip
-            validated["fresh"] = fresh.validate(model, ckpt_path=out / "distributed.ckpt", verbose=False)[0]["val_loss"]
+        fresh = L.Trainer(
+            accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            callbacks=[EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE)],
+        )  # fmt: skip
+        validated["fresh"] = fresh.validate(model, ckpt_path=out / "distributed.ckpt", verbose=False)[0]["val_loss"]
     if trainer.is_global_zero:
         torch.save(
             {

@@ -76,12 +76,10 @@ def test_sharded_fit_equals_one_process_and_validates_on_the_ema(sharded_fit):
     # is the loss of a plain model holding the gathered EMA
     assert result["validations"] == 2
     assert result["val_loss"] == pytest.approx(val_loss_of(result["ema"]), abs=1e-6)
-    # validate(ckpt_path=...) of either kind written after step 4 evaluates the EMA the checkpoint holds (under
-    # FSDP2 also on a new Trainer with a new callback)
+    # validate(ckpt_path=...) of either kind written after step 4 evaluates the EMA the checkpoint holds, also on a
+    # new Trainer with a new callback (FSDP2: Lightning does not wrap an FSDP1 module again after its fit)
     ema_at_4 = val_loss_of(trajectory_ema(initial, result, steps=4))
-    assert set(result["validated"]) == (
-        {"full", "distributed", "fresh"} if kind == "fsdp2" else {"full", "distributed"}
-    )
+    assert set(result["validated"]) == ({"full", "distributed", "fresh"} if kind == "fsdp2" else set())
     for checkpoint, loss in result["validated"].items():
         assert loss == pytest.approx(ema_at_4, abs=1e-6), checkpoint
 
