@@ -71,12 +71,7 @@ def save_sharded_ema(
         raw = swap_ema_into(model_state, views, raws) if swap else {}
         if swapped and not swap:
             _put_back(model_state, raws)
-        model_state.update({f"{prefix}ema.{name}": views[name] for name in averager.names})
-        model_state.update({f"{prefix}raw.{name}": value for name, value in raw.items()})
-        if state is not None:
-            del state["ema"]
-            state["sharded_ema_in_state_dict"] = prefix
-            state["model_holds_ema"] = swap
+        _put_beside(model_state, state, prefix, {name: views[name] for name in averager.names}, raw, swap)
         return
     full = _gathered(averager, views, keep)
     by_name = {name: full[averager.names[index]] for name, index in averager.index_of_name.items()} if keep else {}
@@ -92,6 +87,20 @@ def save_sharded_ema(
             state["raw_state_dict"] = raw
     elif swapped and keep:
         _put_back(model_state, raws)
+
+
+def _put_beside(
+    model_state: dict[str, Any], state: Optional[dict[str, Any]], prefix: str, averages: dict[str, Any],
+    raw: dict[str, Any], swap: bool,
+) -> None:  # fmt: skip
+    """Distributed kind: the EMA (and the training weights the model's entries no longer hold) beside the model's
+    entries, which the strategy writes shard by shard; the callback state says where they are."""
+    model_state.update({f"{prefix}ema.{key}": value for key, value in averages.items()})
+    model_state.update({f"{prefix}raw.{key}": value for key, value in raw.items()})
+    if state is not None:
+        del state["ema"]
+        state["sharded_ema_in_state_dict"] = prefix
+        state["model_holds_ema"] = swap
 
 
 def _gathered(averager: EMAState, views: dict[str, Tensor], keep: bool) -> dict[str, Tensor]:
@@ -135,12 +144,7 @@ def save_fsdp1_ema(
         raw = {key: model_state[key] for key in averages if key in model_state} if swap else {}
         if swap:
             model_state.update(averages)
-        model_state.update({f"{prefix}ema.{key}": value for key, value in averages.items()})
-        model_state.update({f"{prefix}raw.{key}": value for key, value in raw.items()})
-        if state is not None:
-            del state["ema"]
-            state["sharded_ema_in_state_dict"] = prefix
-            state["model_holds_ema"] = swap
+        _put_beside(model_state, state, prefix, averages, raw, swap)
         return
     if state is not None:
         state["ema"] = {key: value for key, value in averages.items() if key in averager.names} if keep else {}
