@@ -132,3 +132,17 @@ def test_pseudo_label_counts_kappa_on_the_unlabeled_stream_and_pseudo_labels_hel
     assert len(lines) == 2 and all("kappa 2, rho-hat 0.980100" in line for line in lines)  # 64 unlabelled / 32
     final = [float(line.split("teacher validation accuracy ")[1].split()[0]) for line in lines]
     assert final[1] > final[0] + 0.05  # pseudo-labels beat the labels alone on this task
+
+
+@pytest.mark.parametrize(
+    ("flag", "kappa"), [("", "global batch 128, kappa 2"), ("--tensor-parallel", "global batch 64, kappa 1")]
+)
+def test_sharded_example_keeps_each_ranks_shard_and_checkpoints_the_gathered_ema(tmp_path, flag, kappa):
+    # 2 CPU processes: FSDP2 over both (2 data-parallel replicas), or tensor parallel (one sample stream)
+    proc = run_example("sharded.py", f"--epochs 2 --samples 2048 {flag}", tmp_path)
+    assert f"last step: {kappa}" in proc.stdout
+    sizes = re.findall(r"^rank (\d): EMA ([\d.]+) MiB, parameter shard ([\d.]+) MiB$", proc.stdout, re.M)
+    assert [rank for rank, _, _ in sizes] == ["0", "1"]
+    assert all(ema == shard for _, ema, shard in sizes)  # each rank holds the EMA of its own shard only
+    validated = re.search(r"validation accuracy of the EMA: ([\d.]+)", proc.stdout).group(1)
+    assert f"checkpoint loaded as a plain model (the EMA): accuracy {validated}" in proc.stdout
