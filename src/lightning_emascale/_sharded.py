@@ -64,6 +64,19 @@ def fsdp1_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
     return list(FSDP1.fsdp_modules(root)) if FSDP1 is not None else []
 
 
+def fsdp1_wraps_whole(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` belongs to an FSDP1 unit inside it (``module`` itself or below), so
+    that no unit mixes them with parameters from outside."""
+
+    def covered(submodule: torch.nn.Module, inside: bool) -> bool:
+        inside = inside or is_fsdp1(submodule)
+        if not inside and any(p is not None for p in submodule._parameters.values()):
+            return False
+        return all(covered(child, inside) for child in submodule.children())
+
+    return covered(module, False)
+
+
 def reshard_fsdp1(modules: Iterable[torch.nn.Module]) -> None:
     """Put every FSDP1 module left gathered (the root after a no-grad forward) back on its shard: its original
     parameters then view the rank's slice again, and the next forward gathers what the EMA wrote there.

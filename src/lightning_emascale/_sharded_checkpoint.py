@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_emascale._ema import EMAState
 from lightning_emascale._lightning import swap_ema_into
-from lightning_emascale._sharded import full_value, global_view, local_piece_of, reshard
+from lightning_emascale._sharded import FSDP1, full_value, global_view, local_piece_of, reshard
 from lightning_emascale.core import ScaledEMA
 
 
@@ -131,27 +131,38 @@ def save_fsdp1_ema(
     averager = _polyak(ema)
     if averager is None:
         return
-    if averager.is_swapped:
-        raise RuntimeError(
-            "A checkpoint was saved while the EMA was swapped into an FSDP1 module (inside `ema_weights()` or"
-            " between `swap_in()` and `swap_out()`): save it after the EMA is swapped out"
-        )
-    with ema.swapped():
-        ema_state = {key: _owned(value) for key, value in strategy.lightning_module_state_dict().items()}
+
+    def module_state() -> dict[str, Any]:
+        return {key: _owned(value) for key, value in strategy.lightning_module_state_dict().items()}
+
+    swapped = averager.is_swapped  # saved during an evaluation: the module holds the EMA, the backup the weights
+    if swapped:
+        ema.swap_out()
+        raws = module_state()
+        ema.swap_in()
+        ema_state = module_state()
+    else:
+        raws = dict(model_state)
+        with ema.swapped():
+            ema_state = module_state()
     names = averager.index_of_name
     averages = {key: value for key, value in ema_state.items() if key in names}
     if writes_distributed_checkpoint(strategy):
-        raw = {key: model_state[key] for key in averages if key in model_state} if swap else {}
+        raw = {key: raws[key] for key in averages if key in raws} if swap else {}
         if swap:
             model_state.update(averages)
+        elif swapped:
+            _put_back(model_state, raws)
         _put_beside(model_state, state, prefix, averages, raw, swap)
         return
     if state is not None:
         state["ema"] = {key: value for key, value in averages.items() if key in averager.names} if keep else {}
     if swap and keep:
-        replaced = swap_ema_into(model_state, averages, dict(model_state))
+        replaced = swap_ema_into(model_state, averages, raws)
         if state is not None:
             state["raw_state_dict"] = replaced
+    elif swapped and keep:
+        _put_back(model_state, raws)
 
 
 def _owned(value: Any) -> Any:
@@ -174,7 +185,7 @@ def load_fsdp1_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, fitting: bo
     averager = _polyak(ema)
     root = ema.fsdp1_root
     assert averager is not None and root is not None
-    fsdp1: Any = type(root)
+    fsdp1: Any = FSDP1
     ema.reshard()
     backup = [tensor.detach().clone() for tensor in averager.tracked]
     if "sharded_ema_in_state_dict" in state:

@@ -31,6 +31,7 @@ from lightning_emascale._ema import (
 from lightning_emascale._options import EMAOptions, MomentumSchedule
 from lightning_emascale._sharded import (
     fsdp1_modules,
+    fsdp1_wraps_whole,
     fsdp_modules,
     is_fsdp1,
     is_sharded,
@@ -271,7 +272,8 @@ class ScaledEMA:
             raise TypeError(
                 f"`total_samples_from` must be a callable that returns the total, got {total_samples_from!r}"
             )
-        fsdp1_root = module if is_fsdp1(module) else None
+        # FSDP1: the root wrapper, or a module whose submodules were wrapped by hand (configure_model)
+        fsdp1_root = module if fsdp1_modules(module) else None
         if fsdp1_root is not None:
             module = _check_fsdp1(fsdp1_root, options)
         sharded = fsdp1_root is not None or any(is_sharded(t) for t in [*module.parameters(), *module.buffers()])
@@ -573,10 +575,9 @@ class ScaledEMA:
             tensors = state.tracked
             finite = all_finite(tensors, nan_only=state.is_buffer)
         if self.is_sharded and torch.distributed.is_initialized():  # every rank skips together, or none does
-            # on the module's device (a rank whose shards are all empty got a CPU flag), for NCCL
-            flag = finite.to(tensors[0].device if tensors else finite.device, torch.int32)
+            flag = finite.to(_collective_device(finite.device), torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
+            finite = flag.to(finite.device).bool()  # back where the weights are (a CPU flag of offloaded shards)
         if self._skipped.device != finite.device:  # made on the device: a host-to-device copy would sync
             self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device) + int(self._skipped)
         self._skipped += (~finite).long()
@@ -881,14 +882,24 @@ class ScaledEMA:
 
 
 def _check_fsdp1(root: torch.nn.Module, options: EMAOptions) -> torch.nn.Module:
-    """The module inside an FSDP1 root wrapper, after checking that its EMA can be kept shard by shard."""
-    if not getattr(root, "_use_orig_params", False):
+    """The module inside an FSDP1 root wrapper (or ``root``, whose submodules are wrapped), after checking that its
+    EMA can be kept shard by shard."""
+    if not all(getattr(unit, "_use_orig_params", False) for unit in fsdp1_modules(root)):
         raise ValueError(
             "FSDP1 with `use_orig_params=False` hides the parameters in flat parameters, so their EMA cannot be"
             " kept or named: pass `use_orig_params=True` (Lightning's FSDPStrategy default), or shard with FSDP2"
             " (`fully_shard`, ModelParallelStrategy)"
         )
-    inner: torch.nn.Module = root.module  # type: ignore[assignment]
+    inner: torch.nn.Module = root.module if is_fsdp1(root) else root  # type: ignore[assignment]
+    for online, teacher in (options.teachers or {}).items():
+        unwrapped = [path for path in (online, teacher) if not fsdp1_wraps_whole(inner.get_submodule(path))]
+        if unwrapped:
+            raise ValueError(
+                f"Under FSDP1, teacher {teacher!r} and its online module {online!r} must each be FSDP units of"
+                f" their own, and {unwrapped} is not: FSDP1 slices a unit's parameters together, so a submodule"
+                " that shares a unit with other parameters holds other slices on each rank. Wrap each (an"
+                " `auto_wrap_policy` naming their classes, or `FullyShardedDataParallel(...)` around each)"
+            )
     low = sorted({str(p.dtype) for p in inner.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
     if low and options.ema_precision == "fp32":
         raise ValueError(
@@ -898,6 +909,15 @@ def _check_fsdp1(root: torch.nn.Module, options: EMAOptions) -> torch.nn.Module:
             " ModelParallelStrategy), whose checkpoints keep the fp32 EMA"
         )
     return inner
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """Where a tensor goes for a collective of the default process group: ``device`` if its backend takes it, else
+    the current GPU (NCCL alone takes no CPU tensor: a rank with only empty or CPU-offloaded shards has a CPU flag)."""
+    backend = str(torch.distributed.get_backend())
+    if device.type == "cpu" and "nccl" in backend and "cpu:" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _initializes_state(optimizer: Optimizer) -> bool:
@@ -955,7 +975,9 @@ def _check_state(state: Mapping[str, Any], where: str) -> None:
 def _unwrap_module(module: Any) -> torch.nn.Module:
     """The module inside DDP, Fabric or ``torch.compile`` wrappers (names and checkpoints are the module's own)."""
     while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
+        if type(module).__name__ == "_FabricModule" and is_fsdp1(getattr(module, "_forward_module", None)):
+            module = module._forward_module  # FSDP1 under Fabric: its root wrapper (checkpoints, resharding)
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
             module = module.module
         elif type(module).__name__ == "OptimizedModule" and isinstance(
             getattr(module, "_orig_mod", None), torch.nn.Module

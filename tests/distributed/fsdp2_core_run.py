@@ -157,6 +157,23 @@ def check_errors(mesh) -> None:
         "`0.weight` is not sharded in the teacher and sharded as (Shard(dim=0),)",
         lambda: ScaledEMA(model, momentum=0.9, teachers={"student": "teacher"}),
     )
+    # FSDP1: flat parameters without the original ones; an fp32 EMA of bf16 parameters; a teacher that shares an
+    # FSDP1 unit with other parameters (it would hold other slices than its twin on each rank)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    cpu = torch.device("cpu")
+    flat = FullyShardedDataParallel(net(), device_id=cpu, use_orig_params=False)
+    raises(ValueError, "FSDP1 with `use_orig_params=False` hides the parameters", lambda: ScaledEMA(flat, momentum=0.9))
+    low = FullyShardedDataParallel(net().bfloat16(), device_id=cpu, use_orig_params=True)
+    message = "An fp32 EMA of FSDP1 parameters held in torch.bfloat16 is not supported"
+    raises(ValueError, message, lambda: ScaledEMA(low, momentum=0.9))
+    ScaledEMA(low, momentum=0.9, ema_precision="model")  # allowed: the EMA is kept in bf16
+    together = FullyShardedDataParallel(Model(), device_id=cpu, use_orig_params=True)
+    message = (
+        "Under FSDP1, teacher 'teacher' and its online module 'student' must each be FSDP units of their own, and"
+        " ['student', 'teacher'] is not"
+    )
+    raises(ValueError, message, lambda: ScaledEMA(together, momentum=0.9, teachers={"student": "teacher"}))
 
 
 if __name__ == "__main__":

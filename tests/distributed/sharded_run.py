@@ -9,7 +9,8 @@
 - ``tp``: tensor parallelism on 2 ranks (dp = 1): one sample stream, counted once;
 - ``teacher``: teacher mode, the teacher sharded with ``reshard_after_forward=False``;
 - ``fsdp1``, ``resume1``, ``teacher1``: the same under FSDPStrategy (FSDP1, ``use_orig_params=True``), through a
-  test-only subclass that runs FSDP1 on the CPU (Lightning allows it on GPUs only).
+  test-only subclass that runs FSDP1 on the CPU (Lightning allows it on GPUs only);
+- ``manual1``: FSDP1 wrapped by hand in ``configure_model`` (Lightning then leaves the root unwrapped).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class ShardedModel(L.LightningModule):
         self.teacher_checks = 0
 
     def configure_model(self) -> None:
+        if self.mode == "manual1" and torch.distributed.is_initialized():
+            if not isinstance(self.net, FullyShardedDataParallel):  # each Linear a unit, the rest in the net's
+                wrap = {"device_id": torch.device("cpu"), "use_orig_params": True}
+                for index in (0, 3):
+                    self.net[index] = FullyShardedDataParallel(self.net[index], **wrap)
+                self.net = FullyShardedDataParallel(self.net, **wrap)
+            return
         if self._device_mesh is None or isinstance(self.net[0].weight, DTensor):
             return  # one process (the reference), or sharded already
         if self.mode == "tp":
@@ -132,10 +140,14 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _fsdp1(trainer: L.Trainer) -> bool:
+    return any(isinstance(module, FullyShardedDataParallel) for module in trainer.strategy.model.modules())
+
+
 def _gathered(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
     """The module's whole state on every rank (a collective): DTensors gathered, or FSDP1's full state dict."""
     root = trainer.strategy.model
-    if isinstance(root, FullyShardedDataParallel):
+    if _fsdp1(trainer):
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 
         config = FullStateDictConfig(rank0_only=False)
@@ -207,7 +219,9 @@ class Recorder(L.Callback):
 def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> None:
     L.seed_everything(0)
     tp = mode == "tp"
-    if mode.endswith("1"):  # FSDP1: each Linear its own unit (the rest in the root), or each Sequential for a teacher
+    if mode == "manual1":
+        strategy = CPUFSDPStrategy()  # the module wraps itself
+    elif mode.endswith("1"):  # FSDP1: each Linear its own unit (the rest in the root), or each Sequential for a teacher
         policy = ModuleWrapPolicy({torch.nn.Sequential if mode == "teacher1" else torch.nn.Linear})
         strategy = CPUFSDPStrategy(auto_wrap_policy=policy)
     else:
@@ -227,7 +241,7 @@ def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> No
     val_loss = float(trainer.callback_metrics.get("val_loss", float("nan")))  # the last validation of the fit
     ema_full = {}
     if not mode.startswith("teacher"):
-        if isinstance(trainer.strategy.model, FullyShardedDataParallel):  # FSDP1: through its full state dict
+        if _fsdp1(trainer):  # FSDP1: through its full state dict
             with callback.ema_weights():
                 ema_full = _gathered(trainer, model)
         else:  # the EMA's own DTensor views, gathered in the EMA's dtype
