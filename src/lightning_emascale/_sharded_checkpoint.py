@@ -79,12 +79,22 @@ def save_sharded_ema(
     if swapped:
         gathered = _gathered(averager, averager.raw_by_name(), keep)
         raws = {name: gathered[averager.names[index]] for name, index in averager.index_of_name.items()} if keep else {}
+    _put_full(model_state, state, full, by_name, raws, swap, swapped, keep)
+
+
+def _put_full(
+    model_state: dict[str, Any], state: Optional[dict[str, Any]], first: dict[str, Any], by_name: dict[str, Any],
+    raws: dict[str, Any], swap: bool, swapped: bool, keep: bool,
+) -> None:  # fmt: skip
+    """Full kind: the gathered EMA (``first``: by first names) into the callback state; with ``swap`` into the
+    model's entries too (``by_name``: every name), the training weights ``raws`` kept in the callback state; saved
+    while swapped without ``swap``, the training weights back into the model's entries. ``keep``: the writing rank."""
     if state is not None:
-        state["ema"] = full
+        state["ema"] = first
     if swap and keep:
-        raw = swap_ema_into(model_state, by_name, raws)
+        replaced = swap_ema_into(model_state, by_name, raws)
         if state is not None:
-            state["raw_state_dict"] = raw
+            state["raw_state_dict"] = replaced
     elif swapped and keep:
         _put_back(model_state, raws)
 
@@ -155,14 +165,8 @@ def save_fsdp1_ema(
             _put_back(model_state, raws)
         _put_beside(model_state, state, prefix, averages, raw, swap)
         return
-    if state is not None:
-        state["ema"] = {key: value for key, value in averages.items() if key in averager.names} if keep else {}
-    if swap and keep:
-        replaced = swap_ema_into(model_state, averages, raws)
-        if state is not None:
-            state["raw_state_dict"] = replaced
-    elif swapped and keep:
-        _put_back(model_state, raws)
+    first = {key: value for key, value in averages.items() if key in averager.names} if keep else {}
+    _put_full(model_state, state, first, averages, raws, swap, swapped, keep)
 
 
 def _owned(value: Any) -> Any:
