@@ -83,9 +83,15 @@ class ScaledEMA:
             optimizer.step()                         # rule applied for this step only; then the EMA moves
             optimizer.zero_grad()
 
+    A **sharded module** (FSDP2 ``fully_shard`` or tensor parallelism: ``DTensor`` parameters; FSDP1 with
+    ``use_orig_params=True``, wrapped at the root or inside) is averaged shard by shard: each rank keeps the EMA of
+    its own shards, with no communication per step. Count ``len(x) * data_parallel_size`` (tensor-parallel ranks
+    share their samples). Swaps copy into the local shards and reshard the FSDP modules; :meth:`state_dict` holds
+    this rank's shards (``DTensor`` views under FSDP2).
+
     Args:
         module: the model whose parameters and buffers are averaged (Polyak mode), or which holds the teacher
-            submodules (teacher mode, ``teachers``). Pass the module itself, not a DDP or Fabric wrapper.
+            submodules (teacher mode, ``teachers``). Pass the module itself, or the DDP, FSDP1 or Fabric wrapper.
         optimizers: the optimizer, or several, whose steps drive the EMA; the optimizer rule scales them. A
             Fabric-wrapped optimizer is unwrapped. ``None``: no hooks; call :meth:`end_step` after every step.
         momentum: :math:`\rho \in [0, 1)`, the EMA momentum tuned at ``base_batch_size`` (with the cosine
