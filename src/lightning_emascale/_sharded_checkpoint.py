@@ -39,11 +39,6 @@ def writes_distributed_checkpoint(strategy: Any) -> bool:
     )
 
 
-def checkpoint_top_key(strategy: Any) -> str:
-    """The key under which the strategy's distributed checkpoint holds the model's tensors."""
-    return "model" if hasattr(strategy, "_state_dict_type") else "state_dict"
-
-
 def _polyak(ema: ScaledEMA) -> Optional[EMAState]:
     return ema.averager if isinstance(ema.averager, EMAState) else None
 
