@@ -1,10 +1,14 @@
-"""What the κ-sweep studies share: their command line and how a figure is written."""
+"""What the κ-sweep studies share: their command line, the EMA and raw outputs they record, how a figure and the
+results are written."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def kappa_sweep_parser(description: str, epochs: int, lr: float, out_dir: str) -> argparse.ArgumentParser:
@@ -20,6 +24,20 @@ def kappa_sweep_parser(description: str, epochs: int, lr: float, out_dir: str) -
     return parser
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--train-samples``, ``--val-samples`` and ``--cifar10`` of the supervised studies."""
+    parser.add_argument("--train-samples", type=int, default=4096)
+    parser.add_argument("--val-samples", type=int, default=2048)
+    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+
+
+def check_train_samples(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every arm sees whole batches: the training samples must be a multiple of the largest global batch."""
+    largest = max(args.kappas) * args.base_batch
+    if args.train_samples % largest:
+        parser.error(f"--train-samples must be a multiple of the largest batch {largest}, got {args.train_samples}")
+
+
 def save_figure(fig: Any, path: Path, title: str) -> None:
     """Title, tighten and write ``fig`` to ``path`` (120 dpi), then close it."""
     import matplotlib.pyplot as plt
@@ -28,3 +46,22 @@ def save_figure(fig: Any, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@torch.no_grad()
+def ema_and_raw_outputs(ema: Any, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EMA's (``ema.functional_call``) and the raw module's outputs on ``x`` in eval mode, 512 rows at a time;
+    the module's training mode is restored after."""
+    was_training = module.training
+    module.eval()
+    averaged = torch.cat([ema.functional_call(module, (chunk,)) for chunk in x.split(512)])
+    raw = torch.cat([module(chunk) for chunk in x.split(512)])
+    module.train(was_training)
+    return averaged, raw
+
+
+def write_results(args: argparse.Namespace, figure: str, **payload: Any) -> None:
+    """``results.json`` (the arguments and ``payload``) in ``args.out_dir``, and say what was written there."""
+    results = {"args": {**vars(args), "out_dir": str(args.out_dir)}, **payload}
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {args.out_dir}/{figure} and results.json")

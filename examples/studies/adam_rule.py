@@ -30,7 +30,6 @@ patterns, 20 % of the training labels replaced at random) unless ``--cifar10`` p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -43,7 +42,14 @@ import lightning as L
 import torch
 from emascale_examples.data import pattern_images
 from emascale_examples.paired import gap_summary, mean_gap
-from emascale_examples.study import kappa_sweep_parser, save_figure
+from emascale_examples.study import (
+    add_data_arguments,
+    check_train_samples,
+    ema_and_raw_outputs,
+    kappa_sweep_parser,
+    save_figure,
+    write_results,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -110,12 +116,8 @@ class Probe(L.Callback):
 
     @torch.no_grad()
     def record(self, pl_module: L.LightningModule) -> None:
-        was_training = pl_module.training
-        pl_module.eval()
         x, y = self.val.tensors
-        ema = torch.cat([self.ema.functional_call(pl_module, (chunk,)) for chunk in x.split(512)])
-        raw = torch.cat([pl_module(chunk) for chunk in x.split(512)])
-        pl_module.train(was_training)
+        ema, raw = ema_and_raw_outputs(self.ema, pl_module, x)
         self.records["samples"].append(self.ema.samples_seen)
         lrs = self.ema.scaled_ema.step_lrs if self.ema.samples_seen else [[0.0]]
         self.records["step_lr"].append(lrs[0][0])  # the LR the last step used (the rule's scaling included)
@@ -244,13 +246,9 @@ def plot(runs: list[dict], kappas: list[int], path: Path, title: str) -> None:
 def main() -> None:
     parser = kappa_sweep_parser(__doc__, epochs=10, lr=2e-3, out_dir="adam_rule")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-samples", type=int, default=4096)
-    parser.add_argument("--val-samples", type=int, default=2048)
-    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    add_data_arguments(parser)
     args = parser.parse_args()
-    largest = max(args.kappas) * args.base_batch
-    if args.train_samples % largest:
-        parser.error(f"--train-samples must be a multiple of the largest batch {largest}, got {args.train_samples}")
+    check_train_samples(parser, args)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,10 +283,7 @@ def main() -> None:
     data_name = "CIFAR-10" if args.cifar10 else "generated patterns"
     title = f"MLP-Mixer + AdamW on {data_name}: Polyak EMA, base batch {args.base_batch}, rho {args.momentum}"
     plot(runs, args.kappas, args.out_dir / "adam_rule.png", title)
-    (args.out_dir / "results.json").write_text(
-        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "summary": summary, "runs": runs}, indent=1)
-    )
-    print(f"\nwrote {args.out_dir}/adam_rule.png and results.json")
+    write_results(args, "adam_rule.png", summary=summary, runs=runs)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ base batch of samples and its lag, all against samples seen) and ``results.json`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 import torch
 from emascale_examples.selfsup import BYOL, BYOL_TEACHERS, ImageData, knn_accuracy
+from emascale_examples.study import write_results
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
@@ -208,10 +208,7 @@ def main() -> None:
     data = "CIFAR-10" if args.cifar10 else "generated images"
     title = f"BYOL (ResNet-18) on {data}: base batch {args.base_batch} against {big}, teacher 0.99 -> 1 on samples"
     plot(runs, args.base_batch, args.out_dir / "byol_study.png", title)
-    (args.out_dir / "results.json").write_text(
-        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "runs": runs}, indent=1)
-    )
-    print(f"\nwrote {args.out_dir}/byol_study.png and results.json")
+    write_results(args, "byol_study.png", runs=runs)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ reaches ``--target``; the final teacher accuracy. Writes ``pseudo_label_study.pn
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emascale_examples.paired import gap_summary, mean_gap
 from emascale_examples.pseudo import few_label_clusters, fit_pseudo_labeler
-from emascale_examples.study import kappa_sweep_parser, save_figure
+from emascale_examples.study import kappa_sweep_parser, save_figure, write_results
 
 from lightning_emascale import ProgressiveBatchCallback
 
@@ -183,10 +182,7 @@ def main() -> None:
         )
     title = f"Pseudo-labelling with an EMA teacher: base batch {args.base_batch}, rho {args.momentum}"
     plot(runs, args.kappas, args.out_dir / "pseudo_label_study.png", title)
-    (args.out_dir / "results.json").write_text(
-        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "summary": summary, "runs": runs}, indent=1)
-    )
-    print(f"\nwrote {args.out_dir}/pseudo_label_study.png and results.json")
+    write_results(args, "pseudo_label_study.png", summary=summary, runs=runs)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ About 20 minutes on a 2-core CPU with the defaults.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 import torch
 from emascale_examples.resnet import Classifier, generated_data
-from emascale_examples.study import kappa_sweep_parser, save_figure
+from emascale_examples.study import (
+    add_data_arguments,
+    check_train_samples,
+    ema_and_raw_outputs,
+    kappa_sweep_parser,
+    save_figure,
+    write_results,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import EMAScalingCallback
@@ -57,12 +63,8 @@ class Probe(L.Callback):
 
     @torch.no_grad()
     def record(self, pl_module: L.LightningModule) -> None:
-        was_training = pl_module.training
-        pl_module.eval()
         x, y = self.val.tensors
-        ema_logits = torch.cat([self.ema.functional_call(pl_module, (chunk,)) for chunk in x.split(512)])
-        raw_logits = torch.cat([pl_module(chunk) for chunk in x.split(512)])
-        pl_module.train(was_training)
+        ema_logits, raw_logits = ema_and_raw_outputs(self.ema, pl_module, x)
         self.samples.append(self.ema.samples_seen)
         self.predictions.append(ema_logits.argmax(1))
         self.ema_accuracy.append(float((self.predictions[-1] == y).float().mean()))
@@ -195,13 +197,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = kappa_sweep_parser(__doc__, epochs=16, lr=0.05, out_dir="supervised")
-    parser.add_argument("--train-samples", type=int, default=4096)
-    parser.add_argument("--val-samples", type=int, default=2048)
-    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    add_data_arguments(parser)
     args = parser.parse_args()
-    largest = max(args.kappas) * args.base_batch
-    if args.train_samples % largest:
-        parser.error(f"--train-samples must be a multiple of the largest batch {largest}, got {args.train_samples}")
+    check_train_samples(parser, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
     if args.cifar10:
@@ -239,10 +237,7 @@ def main() -> None:
     plot(runs, args.out_dir / "supervised.png", title)
     for run in runs:
         del run["weights"], run["predictions"]
-    (args.out_dir / "results.json").write_text(
-        json.dumps({"args": {**vars(args), "out_dir": str(args.out_dir)}, "runs": runs}, indent=1)
-    )
-    print(f"\nwrote {args.out_dir}/supervised.png and results.json")
+    write_results(args, "supervised.png", runs=runs)
 
 
 if __name__ == "__main__":
