@@ -193,6 +193,10 @@ class EMAScalingCallback(OptionsView, Callback):
         """
         return measure_batch_size(batch)
 
+    def momentum_attribute_values(self) -> dict[str, float]:
+        """The current value of every momentum attribute, by path (``{}`` before fit)."""
+        return {} if self._ema is None else self._ema.momentum_attribute_values()
+
     def ema_state_dict(self) -> dict[str, Tensor]:
         """The EMA of every tracked parameter and buffer, by the module's names (EMA dtype, live tensors)."""
         return self.scaled_ema.ema_state_dict()

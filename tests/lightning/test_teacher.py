@@ -82,9 +82,15 @@ def test_dino_center_momentum_is_scaled_per_micro_batch_and_restored():
     ema = EMAScalingCallback(
         momentum=0.99, base_batch_size=4, teachers=PAIRS, momentum_attributes={"criterion.center_momentum": 0.9}
     )
-    trainer = make_trainer([ema], max_epochs=1)
+    assert ema.momentum_attribute_values() == {}  # before fit
+    values = []
+    record = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda *_: values.append(ema.momentum_attribute_values())
+    )
+    trainer = make_trainer([ema, record], max_epochs=1)
     trainer.fit(model)
     assert model.criterion.seen == pytest.approx([0.9**2, 0.9**2, 0.9**1])
+    assert values == [{"criterion.center_momentum": pytest.approx(0.9**k)} for k in (2, 2, 1)]  # each step's
     assert model.criterion.center_momentum == 0.9  # the module is left as it was
     assert trainer.callback_metrics["ema/criterion.center_momentum"] == pytest.approx(0.9)
 
