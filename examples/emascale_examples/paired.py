@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -24,6 +25,6 @@ def gap_summary(gaps: Sequence[float], floor: float) -> dict:
         "mean": mean,
         "min": min(gaps),
         "max": max(gaps),
-        "over_floor": mean / floor,
+        "over_floor": mean / floor if floor else 0.0 if mean == 0 else math.inf,
         "verdict": verdict(mean, floor),
     }
