@@ -163,28 +163,108 @@ def test_pseudo_label_study_runs_every_arm_with_paired_seeds(tmp_path):
     assert (tmp_path / "out" / "pseudo_label_study.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_byol_study_script_runs_every_arm(tmp_path):
-    args = "--base-batch 4 --kappa 2 --epochs 2 --train-samples 32 --knn-samples 20 --grow-at 1 --out-dir out"
-    run_example("studies/byol_study.py", args, tmp_path)
-    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
-    names = ["base", "base, seed 1", "kappa 2, rule", "kappa 2, no rule", "kappa 2, progressive"]
-    assert [run["name"] for run in runs] == names
-    assert [run["optimizer_steps"] for run in runs] == [16, 16, 8, 8, 12]
-    assert {run["samples"] for run in runs} == {64}
+def _check_paired_summary(runs: list[dict], summary: dict, metrics: tuple[str, ...], arm: tuple[int, str]) -> None:
+    """The floor and ``arm``'s gap, recomputed from the runs; every verdict follows from its gap and floor; the base
+    run is at CKA distance 0 from itself."""
+    by = {(run["seed"], run["kappa"], run["arm"]): run for run in runs}
+    seeds = sorted({run["seed"] for run in runs})
+
+    def gap(seed: int, other: tuple[int, str], key: str) -> float:
+        a, b = by[(seed, *other)][key], by[(seed, 1, "base")][key]
+        return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+    for key in metrics:
+        floor = sum(gap(seed, (1, "floor"), key) for seed in seeds) / len(seeds)
+        assert summary["floor"][key] == pytest.approx(floor) and floor > 0
+        cell = next(c for c in summary["arms"] if (c["kappa"], c["arm"]) == arm)
+        assert cell[f"{key}_gap"]["mean"] == pytest.approx(sum(gap(seed, arm, key) for seed in seeds) / len(seeds))
+    for cell in summary["arms"]:
+        if cell["arm"] == "base":
+            assert cell["cka_distance"]["max"] == pytest.approx(0, abs=1e-9)
+            continue
+        for key in metrics:
+            for gap, floor in ((cell[f"{key}_gap"], summary["floor"][key]),
+                               (cell[f"{key}_late_gap"], summary["late_floor"][key])):  # fmt: skip
+                expected = (
+                    "kept" if gap["mean"] <= 1.5 * floor else "separated" if gap["mean"] > 3 * floor else "inconclusive"
+                )
+                assert gap["verdict"] == expected
+
+
+def test_byol_study_runs_every_arm_with_paired_seeds(tmp_path):
+    args = "--seeds 2 --epochs 3 --train-samples 256 --val-samples 64 --kappas 2,4 --base-batch 8 --grow-at 1"
+    run_example("studies/byol_study.py", f"{args} --out-dir out", tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    arms = [(1, "base"), (1, "floor"), (2, "rule"), (2, "no EMA rule"), (4, "rule"), (4, "no EMA rule")]
+    assert [(run["kappa"], run["arm"]) for run in runs] == [*arms, (4, "progressive")] * 2
+    by = {(run["seed"], run["kappa"], run["arm"]): run for run in runs}
     for run in runs:
-        assert [samples for samples, _ in run["knn"]] == [0, 32, 64]
-        assert all(0 <= accuracy <= 1 for _, accuracy in run["knn"])
-    assert len({run["knn"][0][1] for run in runs}) == 1  # the same initial weights
-    assert runs[0]["steps"] != runs[1]["steps"]  # another data order and augmentations
-    for run in runs:
-        assert run["steps"][0][4] > 0 and run["mean_teacher_lag"] > 0  # the online network moved away
-    steps = {run["name"]: [(batch, momentum) for _, _, batch, momentum, _ in run["steps"]] for run in runs}
-    # the first step: rho(0) = 0.99 at the base batch; rho^2 with the rule at twice the batch; rho without it
-    assert steps["base"][0] == (4, pytest.approx(0.99))
-    assert steps["kappa 2, rule"][0] == (8, pytest.approx(0.99**2))
-    assert steps["kappa 2, no rule"][0] == (8, pytest.approx(0.99))
-    assert [batch for batch, _ in steps["kappa 2, progressive"]] == [4] * 8 + [8] * 4
+        assert run["samples"] == [0, 256, 512, 768]  # the same records in every arm
+        steps = run["steps_record"]
+        if run["arm"] == "progressive":  # B for an epoch, then doubling: 32 steps of 8, 16 of 16, 8 of 32
+            assert [step["batch"] for step in steps] == [8] * 32 + [16] * 16 + [32] * 8
+        else:
+            assert {step["batch"] for step in steps} == {8 * run["kappa"]}
+        # the teacher's momentum: rho^kappa with the EMA rule, rho per step without it
+        for step in steps:
+            kappa = step["batch"] / 8 if run["arm"] != "no EMA rule" else 1
+            assert step["rho_hat"] == pytest.approx(0.99**kappa)
+    for seed in range(2):
+        base, progressive, floor = by[(seed, 1, "base")], by[(seed, 4, "progressive")], by[(seed, 1, "floor")]
+        # the seed's initial weights in every arm (RankMe: a float, unlike an accuracy on 64 images)
+        assert by[(seed, 4, "rule")]["rankme"][0] == floor["rankme"][0] == base["rankme"][0]
+        assert progressive["rankme"][:2] == base["rankme"][:2]  # the shared first epoch, by construction
+        assert progressive["rankme"][2:] != base["rankme"][2:]  # then its own run
+        assert floor["rankme"][1:] != base["rankme"][1:]  # another order and augmentations
+    assert by[(0, 1, "base")]["rankme"][0] != by[(1, 1, "base")]["rankme"][0]  # the seed draws weights and data
+    _check_paired_summary(runs, summary, ("knn_teacher", "knn_online"), (4, "rule"))
+    cells = {(cell["kappa"], cell["arm"]): cell for cell in summary["arms"]}
+    assert cells[(4, "progressive")]["shares_base_prefix"] and not cells[(4, "rule")]["shares_base_prefix"]
     assert (tmp_path / "out" / "byol_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dino_study_runs_every_arm_and_calibration_with_paired_seeds(tmp_path):
+    args = "--seeds 2 --epochs 3 --train-samples 128 --val-samples 64 --kappas 4 --base-batch 8 --grow-at 1"
+    run_example("studies/dino_study.py", f"{args} --out-dir out", tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs, summary = result["runs"], result["summary"]
+    names = ["base", "floor", "rho 0.9 constant", "centering off", "4B, rule", "4B, no EMA rule", "sharp, rule",
+             "sharp, no EMA rule", "progressive, rule"]  # fmt: skip
+    assert [run["arm"] for run in runs] == names * 2
+    by = {(run["seed"], run["arm"]): run for run in runs}
+    batches = {
+        "4B, rule": [32] * 12, "sharp, rule": [8] * 16 + [32] * 8,
+        "progressive, rule": [8] * 16 + [16] * 8 + [32] * 4,
+    }  # fmt: skip
+    for (_, arm), run in by.items():
+        steps = run["steps_record"]
+        assert [step["batch"] for step in steps] == batches.get(arm.replace("no EMA rule", "rule"), [8] * 48)
+        seen, total = 0, 3 * 128
+        for step in steps:
+            kappa = step["batch"] / 8
+            rho = 0.9 if arm == "rho 0.9 constant" else 1 - 0.01 * (1 + math.cos(math.pi * seen / total)) / 2
+            # the teacher (cosine 0.99 -> 1) and the loss centre (0.9): raised to kappa with the EMA rule
+            if "no EMA rule" in arm or arm == "centering off":  # the centre's momentum left alone (1: no centre)
+                assert "criterion.center_momentum" not in step
+            if "no EMA rule" in arm:
+                assert step["rho_hat"] == pytest.approx(rho)
+            else:
+                assert step["rho_hat"] == pytest.approx(rho**kappa)
+                if arm != "centering off":
+                    assert step["criterion.center_momentum"] == pytest.approx(0.9**kappa)
+            seen += step["batch"]
+    for seed in range(2):
+        base = by[(seed, "base")]
+        assert {by[(seed, arm)]["rankme"][0] for arm in names} == {base["rankme"][0]}  # the seed's initial weights
+        for arm in ("sharp, rule", "progressive, rule"):
+            assert by[(seed, arm)]["entropy"][:2] == base["entropy"][:2]  # the shared first epoch
+            assert by[(seed, arm)]["entropy"][2:] != base["entropy"][2:]
+    for seed in range(2):  # centering off: the loss centre stays at zero; on, it moves
+        assert set(by[(seed, "centering off")]["centre_norm"]) == {0.0}
+        assert by[(seed, "base")]["centre_norm"][0] == 0 < min(by[(seed, "base")]["centre_norm"][1:])
+    _check_paired_summary(runs, summary, ("knn_teacher", "rankme", "entropy", "mean_entropy"), (4, "4B, rule"))
+    assert (tmp_path / "out" / "dino_study.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_post_hoc_study_runs_end_to_end_tiny(tmp_path):
