@@ -207,11 +207,13 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def run_study(args: argparse.Namespace, module_class: type[ShapeSSL], arms: list[Arm], metrics: tuple[str, ...],
-              shared: int, momentum: Callable[[float], float], title: str, figure: str) -> dict:  # fmt: skip
+              shared: int, momentum: Callable[[float], float], title: str, figure: str,
+              **payload: Any) -> dict:  # fmt: skip
     """Every seed's base, floor and ``arms``; print the summary, plot seed 0 and write ``results.json``.
 
     ``momentum`` is the teacher's momentum at the base batch as a function of progress; ``shared`` the records
-    (at the start and after each epoch) that a progressive or sharp arm shares with the base run."""
+    (at the start and after each epoch) that a progressive or sharp arm shares with the base run; ``payload``
+    goes into ``results.json`` too."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per run is enough
     runs, features = [], {}
@@ -241,7 +243,7 @@ def run_study(args: argparse.Namespace, module_class: type[ShapeSSL], arms: list
     summary = summarize(runs, features, metrics, shared)
     print_summary(summary, metrics)
     plot(runs, metrics, args.out_dir / figure, f"{title}: base batch {args.base_batch}, seed 0 (x: samples seen)")
-    write_results(args, figure, summary=summary, runs=runs)
+    write_results(args, figure, **payload, summary=summary, runs=runs)
     return summary
 
 
@@ -389,17 +391,20 @@ def pilot(size: int, n_train: int, n_val: int, epochs: int, seed: int = 0) -> di
 
 
 def plot(runs: list[dict], metrics: tuple[str, ...], path: Any, title: str) -> None:
-    """Seed 0: each of ``metrics`` (rows) against samples seen, one column per κ, the base and floor runs in black."""
+    """Seed 0: each of ``metrics`` against samples seen, the base and floor runs in black; one row per metric and
+    one column per κ, or with a single κ the metrics on a two-column grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kappas = sorted({run["kappa"] for run in runs if run["kappa"] > 1})
-    fig, axes = plt.subplots(len(metrics), len(kappas), figsize=(4.5 * len(kappas), 3 * len(metrics)),
-                             sharex=True, squeeze=False)  # fmt: skip
+    single = len(kappas) == 1
+    rows, columns = (-(-len(metrics) // 2), 2) if single else (len(metrics), len(kappas))
+    fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), sharex=True, squeeze=False)
     names = list(dict.fromkeys(run["arm"] for run in runs if run["arm"] not in ("base", "floor")))
     for column, kappa in enumerate(kappas):
+        axes = list(grid.flat) if single else list(grid[:, column])
         for run in runs:
             if run["seed"] != 0 or run["kappa"] not in (1, kappa):
                 continue
@@ -407,13 +412,13 @@ def plot(runs: list[dict], metrics: tuple[str, ...], path: Any, title: str) -> N
                 style = {"color": "k", "ls": "-" if run["arm"] == "base" else ":", "lw": 1.5}
             else:
                 style = {"color": f"C{names.index(run['arm'])}", "lw": 1.2}
-            for row, key in enumerate(metrics):
-                axes[row, column].plot(run["samples"], run[key], label=run["arm"], **style)
-        axes[0, column].set_title(f"kappa {kappa}")
-        axes[-1, column].set_xlabel("samples seen")
-    for row, key in enumerate(metrics):
-        axes[row, 0].set_ylabel(key.replace("_", " "))
-        for axis in axes[row]:
+            for axis, key in zip(axes, metrics):
+                axis.plot(run["samples"], run[key], label=run["arm"], **style)
+        for axis, key in zip(axes, metrics):
+            axis.set_title(f"kappa {kappa}" if not single and key == metrics[0] else "")
+            axis.set_ylabel(key.replace("_", " "))
             axis.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7)
-    save_figure(fig, path, title)
+    for axis in grid[-1]:
+        axis.set_xlabel("samples seen")
+    grid[0, -1].legend(fontsize=7)
+    save_figure(fig, path, title + (f", kappa {kappas[0]}" if single else ""))

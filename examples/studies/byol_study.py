@@ -98,11 +98,12 @@ def main() -> None:
     parser = study_arguments(__doc__, epochs=12, lr=0.1, momentum=0.99, out_dir="byol_study", grow_at=2)
     args = parser.parse_args()
     check_study_arguments(parser, args)
-    if args.pilot:
-        print("pilot:", pilot(args.size, args.train_samples, args.val_samples, epochs=40), flush=True)
+    hardness = pilot(args.size, args.train_samples, args.val_samples, epochs=40) if args.pilot else None
+    if hardness:
+        print("pilot:", hardness, flush=True)
     if args.seeds:
         run_study(args, ShapeBYOL, arms(args), metrics=("knn_teacher", "knn_online"), shared=args.grow_at + 1,
-                  momentum=lambda progress: args.momentum, title="BYOL", figure="byol_study.png")  # fmt: skip
+                  momentum=lambda progress: args.momentum, title="BYOL", figure="byol_study.png", pilot=hardness)  # fmt: skip
 
 
 if __name__ == "__main__":
