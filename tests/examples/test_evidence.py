@@ -287,7 +287,7 @@ def test_post_hoc_study_runs_end_to_end_tiny(tmp_path):
 @pytest.mark.slow
 def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §1 (about 3 minutes): the claims made there."""
-    run_example("studies/noisy_parabola.py", "--out-dir out", tmp_path)
+    run_example("studies/noisy_parabola.py", "--out-dir out", tmp_path, timeout=3600)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     departures = {(d["lr"], d["momentum"]): d["kappa"] for d in results["departure"]}
     # set by kappa (1 - rho), not by the learning rate
@@ -311,7 +311,7 @@ def test_noisy_parabola_default_run_supports_docs_results(tmp_path):
 @pytest.mark.slow
 def test_supervised_default_run_supports_docs_results(tmp_path):
     """The full run behind docs/results.md §2 (about 20 minutes): the claims made there."""
-    run_example("studies/supervised.py", "--out-dir out", tmp_path)
+    run_example("studies/supervised.py", "--out-dir out", tmp_path, timeout=3600)
     runs = {run["name"]: run for run in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
     for kappa in (2, 4, 8):
         rule, plain = runs[f"kappa {kappa}, rule"], runs[f"kappa {kappa}, no rule"]
@@ -331,7 +331,7 @@ def _run_selfsup_study(script: str, args: str, tmp_path, monkeypatch) -> tuple[d
     rounds the convolutions differently): its summary cells and its runs, by (kappa, arm) and (seed, kappa, arm),
     and the whole results.json."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run_example(script, f"{args} --out-dir out", tmp_path)
+    run_example(script, f"{args} --out-dir out", tmp_path, timeout=3600)
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     cells = {(cell["kappa"], cell["arm"]): cell for cell in result["summary"]["arms"]}
     runs = {(run["seed"], run["kappa"], run["arm"]): run for run in result["runs"]}
@@ -392,7 +392,7 @@ def test_dino_study_supports_what_results_md_claims(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_post_hoc_study_supports_what_results_md_claims(tmp_path):
-    run_example("studies/post_hoc_study.py", "--out-dir out", tmp_path)
+    run_example("studies/post_hoc_study.py", "--out-dir out", tmp_path, timeout=3600)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["batch"] for r in results] == [32, 256]
     for result in results:
@@ -412,7 +412,7 @@ def test_post_hoc_study_supports_what_results_md_claims(tmp_path):
 @pytest.mark.slow
 def test_adam_rule_study_supports_what_results_md_claims(tmp_path):
     """The full run behind docs/results.md §5: the claims made there."""
-    run_example("studies/adam_rule.py", "--out-dir out", tmp_path)
+    run_example("studies/adam_rule.py", "--out-dir out", tmp_path, timeout=3600)
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     runs, summary = result["runs"], result["summary"]
     cells = {(cell["kappa"], cell["arm"]): cell for cell in summary["arms"]}
@@ -454,7 +454,7 @@ def test_adam_rule_study_supports_what_results_md_claims(tmp_path):
 @pytest.mark.slow
 def test_pseudo_label_study_supports_what_results_md_claims(tmp_path):
     """The full run behind docs/results.md §6: the claims made there."""
-    run_example("studies/pseudo_label_study.py", "--out-dir out", tmp_path)
+    run_example("studies/pseudo_label_study.py", "--out-dir out", tmp_path, timeout=3600)
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     runs, summary = result["runs"], result["summary"]
     cells = {(cell["kappa"], cell["arm"]): cell for cell in summary["arms"]}

@@ -12,10 +12,15 @@ from lightning_emascale import WarmupCosine
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
-def run_example(script: str, args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``examples/<script> <args>`` in ``cwd`` as a user would; a failure shows the end of its stderr."""
+def run_example(script: str, args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``examples/<script> <args>`` in ``cwd`` as a user would; a failure shows the end of its stderr. The
+    full studies under ``-m slow`` pass a longer ``timeout``."""
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args.split()], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(EXAMPLES / script), *args.split()],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
