@@ -4,6 +4,8 @@ Plain functions of tensors."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.nn import functional as F
 
@@ -20,11 +22,12 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor, chunk: int = 512) -> 
 
 
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, labels: torch.Tensor,
-                 k: int = 20) -> float:  # fmt: skip
-    """Top-1 accuracy of a cosine-similarity vote among the ``k`` nearest ``bank`` features."""
+                 k: int = 20, classes: Optional[int] = None) -> float:  # fmt: skip
+    """Top-1 accuracy of a cosine-similarity vote among the ``k`` nearest ``bank`` features (``classes``: the
+    number of classes, by default the bank's largest label + 1)."""
     bank, query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
     neighbours = (query @ bank.T).topk(k, dim=1).indices
-    votes = F.one_hot(bank_labels[neighbours], int(bank_labels.max()) + 1).sum(1)
+    votes = F.one_hot(bank_labels[neighbours], classes or int(bank_labels.max()) + 1).sum(1)
     return float((votes.argmax(1) == labels).float().mean())
 
 

@@ -18,10 +18,10 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, DINOP
 from lightly.models.utils import deactivate_requires_grad
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback
 
+from . import probes
 from .data import pattern_images
 from .tracing import Trace, parse_schedule
 
@@ -109,14 +109,12 @@ def knn_accuracy(backbone: torch.nn.Module, data: ImageData, k: int = 20, classe
 
     def embed(loader):
         features, labels = zip(*[(backbone(x).flatten(1), y) for x, y in loader])
-        return torch.nn.functional.normalize(torch.cat(features), dim=1), torch.cat(labels)
+        return torch.cat(features), torch.cat(labels)
 
     bank, bank_labels = embed(train)
     query, labels = embed(val)
-    neighbours = (query @ bank.T).topk(k, dim=1).indices
-    votes = torch.nn.functional.one_hot(bank_labels[neighbours], classes).sum(1)
     backbone.train(was_training)
-    return float(MulticlassAccuracy(num_classes=classes, average="micro")(votes.argmax(1), labels))
+    return probes.knn_accuracy(bank, bank_labels, query, labels, k=k, classes=classes)
 
 
 @torch.no_grad()

@@ -27,7 +27,13 @@ from emascale_examples.paired import gap_summary, mean_gap
 from emascale_examples.probes import embed, knn_accuracy, linear_cka, linear_probe, rankme
 from emascale_examples.resnet import small_resnet
 from emascale_examples.shapes import shape_images, view
-from emascale_examples.study import kappa_sweep_parser, save_figure, write_results
+from emascale_examples.study import (
+    add_data_arguments,
+    check_train_samples,
+    kappa_sweep_parser,
+    save_figure,
+    write_results,
+)
 from lightning_emascale import EMAScalingCallback, ProgressiveBatchCallback, SampleClockLR, WarmupCosine
 
 
@@ -177,25 +183,21 @@ class Arm:
 def study_arguments(
     description: str, epochs: int, lr: float, momentum: float, out_dir: str, grow_at: int
 ) -> argparse.ArgumentParser:
-    """The κ-sweep arguments (``kappa_sweep_parser``) and the self-supervised studies' own: ``--seeds``,
-    ``--size``, ``--train-samples``, ``--val-samples``, ``--grow-at``, ``--pilot`` and ``--cifar10``."""
+    """The κ-sweep arguments (``kappa_sweep_parser``), the data arguments (``add_data_arguments``, 1024 held-out
+    images) and the self-supervised studies' own: ``--seeds``, ``--size``, ``--grow-at`` and ``--pilot``."""
     parser = kappa_sweep_parser(description, epochs=epochs, lr=lr, out_dir=out_dir)
-    parser.set_defaults(momentum=momentum)
+    add_data_arguments(parser)
+    parser.set_defaults(momentum=momentum, val_samples=1024)
     parser.add_argument("--grow-at", type=int, default=grow_at, help="the epoch where the batch starts to grow")
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds (0: only the --pilot)")
     parser.add_argument("--size", type=int, default=16, help="image side of the generated shapes")
-    parser.add_argument("--train-samples", type=int, default=4096)
-    parser.add_argument("--val-samples", type=int, default=1024)
     parser.add_argument("--pilot", action="store_true", help="first measure untrained and supervised backbones")
-    parser.add_argument("--cifar10", metavar="ROOT", help="CIFAR-10 from ROOT (downloads it) at 32x32")
     return parser
 
 
 def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Whole batches in every arm; κ powers of two (the progressive arms double the batch)."""
-    largest = max(args.kappas) * args.base_batch
-    if args.train_samples % largest:
-        parser.error(f"--train-samples must be a multiple of the largest batch {largest}, got {args.train_samples}")
+    check_train_samples(parser, args)
     if any(k < 1 or k & (k - 1) for k in args.kappas):
         parser.error(f"--kappas must be powers of two (the progressive arm doubles the batch), got {args.kappas}")
     last = args.epochs - max(args.kappas).bit_length() + 1  # doubling every epoch from there reaches the largest
