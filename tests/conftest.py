@@ -1,5 +1,6 @@
-"""Test layout: unit/ (no Lightning), lightning/ (the Trainer and Fabric), distributed/ (2 processes, each in a
-subprocess with a timeout), examples/ (the example scripts). ``helpers.py`` here is shared by the last three."""
+"""Test layout: unit/ (no Lightning Trainer), lightning/ (the Trainer and Fabric), distributed/ (2 processes, each in
+a subprocess with a timeout), examples/ (the example scripts). ``helpers.py`` here is shared by all four: its tiny
+LightningModules and Trainer factory by the last three, its plain-PyTorch ``Annealed`` model by unit/."""
 
 import sys
 from pathlib import Path

@@ -1,8 +1,10 @@
-"""Tiny LightningModules (supervised, BYOL-shaped) and a Trainer factory shared by the end-to-end tests."""
+"""Tiny LightningModules (supervised, BYOL-shaped) and a Trainer factory shared by the end-to-end tests, and a
+small plain-PyTorch model with a training step shared by the core's tests in unit/."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning as L
@@ -10,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_emascale import SampleClockLR, WarmupCosine
+from lightning_emascale import SampleClockLR, ScaledEMA, WarmupCosine
 
 SAMPLE_CLOCK_LR = WarmupCosine(warmup=0.2, final=0.1)
 
@@ -193,3 +195,40 @@ class TinyBYOL(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def no_warning_matching(record: list[warnings.WarningMessage], text: str) -> bool:
+    """Whether none of the warnings caught by ``warnings.catch_warnings(record=True)`` contains ``text``."""
+    return not any(text in str(warning.message) for warning in record)
+
+
+# ------------------------------------------------------------------------------- plain PyTorch (the core's tests)
+class Annealed(torch.nn.Module):
+    """A generator, a discriminator and an annealed temperature that is not in the state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.generator = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        self.discriminator = torch.nn.Linear(4, 1)
+        self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(self.generator(x)) / self.temperature
+
+
+def step(ema: ScaledEMA, model: torch.nn.Module, optimizer: torch.optim.Optimizer, size: int = 4) -> None:
+    """One training step of ``size`` random samples of :class:`Annealed`, counted on the EMA's clock."""
+    model(torch.randn(size, 3)).pow(2).mean().backward()
+    ema.count_samples(size)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def trained() -> tuple[ScaledEMA, dict]:
+    """A ScaledEMA of :class:`Annealed` with ``skip_non_finite`` after one step, and a copy of its saved state."""
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.9, skip_non_finite=True)
+    step(ema, model, optimizer)
+    return ema, copy.deepcopy(ema.state_dict())

@@ -75,3 +75,17 @@ def test_post_hoc_takes_the_selection_and_the_non_finite_guard(tmp_path):
     rebuilt = reconstruct_post_hoc(tmp_path, sigma_rel=0.08)
     assert not any(name.startswith("net.2.") for name in rebuilt) and "net.0.weight" in rebuilt
     assert (callback.exclude, callback.skip_non_finite, callback.scaled_ema.skipped_updates) == (("net.2",), True, 0)
+
+
+# ----------------------------------------------------------------------------------- the snapshot directory
+def test_a_post_hoc_directory_of_another_run_is_refused(tmp_path):
+    make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
+    with pytest.raises(ValueError, match=r"already holds 2 post-hoc snapshots of another run"):
+        make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
+
+
+def test_a_smoke_test_writes_no_post_hoc_snapshots(tmp_path):
+    make_trainer([PostHocEMACallback(snapshot_every_samples=4, directory=tmp_path)], fast_dev_run=1).fit(TinyModel())
+    assert not list(tmp_path.iterdir())
+    make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())  # not refused
+    assert len(list(tmp_path.iterdir())) == 2

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
-from helpers import TinyModel, make_trainer
+from helpers import TinyModel, make_trainer, no_warning_matching
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_emascale import EMAScalingCallback, cosine_schedule
+from lightning_emascale import EMAScalingCallback, SampleClockLR, WarmupCosine, cosine_schedule
 
 
 # ------------------------------------------------------------------------------------------------ the clock
@@ -148,3 +150,51 @@ def test_overriding_momentum_at_fails_loudly_instead_of_being_ignored():
 def test_schedule_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EMAScalingCallback(momentum=0.9, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- the run's length
+def test_max_steps_that_stop_the_run_first_need_total_samples():
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    with pytest.raises(ValueError, match=r"`max_steps`=6 stops the run before `max_epochs`=4.*total_samples"):
+        make_trainer([callback], max_epochs=4, max_steps=6).fit(TinyModel())
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0, total_samples=24)
+    make_trainer([callback], max_epochs=4, max_steps=6).fit(TinyModel())
+    assert callback.progress == 1.0  # ended at progress 0.19 before
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    make_trainer([callback], max_epochs=2, max_steps=100).fit(TinyModel())  # max_epochs stops it: derived
+    assert callback.progress == 1.0
+
+
+def test_total_samples_read_by_nothing_warns():
+    with pytest.warns(UserWarning, match=r"`total_samples`=32 is read by nothing"):
+        make_trainer([EMAScalingCallback(momentum=0.9, total_samples=32)]).fit(TinyModel())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        callback = EMAScalingCallback(momentum=0.9, total_samples=32)
+        make_trainer([callback]).fit(TinyModel(scheduler="sample_clock"))  # a SampleClockLR reads it
+    assert no_warning_matching(record, "read by nothing")
+    assert isinstance(SampleClockLR, type) and WarmupCosine is not None
+
+
+def test_max_steps_under_manual_optimization_asks_for_total_samples():
+    class TwoOptimizers(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            for optimizer in self.optimizers():
+                loss = super().training_step(batch, batch_idx)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+            ]
+
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    with pytest.raises(ValueError, match=r"`max_steps`=12 is set and the steps per epoch are not fixed.*total_samples"):
+        make_trainer([callback], max_epochs=1, max_steps=12).fit(TwoOptimizers())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -268,3 +270,33 @@ def test_an_exception_in_fit_restores_the_attributes_and_the_next_fit_counts_afr
 
     make_trainer([ema, Spy()], max_epochs=1, accumulate_grad_batches=2).fit(model)
     assert kappas[1::2] == [1.0] * 4  # 2 x 4 = 8 = base: the interrupted step's samples were dropped
+
+
+# ------------------------------------------------------------------------------------- teachers that change
+def test_freeze_teachers_makes_a_trainable_teacher_a_drop_in():
+    model = TinyBYOL()
+    model.backbone_momentum.requires_grad_(True)  # as lightly's I-JEPA leaves its target encoder
+    with pytest.raises(ValueError, match="freeze_teachers=True"):
+        make_trainer([EMAScalingCallback(momentum=0.9, teachers=PAIRS)]).fit(model)
+    callback = EMAScalingCallback(momentum=0.9, teachers=PAIRS, freeze_teachers=True)
+    make_trainer([callback]).fit(model)
+    assert not any(p.requires_grad for p in model.backbone_momentum.parameters())
+    assert callback.ema_updates == 8
+
+
+def test_a_teacher_replaced_at_its_path_is_followed():
+    class Replacing(TinyBYOL):  # lightly's SMoG replaces its teachers with deep copies now and then
+        def on_train_batch_start(self, batch, batch_idx):
+            if batch_idx == 4:
+                self.backbone_momentum = copy.deepcopy(self.backbone_momentum)
+                self.replaced = self.backbone_momentum[0].weight.detach().clone()
+
+    model = Replacing()
+    callback = EMAScalingCallback(momentum=0.5, teachers=PAIRS)
+    make_trainer([callback]).fit(model)
+    # 4 updates after the replacement: the live teacher moved (it stayed frozen before, the orphan moving instead)
+    assert not torch.equal(model.backbone_momentum[0].weight, model.replaced)
+    expected = model.replaced.clone()
+    assert (model.backbone_momentum[0].weight - model.backbone[0].weight).abs().max() < (
+        expected - model.backbone[0].weight
+    ).abs().max()

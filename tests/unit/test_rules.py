@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_emascale import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
+from lightning_emascale import AdamScalingRule, NoScalingRule, OptimizerRule, ScaledEMA, SGDScalingRule
 from lightning_emascale.rules import resolve_rule
 
 
@@ -135,3 +135,19 @@ def test_the_public_rules_check_kappa_and_the_group():
             KeyError, match=r"scales `lr`, which this param group does not have \(its keys: \['eps'\]\)"
         ):
             rule.scale({"params": [], "eps": 1e-8}, kappa=2)
+
+
+def test_the_adam_rule_scales_adamw_weight_decay_also_without_the_newer_group_key():
+    """AdamW before it became an Adam subclass (pytorch PR #118857) had param groups without `decoupled_weight_decay`."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05)
+    for group in optimizer.param_groups:
+        group.pop("decoupled_weight_decay", None)  # as an older AdamW builds them
+    ema = ScaledEMA(model, optimizer, momentum=0.9, base_batch_size=8, optimizer_rule="adam")
+    seen = []  # a pre-hook registered after the EMA's sees the step's values
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["weight_decay"]))
+    model(torch.randn(32, 4)).sum().backward()
+    ema.count_samples(32)  # kappa 4
+    optimizer.step()
+    assert seen == [pytest.approx(0.05 * 2)]  # sqrt(4) x the decoupled weight decay, during the step
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05  # restored after it
