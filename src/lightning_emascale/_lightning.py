@@ -204,7 +204,7 @@ class SpawnedFitFile:
         if trainer.local_rank == 0:
             _remove(self.path)
 
-    def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: list[torch.Tensor]) -> None:
+    def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: dict[str, torch.Tensor]) -> None:
         if trainer.local_rank == 0:  # every node: evaluation workers read the file on their own machine
             partial = f"{self.path}.partial"
             torch.save({"state": state, "fingerprint": fingerprint(raw)}, partial)  # hashes: plain strings
@@ -221,12 +221,15 @@ class _SpawnedFitFileCopy(SpawnedFitFile):
         self.path = path
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> list[str]:
-    """A hash of every tensor's bytes: equal exactly when the values are (any change, a permutation too)."""
-    return [
-        hashlib.blake2b(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-        for tensor in tensors
-    ]
+def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A hash of every tensor's bytes, by name: equal exactly when the values are (any change, a permutation too)."""
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.blake2b(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
+
+    return {name: digest(tensor) for name, tensor in tensors.items()}
 
 
 def _remove(path: str) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+from lightning_emascale import _polyak as polyak
+from lightning_emascale import _power as power
+from lightning_emascale import _teacher as teacher
 from lightning_emascale._checks import (
     as_real,
     as_str,
@@ -17,8 +21,7 @@ from lightning_emascale._checks import (
     check_paths,
     check_positive_int,
 )
-from lightning_emascale._ema import EMAPrecision
-from lightning_emascale.post_hoc_math import check_sigma_rel
+from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
 from lightning_emascale.schedules import cosine_schedule
 
@@ -63,8 +66,9 @@ class EMAOptions:
             object.__setattr__(self, name, value)
 
         schedule = self.momentum_schedule
-        if self.sigma_rels is not None:
-            self._check_post_hoc(store)  # no momentum: nothing of the schedule below applies to it
+        if self.sigma_rels is not None:  # no momentum: nothing of the schedule below applies to it
+            for name, value in power.check_options(self).items():
+                store(name, value)
         elif self.snapshot_every_samples is not None or self.snapshot_dir is not None:
             raise ValueError("`snapshot_every_samples` and `snapshot_dir` belong to a post-hoc EMA: give `sigma_rels`")
         elif callable(schedule):
@@ -115,81 +119,36 @@ class EMAOptions:
         )
         store("include", check_names(self.include, "include"))
         store("exclude", check_names(self.exclude, "exclude"))
-        store("skip_non_finite", check_bool(self.skip_non_finite, "skip_non_finite"))
-        store("freeze_teachers", check_bool(self.freeze_teachers, "freeze_teachers"))
-        store("flat_parameters", check_bool(self.flat_parameters, "flat_parameters"))
-        store("offload", check_bool(self.offload, "offload"))
-        store("side_stream", check_bool(self.side_stream, "side_stream"))
-        store("copy_on_swap", check_bool(self.copy_on_swap, "copy_on_swap"))
-        if self.copy_on_swap and (self.teachers or self.sigma_rels is not None):
-            raise ValueError(
-                "`copy_on_swap=True` changes how a Polyak EMA is swapped in for evaluation: teacher mode and a"
-                " post-hoc EMA swap nothing, so drop it"
-            )
-        clashing = [name for name in ("flat_parameters", "skip_non_finite") if self.offload and getattr(self, name)]
-        if self.offload and (self.teachers or self.sigma_rels is not None or clashing):
-            raise ValueError(
-                "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does"
-                f" not combine with {clashing or 'teacher mode or a post-hoc EMA'}"
-            )
-        if self.flat_parameters and (self.teachers or self.sigma_rels is not None):
-            raise ValueError(
-                "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to"
-                " teacher mode or a post-hoc EMA"
-            )
+        for name in ("skip_non_finite", "freeze_teachers", "flat_parameters", "offload", "side_stream", "copy_on_swap"):
+            store(name, check_bool(getattr(self, name), name))
         if self.include == ():
             raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
-        if self.teachers and self.ema_precision != "fp32":
-            raise ValueError(
-                f"`ema_precision`={self.ema_precision!r} has no effect in teacher mode (the teachers keep their own"
-                " dtype): drop it"
-            )
-        for online, teacher in (self.teachers or {}).items():
-            if online == teacher:
-                raise ValueError(
-                    f"`teachers` maps {online!r} to itself: the teacher must be a separate, frozen copy"
-                    f" (e.g. `copy.deepcopy(self.{online}).requires_grad_(False)`)"
-                )
-        if (self.include is not None or self.exclude) and self.teachers:
-            raise ValueError(
-                "`include` and `exclude` choose what the Polyak copy averages; in teacher mode the teachers are"
-                " averaged whole: drop them, or map only the submodules you want in `teachers`"
-            )
         if self.freeze_teachers and not self.teachers:
             raise ValueError("`freeze_teachers=True` freezes the teachers of teacher mode: give `teachers` too")
+        # each mode checks the options that clash with it
+        if self.sigma_rels is not None:
+            power.check_late_options(self)
+        elif self.teachers:
+            teacher.check_options(self)
+        else:
+            polyak.check_options(self)
         if self.momentum_attributes and self.base_batch_size is None:
             raise ValueError(
                 "`momentum_attributes` are scaled per micro-batch from its first forward on, so they need"
                 " `base_batch_size` (the global batch size their momenta were tuned at)"
             )
 
-    def _check_post_hoc(self, store: Callable[[str, Any], None]) -> None:
-        given = {
-            name: getattr(self, name)
-            for name, default in (
-                ("momentum", None), ("final_momentum", None), ("momentum_schedule", "constant"), ("warmup", False),
-                ("teachers", None), ("ema_precision", "fp32"),
-            )
-            if getattr(self, name) != default
-        }  # fmt: skip
-        if given:
-            raise ValueError(
-                f"{given} have no effect on a post-hoc EMA, whose power EMAs have no momentum and stay in fp32:"
-                " drop them"
-            )
-        values = getattr(self.sigma_rels, "tolist", lambda: self.sigma_rels)()  # a numpy array or tensor too
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-            raise ValueError(f"`sigma_rels` must be a non-empty sequence of numbers, got {self.sigma_rels!r}")
-        checked = tuple(check_sigma_rel(value) for value in values)
-        if len(set(checked)) != len(checked):
-            raise ValueError(f"`sigma_rels` must be distinct, got {list(checked)}")
-        store("sigma_rels", checked)
-        store("snapshot_every_samples", check_positive_int(self.snapshot_every_samples, "snapshot_every_samples"))
-        if not isinstance(self.snapshot_dir, (str, os.PathLike)) or not str(self.snapshot_dir):
-            raise ValueError(f"`snapshot_dir` must be a directory path, got {self.snapshot_dir!r}")
-        if os.path.exists(self.snapshot_dir) and not os.path.isdir(self.snapshot_dir):
-            raise ValueError(f"`snapshot_dir`={os.fspath(self.snapshot_dir)!r} is an existing file, not a directory")
-        store("snapshot_dir", os.fspath(self.snapshot_dir))
+    @classmethod
+    def pick(cls, arguments: Mapping[str, Any]) -> EMAOptions:
+        """The options among ``arguments`` (an adapter's constructor arguments, by name), checked. An adapter
+        forwards its arguments by keyword through this and validates none of them itself."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        return cls(**{name: arguments[name] for name in names if name in arguments})
+
+    @property
+    def mode(self) -> str:
+        """``"post_hoc"`` (``sigma_rels``), ``"teacher"`` (``teachers``) or ``"polyak"``."""
+        return "post_hoc" if self.sigma_rels is not None else "teacher" if self.teachers else "polyak"
 
     @property
     def rule(self) -> OptimizerRule:

@@ -77,6 +77,12 @@ def fsdp1_wraps_whole(module: torch.nn.Module) -> bool:
     return covered(module, False)
 
 
+# FSDP1 has no public API for the two things below: its private one is used here and nowhere else.
+def fsdp1_uses_orig_params(unit: torch.nn.Module) -> bool:
+    """Whether an FSDP1 wrapper keeps the original parameters (``use_orig_params=True``)."""
+    return bool(getattr(unit, "_use_orig_params", False))
+
+
 def reshard_fsdp1(modules: Iterable[torch.nn.Module]) -> None:
     """Put every FSDP1 module left gathered (the root after a no-grad forward) back on its shard: its original
     parameters then view the rank's slice again, and the next forward gathers what the EMA wrote there.

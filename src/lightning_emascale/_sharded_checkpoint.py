@@ -21,14 +21,14 @@ FSDP1 trains; the core refuses an fp32 EMA of low-precision FSDP1 parameters), i
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor
 
-from lightning_emascale._ema import EMAState
 from lightning_emascale._lightning import swap_ema_into
-from lightning_emascale._sharded import FSDP1, full_value, global_view, local_piece_of, reshard
+from lightning_emascale._polyak import PolyakEMA
+from lightning_emascale._sharded import FSDP1, full_value, global_view, local_piece_of
 from lightning_emascale.core import ScaledEMA
 
 
@@ -39,8 +39,10 @@ def writes_distributed_checkpoint(strategy: Any) -> bool:
     )
 
 
-def _polyak(ema: ScaledEMA) -> Optional[EMAState]:
-    return ema.averager if isinstance(ema.averager, EMAState) else None
+def _polyak(ema: ScaledEMA) -> Optional[PolyakEMA]:
+    """The Polyak copy whose tensors go into the checkpoint; ``None`` in teacher mode (the teachers are the
+    module's own entries, which the strategy saves)."""
+    return cast(PolyakEMA, ema.averager) if ema.swappable else None
 
 
 def save_sharded_ema(
@@ -108,7 +110,7 @@ def _put_beside(
         state["model_holds_ema"] = swap
 
 
-def _gathered(averager: EMAState, views: dict[str, Tensor], keep: bool) -> dict[str, Tensor]:
+def _gathered(averager: PolyakEMA, views: dict[str, Tensor], keep: bool) -> dict[str, Tensor]:
     """Each tracked tensor of ``views`` whole, by first name, one gather at a time (every rank takes part), kept
     on the CPU by the writing rank only (``keep``)."""
     full: dict[str, Tensor] = {}
@@ -279,4 +281,4 @@ def write_raw(ema: ScaledEMA, raw: dict[str, Tensor]) -> None:
         if name in raw:
             value = raw[name] if source is None else local_piece_of(raw[name], source, name)
             tensor.copy_(value)
-    reshard(ema._fsdp_modules)
+    ema.reshard()

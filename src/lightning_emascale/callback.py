@@ -20,7 +20,6 @@ from typing_extensions import override
 
 from lightning_emascale._batch import measure_batch_size
 from lightning_emascale._checks import check_evaluate_with_ema, check_name
-from lightning_emascale._ema import EMAState, freeze_teachers
 from lightning_emascale._lightning import (
     RunLength,
     SpawnedFitFile,
@@ -42,7 +41,8 @@ from lightning_emascale._sharded_checkpoint import (
     write_raw,
     writes_distributed_checkpoint,
 )
-from lightning_emascale.core import ScaledEMA, _check_state
+from lightning_emascale._teacher import freeze_teachers
+from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
 
@@ -120,13 +120,12 @@ class EMAScalingCallback(OptionsView, Callback):
         side_stream: bool = True,
         copy_on_swap: bool = False,
     ) -> None:
-        self._options = EMAOptions(
-            momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, momentum_schedule,
-            final_momentum, total_samples, teachers, momentum_attributes, include=include, exclude=exclude,
-            skip_non_finite=skip_non_finite, freeze_teachers=freeze_teachers, flat_parameters=flat_parameters,
-            offload=offload, side_stream=side_stream, copy_on_swap=copy_on_swap,
-        )  # fmt: skip
-        self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(self._options.teachers))
+        self._set_up(EMAOptions.pick(locals()), evaluate_with_ema, name)
+
+    def _set_up(self, options: EMAOptions, evaluate_with_ema: Optional[bool], name: str) -> None:
+        """What every constructor of this class and its subclasses does with its checked options."""
+        self._options = options
+        self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(options.teachers))
         self.name = check_name(name, "name")
         if hasattr(self, "momentum_at"):  # 0.1's hook, superseded: fail rather than ignore an override
             raise TypeError(
@@ -247,8 +246,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._evaluating = True
         spawned = self._ema_from_spawned_fit(trainer, pl_module)
         ema = self._ema
-        polyak = ema is not None and ema.module is pl_module and isinstance(ema.averager, EMAState)
-        stale = ema.averager.changed_since_seen() if polyak else []  # type: ignore[union-attr]
+        stale = ema.changed_since_seen() if ema is not None and ema.module is pl_module else []
         self._stale = spawned if spawned is not None else stale
 
     def _ema_from_spawned_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[list[str]]:
@@ -261,12 +259,10 @@ class EMAScalingCallback(OptionsView, Callback):
         options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
             self._options, optimizer_rule=None, momentum_attributes=self._options.momentum_attributes or None
         )
-        self._ema = ScaledEMA._from_options(pl_module, None, options, auto_end_step=False)
+        self._ema = ScaledEMA.from_options(pl_module, None, options, auto_end_step=False)
         self._ema.load_state_dict(saved["state"])
-        averager = self._ema.averager
-        assert isinstance(averager, EMAState)
-        now = fingerprint(averager.tracked)
-        return [name for name, a, b in zip(averager.names, now, saved["fingerprint"]) if a != b]
+        now = fingerprint(self._ema.raw_state_dict())
+        return [name for name, digest in now.items() if saved["fingerprint"].get(name) != digest]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,7 +273,7 @@ class EMAScalingCallback(OptionsView, Callback):
             # FSDP1 the root wrapper is given: its checkpoints and reshards go through it.
             wrapped = trainer.strategy.model
             module = wrapped if wrapped is not None and is_fsdp1(wrapped) else pl_module
-            self._ema = ScaledEMA._from_options(
+            self._ema = ScaledEMA.from_options(
                 module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
         else:
@@ -286,7 +282,7 @@ class EMAScalingCallback(OptionsView, Callback):
         # after them (`on_before_optimizer_step`), not in the pre-step hook, so that the update overlaps them.
         # Manual optimization, or an overridden `optimizer_step`, may step the raw optimizer, which Lightning does
         # not see: there the pre-step hook waits.
-        self._ema._wait_before_step = not pl_module.automatic_optimization or is_overridden(
+        self._ema.wait_before_step = not pl_module.automatic_optimization or is_overridden(
             "optimizer_step", pl_module, pl.LightningModule
         )
         if self._state_to_load is not None:
@@ -298,7 +294,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._first_batch_checked = False
         self._warned_no_update = False
         self._skipped_reported = self._ema.skipped_updates if self._options.skip_non_finite else 0
-        if self.evaluate_with_ema and isinstance(self._ema.averager, EMAState):
+        if self.evaluate_with_ema and self._ema.swappable:
             self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
         self._fit_starting = False
 
@@ -382,10 +378,10 @@ class EMAScalingCallback(OptionsView, Callback):
         if ema is None:
             return
         ema.detach()
-        if stage == "fit" and isinstance(ema.averager, EMAState):
-            ema.averager.mark_seen()  # an evaluation later checks that the module was not changed since
+        if stage == "fit" and ema.swappable:
+            ema.mark_seen()  # an evaluation later checks that the module was not changed since
             if spawned_workers(trainer):  # the workers exit now, with the EMA
-                self._spawn_file.write(trainer, ema.state_dict(), ema.averager.raw_tensors())
+                self._spawn_file.write(trainer, ema.state_dict(), ema.raw_state_dict())
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -448,7 +444,7 @@ class EMAScalingCallback(OptionsView, Callback):
         if evaluating and trainer.ckpt_path:
             return  # `validate(ckpt_path=...)`: the checkpoint's weights are what is asked for
         if evaluating and not self._stale:
-            ema.averager.mark_seen()  # type: ignore[union-attr]  # DDP's re-broadcast since setup is no change
+            ema.mark_seen()  # DDP's re-broadcast since setup is no change
         if evaluating and self._stale:
             rank_zero_warn(
                 f"{self.state_key}: the module's weights were changed since the EMA last saw them (e.g."
@@ -483,7 +479,7 @@ class EMAScalingCallback(OptionsView, Callback):
             return
         if self._evaluating:
             return  # `validate(ckpt_path=...)` evaluates the checkpoint's weights; this run's EMA stays as it is
-        _check_state(state_dict, f"The checkpoint's {self.state_key} state")
+        ScaledEMA.check_state_dict(state_dict, f"The checkpoint's {self.state_key} state")
         self._resuming = True
         if self._ema is not None and not self._fit_starting:
             self._ema.load_state_dict(state_dict)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Literal, Optional, Union
@@ -10,6 +9,7 @@ from typing import Literal, Optional, Union
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning_emascale._options import EMAOptions
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.rules import OptimizerRule
 
@@ -61,28 +61,10 @@ class PostHocEMACallback(EMAScalingCallback):
         skip_non_finite: bool = False,
         side_stream: bool = True,
     ) -> None:
-        super().__init__(
-            base_batch_size=base_batch_size,
-            optimizer_rule=optimizer_rule,
-            evaluate_with_ema=False,
-            update_every=update_every,
-            name=name,
-            total_samples=total_samples,
-            include=include,
-            exclude=exclude,
-            skip_non_finite=skip_non_finite,
-            side_stream=side_stream,
-        )
         if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
             raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")
-        self._options = dataclasses.replace(
-            self._options,
-            momentum=None,  # a post-hoc EMA has none
-            momentum_attributes=None,  # checked again: the empty dict the first check left is not an argument
-            sigma_rels=sigma_rels,
-            snapshot_every_samples=snapshot_every_samples,
-            snapshot_dir=directory,
-        )
+        options = EMAOptions.pick({**locals(), "snapshot_dir": directory})
+        self._set_up(options, evaluate_with_ema=False, name=name)
 
     @property
     def sigma_rels(self) -> tuple[float, ...]:
@@ -101,7 +83,7 @@ class PostHocEMACallback(EMAScalingCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        smoke = bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # writes no snapshots, as it saves nothing
+        smoke = bool(getattr(trainer, "fast_dev_run", False))  # writes no snapshots, as it saves nothing
         if not (smoke or self._resuming or trainer.global_step > 0) and os.path.isdir(self.directory):
             earlier = sorted(name for name in os.listdir(self.directory) if name.startswith("post_hoc-"))
             if earlier:  # a new run would overwrite some and mix with the others
@@ -110,7 +92,7 @@ class PostHocEMACallback(EMAScalingCallback):
                     f" ({earlier[0]}, ...): give each run its own directory (or resume that run from its checkpoint)"
                 )
         super().on_fit_start(trainer, pl_module)
-        self.scaled_ema._write_snapshots = not smoke
+        self.scaled_ema.snapshots_enabled = not smoke
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

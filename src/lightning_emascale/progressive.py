@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
@@ -13,7 +13,6 @@ from typing_extensions import override
 
 from lightning_emascale._checks import as_int, check_choice, check_name, check_saved_state
 from lightning_emascale._lightning import data_parallel_size, is_one_of
-from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
 
 _FORMAT = 1
@@ -257,9 +256,17 @@ class ProgressiveBatchCallback(Callback):
         self._initial = None if state_dict["initial"] is None else int(state_dict["initial"])
 
 
+@runtime_checkable
+class _MeasuresKappa(Protocol):
+    """A callback that measures kappa against a base batch (an ``EMAScalingCallback``), as this module sees it."""
+
+    name: str
+    resolved_base_batch_size: Optional[int]
+
+
 def _kappas(trainer: pl.Trainer, global_batch: int) -> str:
-    """The kappa each EMAScalingCallback will measure for a full step, for the transition message."""
-    emas = [c for c in trainer.callbacks if isinstance(c, EMAScalingCallback)]  # type: ignore[attr-defined]
+    """The kappa each EMA callback will measure for a full step, for the transition message."""
+    emas = [c for c in trainer.callbacks if isinstance(c, _MeasuresKappa)]  # type: ignore[attr-defined]
     parts = [
         f"kappa {global_batch / c.resolved_base_batch_size:g} for {c.name!r}"
         for c in emas

@@ -94,8 +94,8 @@ def test_the_bf16_model_with_an_fp32_ema_never_syncs_the_host():
 def test_the_side_stream_update_equals_the_in_line_update(dtype):
     side_model, side = _train({"momentum": 0.9}, steps=20, dtype=dtype, width=2048)
     line_model, line = _train({"momentum": 0.9, "side_stream": False}, steps=20, dtype=dtype, width=2048)
-    assert side.averager._side._stream is not None  # the update did run on the side stream
-    assert line.averager._side._stream is None
+    assert side.averager.store.side_stream._stream is not None  # the update did run on the side stream
+    assert line.averager.store.side_stream._stream is None
     for (name, fast), slow in zip(side.ema_state_dict().items(), line.ema_state_dict().values()):
         assert fast.is_floating_point() is False or bool(fast.isfinite().all()), name  # a run that trained
         assert torch.equal(fast, slow), name
@@ -105,7 +105,9 @@ def test_the_side_stream_update_equals_the_in_line_update(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_gpu_update_equals_the_readable_reference_bit_for_bit(dtype):
-    from lightning_emascale._ema import EMAState, reference_update
+    from lightning_emascale._averager import Update
+    from lightning_emascale._polyak import PolyakEMA
+    from lightning_emascale._store import reference_update
 
     torch.manual_seed(0)
     model = (
@@ -116,13 +118,13 @@ def test_the_gpu_update_equals_the_readable_reference_bit_for_bit(dtype):
         .to(dtype)
     )
     model[0].to(memory_format=torch.channels_last)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     reference = [average.clone() for average in state.averages]
     for step in range(4):
         with torch.no_grad():
             for tensor in state.tracked:
                 tensor.add_(torch.randn_like(tensor) if tensor.is_floating_point() else 1)
-        state.update(0.9 ** (step + 1))
+        state.update(Update(0.9 ** (step + 1)))
         reference_update(reference, state.tracked, 0.9 ** (step + 1))
     for name, fast, slow in zip(state.names, state.averages, reference):
         assert torch.equal(fast, slow), name

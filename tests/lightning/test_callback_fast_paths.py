@@ -61,4 +61,4 @@ def test_the_pre_step_hook_waits_for_the_side_stream_unless_lightning_calls_the_
         callback = EMAScalingCallback(momentum=0.9)
         make_trainer([callback], max_epochs=1).fit(module_class())
         assert callback.ema_updates > 0
-        assert callback.scaled_ema._wait_before_step is expected, module_class
+        assert callback.scaled_ema.wait_before_step is expected, module_class

@@ -72,7 +72,7 @@ def test_a_pre_protocol_checkpoint_resumes_to_what_that_code_reached(mode, tmp_p
     """Polyak, teacher and post-hoc checkpoints written before the redesign resume to what that code reached."""
     path = DATA / f"pre_protocol_{mode}.ckpt"
     checkpoint = torch.load(path, weights_only=False)
-    trainer, first_epoch, callback = pre_protocol.run(mode, 1, tmp_path / "scratch")
+    _, first_epoch, callback = pre_protocol.run(mode, 1, tmp_path / "scratch")
     exact = same_kernels(first_epoch, checkpoint, callback.state_key)
     expected = torch.load(DATA / f"pre_protocol_{mode}_resumed.pt", weights_only=False)
     _, model, callback = pre_protocol.run(mode, 2, tmp_path / "resumed", ckpt_path=path)
@@ -88,7 +88,7 @@ def test_a_pre_protocol_checkpoint_loads_its_state_exactly(mode, tmp_path):
     """On any CPU: the clock and the EMA (or the teachers) loaded from the checkpoint are the saved ones."""
     path = DATA / f"pre_protocol_{mode}.ckpt"
     checkpoint = torch.load(path, weights_only=False)
-    trainer, model, callback = pre_protocol.run(mode, 1, tmp_path, ckpt_path=path)  # loads, trains no step
+    _, model, callback = pre_protocol.run(mode, 1, tmp_path, ckpt_path=path)  # loads, trains no step
     state = checkpoint["callbacks"][callback.state_key]
     assert (callback.samples_seen, callback.optimizer_steps) == (state["samples_seen"], state["optimizer_steps"])
     now = callback.scaled_ema.state_dict()
@@ -98,6 +98,10 @@ def test_a_pre_protocol_checkpoint_loads_its_state_exactly(mode, tmp_path):
     else:
         key = "ema" if mode == "polyak" else "power_ema"
         assert now[key].keys() == state[key].keys()
-        flat = (lambda d: d) if mode == "polyak" else (lambda d: {f"{s}/{k}": v for s, a in d.items() for k, v in a.items()})
+        flat = (
+            (lambda d: d)
+            if mode == "polyak"
+            else (lambda d: {f"{s}/{k}": v for s, a in d.items() for k, v in a.items()})
+        )
         assert_reached(flat(now[key]), flat(state[key]), True, key)
     assert now["pending_decay"] == state["pending_decay"]

@@ -3,7 +3,9 @@ import warnings
 import pytest
 import torch
 
-from lightning_emascale._ema import EMAState, reference_update
+from lightning_emascale._averager import Update
+from lightning_emascale._polyak import PolyakEMA
+from lightning_emascale._store import reference_update
 
 
 def _tensors(dtype=torch.float32):
@@ -22,7 +24,7 @@ def _tensors(dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_foreach_update_equals_reference_loop(dtype):
     named = _tensors(dtype)
-    state = EMAState(named)
+    state = PolyakEMA(named)
     reference = [e.clone() for e in state.averages]
     for step in range(5):
         with torch.no_grad():
@@ -31,7 +33,7 @@ def test_foreach_update_equals_reference_loop(dtype):
                     torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1
                 )
         decay = 0.9 ** (step + 1)
-        state.update(decay)
+        state.update(Update(decay))
         reference_update(reference, [t for _, t in named], decay)
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
@@ -41,18 +43,18 @@ def test_foreach_update_equals_reference_loop(dtype):
 def test_the_gathered_mixed_update_of_the_gpu_path_equals_reference_loop(dtype):
     """The GPU's mixed-dtype path (one same-dtype cat per block, then one cast), forced on the CPU."""
     named = _tensors(dtype)
-    state = EMAState(named)
-    for group in state._groups:
+    state = PolyakEMA(named)
+    for group in state.store.groups:
         if group.mixed:
             group.gathered = torch.empty(group.staging.numel(), dtype=group.model_dtype)
-    assert any(group.gathered is not None for group in state._groups)
+    assert any(group.gathered is not None for group in state.store.groups)
     reference = [e.clone() for e in state.averages]
     for step in range(3):
         with torch.no_grad():
             for _, tensor in named:
                 if tensor.is_floating_point():
                     tensor.add_(torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype))
-        state.update(0.8 ** (step + 1))
+        state.update(Update(0.8 ** (step + 1)))
         reference_update(reference, [t for _, t in named], 0.8 ** (step + 1))
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
@@ -61,14 +63,14 @@ def test_the_gathered_mixed_update_of_the_gpu_path_equals_reference_loop(dtype):
 def test_low_precision_ema_is_fp32_and_moves():
     # 1 - rho = 1e-4 is below bf16 resolution near 1.0: a bf16 EMA would never move.
     weight = torch.ones(1000, dtype=torch.bfloat16)
-    fp32 = EMAState([("w", weight)], precision="fp32")
-    same = EMAState([("w", weight)], precision="model")
+    fp32 = PolyakEMA([("w", weight)], precision="fp32")
+    same = PolyakEMA([("w", weight)], precision="model")
     assert fp32.averages[0].dtype == torch.float32 and same.averages[0].dtype == torch.bfloat16
     with torch.no_grad():
         weight.fill_(2.0)
     for _ in range(10):
-        fp32.update(0.9999)
-        same.update(0.9999)
+        fp32.update(Update(0.9999))
+        same.update(Update(0.9999))
     expected = 2.0 - 0.9999**10
     assert fp32.averages[0][0].item() == pytest.approx(expected, rel=1e-6)
     assert same.averages[0][0].item() == 1.0  # what the "model" precision costs
@@ -76,19 +78,19 @@ def test_low_precision_ema_is_fp32_and_moves():
 
 def test_integer_buffers_are_copied_not_averaged():
     counter = torch.tensor(3)
-    state = EMAState([("n", counter)])
+    state = PolyakEMA([("n", counter)])
     counter += 10
-    state.update(0.5)
+    state.update(Update(0.5))
     assert state.averages[0].item() == 13 and state.averages[0].dtype == torch.int64
 
 
 def test_swap_restores_bit_identical_raw_weights():
     named = _tensors(torch.bfloat16)
-    state = EMAState(named)
+    state = PolyakEMA(named)
     with torch.no_grad():
         for _, tensor in named:
             tensor.mul_(3) if tensor.is_floating_point() else tensor.add_(1)
-    state.update(0.7)
+    state.update(Update(0.7))
     raw = [t.clone() for _, t in named]
     with state.swapped():
         for (_, tensor), ema in zip(named, state.averages):
@@ -102,25 +104,25 @@ def test_swap_restores_bit_identical_raw_weights():
 
 
 def test_load_state_dict_checks_names_and_shapes():
-    state = EMAState([("a", torch.zeros(2)), ("b", torch.zeros(3))])
+    state = PolyakEMA([("a", torch.zeros(2)), ("b", torch.zeros(3))])
     with pytest.raises(KeyError, match=r"missing \['b'\], unexpected \['c'\]"):
-        state.load_state_dict({"a": torch.ones(2), "c": torch.ones(3)})
+        state.load_averages({"a": torch.ones(2), "c": torch.ones(3)})
     with pytest.raises(ValueError, match=r"saved EMA of 'b' has shape \(4,\), the model's is \(3,\)"):
-        state.load_state_dict({"a": torch.ones(2), "b": torch.ones(4)})
-    state.load_state_dict({"a": torch.ones(2), "b": torch.full((3,), 2.0)})
+        state.load_averages({"a": torch.ones(2), "b": torch.ones(4)})
+    state.load_averages({"a": torch.ones(2), "b": torch.full((3,), 2.0)})
     assert state.averages[1].tolist() == [2.0, 2.0, 2.0]
 
 
 def test_teacher_state_lerps_every_pair_toward_its_online_twin():
-    from lightning_emascale._ema import TeacherState
+    from lightning_emascale._teacher import TeacherEMA
 
     g = torch.Generator().manual_seed(0)
     online = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(4, generator=g).bfloat16()]
     teacher = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(4, generator=g)]  # fp32 twin
     before = [t.clone() for t in teacher]
-    state = TeacherState(list(zip(teacher, online)))
+    state = TeacherEMA(list(zip(teacher, online)))
     assert len(state.mixed) == 1  # the fp32 teacher of a bf16 tensor is lerped on its own, in fp32
-    state.update(0.75)
+    state.update(Update(0.75))
     for t, b, o in zip(teacher, before, online):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * o.float(), rtol=1e-6, atol=1e-7)
     assert teacher[2].dtype == torch.float32 and online[2].dtype == torch.bfloat16
@@ -134,12 +136,12 @@ def test_teacher_state_lerps_every_pair_toward_its_online_twin():
     ],
 )
 def test_teacher_pairs_must_be_one_to_one(teachers, match):
-    from lightning_emascale._ema import TeacherState
+    from lightning_emascale import ScaledEMA  # the self-map is an option's check, stated once
 
     module = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "t": torch.nn.Linear(2, 2)})
     module["t"].requires_grad_(False)
     with pytest.raises(ValueError, match=match):
-        TeacherState.from_module(module, teachers)
+        ScaledEMA(module, teachers=teachers)
 
 
 class _Zoo(torch.nn.Module):
@@ -161,11 +163,11 @@ class _Zoo(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("block", [1 << 10, 1 << 20])
 def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monkeypatch):
-    from lightning_emascale import _ema
+    from lightning_emascale import _flat_group
 
-    monkeypatch.setattr(_ema, "block_elements", lambda device_type: block)  # many blocks, or one
+    monkeypatch.setattr(_flat_group, "block_elements", lambda device_type: block)  # many blocks, or one
     model = _Zoo(dtype)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     reference = [average.clone() for average in state.averages]
     storages = {a.untyped_storage().data_ptr() for a in state.averages if a.is_floating_point() and a.numel()}
     assert len(storages) <= 3  # one flat buffer for the parameters, one for the buffers, the non-dense tensor
@@ -175,7 +177,7 @@ def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monke
                 tensor.add_(
                     torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype) if tensor.is_floating_point() else 1
                 )
-        state.update(0.8 ** (step + 1))
+        state.update(Update(0.8 ** (step + 1)))
         reference_update(reference, state.tracked, 0.8 ** (step + 1))
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
@@ -187,11 +189,11 @@ def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_swap_puts_the_averages_in_and_restores_the_same_storage(dtype, copy_on_swap):
     model = _Zoo(dtype)
-    state = EMAState.from_module(model, copy_on_swap=copy_on_swap)
+    state = PolyakEMA.from_module(model, copy_on_swap=copy_on_swap)
     with torch.no_grad():
         for tensor in state.tracked:
             tensor.mul_(3) if tensor.is_floating_point() else tensor.add_(1)
-    state.update(0.5)
+    state.update(Update(0.5))
     pointers = [tensor.data_ptr() for tensor in state.tracked]
     raw = [tensor.detach().clone() for tensor in state.tracked]
     with state.swapped():
@@ -210,12 +212,12 @@ def test_the_swap_puts_the_averages_in_and_restores_the_same_storage(dtype, copy
 
 def test_refresh_follows_a_module_whose_storage_was_replaced():
     model = _Zoo(torch.float32)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.data = parameter.data.clone() + 1.0  # what module.to(other_device) does
     state.refresh()
-    state.update(0.0)  # decay 0: the average becomes the current values
+    state.update(Update(0.0))  # decay 0: the average becomes the current values
     for name, tensor, average in zip(state.names, state.tracked, state.averages):
         assert torch.equal(average, tensor.to(average.dtype)), name
 
@@ -225,10 +227,10 @@ def test_flat_parameters_move_the_model_into_one_buffer_and_match_the_reference(
     model = _Zoo(dtype)
     before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = EMAState.from_module(model, flat_parameters=True)
+    state = PolyakEMA.from_module(model, flat_parameters=True)
     for name, tensor in model.state_dict().items():  # same values, same strides
         assert torch.equal(tensor, before[name]) and tensor.stride() == before[name].stride(), name
-    flat = state._groups[0].model_flat
+    flat = state.store.groups[0].model_flat
     start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
     assert all(start <= p.data_ptr() < end for p in model.small.parameters())
     reference = [average.clone() for average in state.averages]
@@ -236,7 +238,7 @@ def test_flat_parameters_move_the_model_into_one_buffer_and_match_the_reference(
         sum(p.float().pow(2).sum() for p in model.parameters()).backward()
         optimizer.step()  # optimizer state and grads keep working on the re-pointed parameters
         optimizer.zero_grad()
-        state.update(0.7)
+        state.update(Update(0.7))
         reference_update(reference, state.tracked, 0.7)
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
@@ -245,16 +247,16 @@ def test_flat_parameters_move_the_model_into_one_buffer_and_match_the_reference(
 
 def test_flat_parameters_fall_back_with_a_warning_when_the_model_moves_out():
     model = _Zoo(torch.float32)
-    state = EMAState.from_module(model, flat_parameters=True)
+    state = PolyakEMA.from_module(model, flat_parameters=True)
     reference = [average.clone() for average in state.averages]
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.data = parameter.data.clone() + 1.0  # load_state_dict(assign=True): adopted again, quietly
-    state.update(0.5)
+    state.update(Update(0.5))
     reference_update(reference, state.tracked, 0.5)
     model.conv.to(memory_format=torch.contiguous_format)  # new strides: the flat layout no longer fits
     with pytest.warns(UserWarning, match="no longer live in the EMA's flat buffer"):
-        state.update(0.5)
+        state.update(Update(0.5))
     reference_update(reference, state.tracked, 0.5)
     for name, fast, slow in zip(state.names, state.averages, reference):
         assert torch.equal(fast, slow), name
@@ -263,14 +265,14 @@ def test_flat_parameters_fall_back_with_a_warning_when_the_model_moves_out():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_update_follows_tensors_whose_storage_or_strides_changed_without_an_attach(dtype):
     model = _Zoo(dtype)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     reference = [average.clone() for average in state.averages]
     with torch.no_grad():
         for parameter in model.small.parameters():
             parameter.data = parameter.data.clone() + 1.0  # what module.to(device) does, small tensors included
     model.conv.to(memory_format=torch.contiguous_format)  # channels-last -> contiguous
     for decay in (0.5, 0.25):
-        state.update(decay)  # no refresh() called: the update notices
+        state.update(Update(decay))  # no refresh() called: the update notices
         reference_update(reference, state.tracked, decay)
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
@@ -278,7 +280,7 @@ def test_the_update_follows_tensors_whose_storage_or_strides_changed_without_an_
 
 def test_a_write_while_swapped_reaches_the_ema_with_a_warning_that_names_it():
     model = _Zoo(torch.float32)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     big = state.names.index("big.weight")
     with pytest.warns(UserWarning, match=r"'big.weight' \(1 tensors\) were written in place while the EMA was"
                       r" swapped in .* `copy_on_swap=True`"):  # fmt: skip
@@ -291,7 +293,7 @@ def test_a_write_while_swapped_reaches_the_ema_with_a_warning_that_names_it():
 
 def test_with_copy_on_swap_writes_while_swapped_do_not_reach_the_ema():
     model = _Zoo(torch.float32)
-    state = EMAState.from_module(model, copy_on_swap=True)
+    state = PolyakEMA.from_module(model, copy_on_swap=True)
     before = [average.clone() for average in state.averages]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -305,7 +307,7 @@ def test_with_copy_on_swap_writes_while_swapped_do_not_reach_the_ema():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autograd_refuses_a_graph_built_on_the_other_side_of_a_swap(dtype, copy_on_swap):
     model = _Zoo(dtype)
-    state = EMAState.from_module(model, copy_on_swap=copy_on_swap)
+    state = PolyakEMA.from_module(model, copy_on_swap=copy_on_swap)
     with state.swapped():
         loss = (model.big.weight**2).sum()  # built on the EMA (pow saves the weight), back-propagated after
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -318,7 +320,7 @@ def test_autograd_refuses_a_graph_built_on_the_other_side_of_a_swap(dtype, copy_
 
 def test_reset_while_swapped_raises_and_changes_nothing():
     model = _Zoo(torch.float32)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     with torch.no_grad():
         model.big.weight.add_(1)
     before = [average.clone() for average in state.averages]
@@ -333,16 +335,16 @@ def test_flat_parameters_refuse_to_untie_tensors_that_share_storage():
     model.extra = torch.nn.Parameter(torch.empty(0))
     model.extra.data = model.big.weight.data  # tied through separate Parameter objects
     with pytest.raises(ValueError, match=r"`flat_parameters=True` would untie tensors that share storage"):
-        EMAState.from_module(model, flat_parameters=True)
+        PolyakEMA.from_module(model, flat_parameters=True)
 
 
 def test_a_swap_that_fails_part_way_changes_nothing(monkeypatch):
     model = _Zoo(torch.bfloat16)  # the swap casts each fp32 average to bf16: allocations that can fail
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     with torch.no_grad():
         for tensor in state.tracked:
             tensor.add_(1)
-    state.update(0.5)
+    state.update(Update(0.5))
     raw = [tensor.detach().clone() for tensor in state.tracked]
     pointers = [tensor.data_ptr() for tensor in state.tracked]
     calls = []
@@ -373,10 +375,10 @@ def test_parameters_tied_through_separate_objects_stay_tied_in_the_swap():
 
     for exclude in (None, ["dec"]):
         model = TiedAutoencoder()
-        state = EMAState.from_module(model, exclude=exclude)
+        state = PolyakEMA.from_module(model, exclude=exclude)
         with torch.no_grad():
             model.enc.weight.add_(1)
-        state.update(0.5)
+        state.update(Update(0.5))
         with state.swapped():
             assert model.enc.weight.data_ptr() == model.dec.weight.data_ptr(), exclude  # copied in, still tied
             assert torch.equal(model.enc.weight, state.averages[0]), exclude
@@ -385,7 +387,7 @@ def test_parameters_tied_through_separate_objects_stay_tied_in_the_swap():
 
 def test_a_bf16_swap_inside_inference_mode_leaves_normal_tensors():
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     with torch.inference_mode():
         state.swap_in()
     assert not model.weight.is_inference()
@@ -395,21 +397,21 @@ def test_a_bf16_swap_inside_inference_mode_leaves_normal_tensors():
 
 def test_a_storage_move_seen_by_a_guarded_update_is_followed_by_the_next_plain_one():
     model = torch.nn.Linear(4, 4)
-    state = EMAState.from_module(model)
-    state.update(0.0)
+    state = PolyakEMA.from_module(model)
+    state.update(Update(0.0))
     for parameter in model.parameters():
         parameter.data = parameter.data.clone()  # module.double().float(), load_state_dict(assign=True)
-    state.update(0.0, only_if=torch.tensor(True))
+    state.update(Update(0.0), only_if=torch.tensor(True))
     with torch.no_grad():
         model.weight.fill_(7.0)
         model.bias.fill_(7.0)
-    state.update(0.0)  # decay 0: the EMA equals the weights
+    state.update(Update(0.0))  # decay 0: the EMA equals the weights
     assert torch.equal(state.averages[0], model.weight.detach()) and torch.equal(state.averages[1], model.bias)
 
 
 def test_the_write_warning_points_at_the_callers_line():
     model = torch.nn.Linear(4, 4)
-    state = EMAState.from_module(model)
+    state = PolyakEMA.from_module(model)
     with pytest.warns(UserWarning, match="written in place") as record:
         with state.swapped():
             with torch.no_grad():
@@ -420,7 +422,7 @@ def test_the_write_warning_points_at_the_callers_line():
 def test_buffers_are_grouped_apart_from_parameters():
     """On a GPU the parameters' update runs on a side stream and the buffers' (which a forward writes) does not."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    state = EMAState.from_module(model)
-    kinds = {group.buffers: {id(t) for t in group.models} for group in state._groups}
+    state = PolyakEMA.from_module(model)
+    kinds = {group.buffers: {id(t) for t in group.models} for group in state.store.groups}
     assert kinds[True] == {id(model[1].running_mean), id(model[1].running_var)}
     assert id(model[0].weight) in kinds[False]

@@ -1,0 +1,392 @@
+"""The Polyak EMA: one averaged copy of a module's parameters and buffers, swapped in for evaluation.
+
+Pure torch, no Lightning. The copy is never registered where DDP or the module's ``state_dict`` would see it, and
+the module is not deep-copied (so modules that cannot be copied work). Its tensors live in a
+:class:`~lightning_emascale._store.TensorStore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import increment_version
+
+from lightning_emascale._averager import Averager, Update, all_finite
+from lightning_emascale._flat_group import EMAPrecision
+from lightning_emascale._selection import select_tensors
+from lightning_emascale._sharded import clean_name
+from lightning_emascale._store import TensorStore
+
+if TYPE_CHECKING:
+    from lightning_emascale._options import EMAOptions
+
+#: The options only a Polyak EMA takes, and why another mode refuses each.
+POLYAK_ONLY = {
+    "copy_on_swap": (
+        "`copy_on_swap=True` changes how a Polyak EMA is swapped in for evaluation: teacher mode and a post-hoc EMA"
+        " swap nothing, so drop it"
+    ),
+    "offload": (
+        "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does not"
+        " combine with teacher mode or a post-hoc EMA"
+    ),
+    "flat_parameters": (
+        "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to teacher"
+        " mode or a post-hoc EMA"
+    ),
+}
+
+
+def refuse_polyak_only(options: EMAOptions) -> None:
+    """Raise ``ValueError`` for an option of :data:`POLYAK_ONLY` given to another mode."""
+    for name, message in POLYAK_ONLY.items():
+        if getattr(options, name):
+            raise ValueError(message)
+
+
+def check_options(options: EMAOptions) -> None:
+    """The Polyak EMA's own checks of options that clash with each other."""
+    clashing = [name for name in ("flat_parameters", "skip_non_finite") if options.offload and getattr(options, name)]
+    if clashing:
+        raise ValueError(
+            "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does"
+            f" not combine with {clashing}"
+        )
+
+
+class PolyakEMA(Averager):
+    """An exponential moving average of named tensors: ``ζ ← decay·ζ + (1 − decay)·θ`` after every update.
+
+    Floating-point tensors are averaged, other tensors (integer buffers such as BatchNorm's
+    ``num_batches_tracked``, and float buffers that hold ±inf when built, such as masks) are copied. The EMA of a
+    float16/bfloat16 tensor is kept in float32 with ``precision="fp32"``, so small updates are not rounded away.
+
+    Args:
+        named_tensors: the tensors to track, by name. They are referenced, not copied, and must keep their
+            identity and shape (module parameters and buffers do). A tensor listed under several names (tied
+            weights) is tracked once; :attr:`index_of_name` maps every name to it.
+        precision: ``"fp32"`` or ``"model"`` (keep the model's dtype).
+        buffer_names: which names are buffers (``skip_non_finite`` allows an infinite buffer, not a NaN one).
+        flat_parameters, offload: how the store lays the averages out (see :class:`TensorStore`).
+        copy_on_swap: :meth:`swap_in` copies the averages into the tracked tensors (keeping a copy of the training
+            values) instead of pointing the parameters at the averages' own storage.
+    """
+
+    state_key = "ema"
+    swappable = True
+
+    def __init__(
+        self,
+        named_tensors: Sequence[tuple[str, Tensor]],
+        precision: EMAPrecision = "fp32",
+        buffer_names: Collection[str] = frozenset(),
+        flat_parameters: bool = False,
+        offload: bool = False,
+        copy_on_swap: bool = False,
+    ) -> None:
+        #: The first name of every tracked tensor (the keys of :meth:`state_dict`).
+        self.names: list[str] = []
+        #: Every name, aliases included, -> the index of its tensor in :attr:`tracked` and :attr:`averages`.
+        self.index_of_name: dict[str, int] = {}
+        unique: list[tuple[str, Tensor]] = []
+        index_of_tensor: dict[int, int] = {}
+        for name, tensor in named_tensors:
+            if id(tensor) not in index_of_tensor:
+                index_of_tensor[id(tensor)] = len(unique)
+                self.names.append(name)
+                unique.append((name, tensor))
+            self.index_of_name[name] = index_of_tensor[id(tensor)]
+        #: Whether each tracked tensor is a buffer (``skip_non_finite`` allows an infinite buffer, not a NaN one).
+        self.is_buffer = [name in buffer_names for name in self.names]
+        #: Where the averages live and how an update moves them.
+        self.store = TensorStore(unique, precision, self.is_buffer, flat_parameters, offload)
+        #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
+        self.untracked_names: frozenset[str] = frozenset()
+        #: Those tensors (a swap copies a tracked tensor that shares memory with one of them, so they stay tied).
+        self.untracked_tensors: list[Tensor] = []
+        self.copy_on_swap = copy_on_swap
+        self._seen_versions: list[int] = []
+        self._stale_at_swap = False
+        self._raw_backup: list[Tensor] | None = None
+        self._pointed: list[int] = []  # tensors whose .data points at their average while swapped
+        self._pointed_versions: list[int] = []
+
+    @classmethod
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        precision: EMAPrecision = "fp32",
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
+        flat_parameters: bool = False,
+        offload: bool = False,
+        copy_on_swap: bool = False,
+    ) -> PolyakEMA:
+        """Track the parameters and buffers of ``module`` that :func:`select_tensors` selects, tied ones once."""
+        selected, untracked = select_tensors(module, include, exclude)
+        buffers = {clean_name(name) for name, _ in module.named_buffers(remove_duplicate=False)}
+        state = cls(selected, precision, buffers, flat_parameters, offload, copy_on_swap)
+        state.untracked_names = untracked
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        state.untracked_tensors = [tensor for name, tensor in named if clean_name(name) in untracked]
+        return state
+
+    @classmethod
+    def for_options(cls, module: torch.nn.Module, options: EMAOptions, copy_on_swap: bool) -> PolyakEMA:
+        """The Polyak EMA of ``module`` that ``options`` describe (``copy_on_swap`` as the module's layout needs)."""
+        return cls.from_module(
+            module, options.ema_precision, options.include, options.exclude, options.flat_parameters,
+            options.offload, copy_on_swap,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------ the store's tensors
+    @property
+    def tracked(self) -> list[Tensor]:
+        """The live tensors being averaged (a sharded tensor's rank-local piece)."""
+        return self.store.tracked
+
+    @property
+    def averages(self) -> list[Tensor]:
+        """The averages, one per tracked tensor (float32 for a low-precision tensor with ``precision="fp32"``)."""
+        return self.store.averages
+
+    @property
+    def sources(self) -> list[Optional[Tensor]]:
+        """The ``DTensor`` of each tracked tensor that is a rank's piece of one (``None`` for the others)."""
+        return self.store.sources
+
+    # ------------------------------------------------------------------------------------- the protocol
+    def describe(self) -> str:
+        return "a Polyak EMA"
+
+    def update(self, step: Update, only_if: Optional[Tensor] = None) -> None:
+        """``ζ ← decay·ζ + (1 − decay)·θ`` for every floating-point tensor; copy the rest. No host sync."""
+        self.store.update(1.0 - step.decay, only_if)
+
+    def finite(self) -> Tensor:
+        return all_finite(self.tracked, nan_only=self.is_buffer)
+
+    def join(self) -> None:
+        """Make the current CUDA stream wait for the updates launched on the side stream (no host sync)."""
+        self.store.join()
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def set_side_stream(self, enabled: bool) -> None:
+        self.store.use_side_stream = enabled
+
+    def refresh(self) -> None:
+        """Read the tracked tensors' current storage from now on (after ``module.to(...)`` replaced ``.data``)."""
+        self.store.refresh()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average afresh from the tracked tensors' current values."""
+        if self.is_swapped:
+            raise RuntimeError("reset() while the EMA is swapped into the model: call swap_out() first")
+        self.flush()
+        self.store.follow()
+        for average, raw in zip(self.averages, self.raw_tensors()):
+            average.copy_(raw)
+        self.mark_seen()
+
+    # ------------------------------------------------------------------------------------------- swaps
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the tracked tensors hold the EMA values (between :meth:`swap_in` and :meth:`swap_out`)."""
+        return self._raw_backup is not None
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Put the EMA values into the tracked tensors, keeping the training values for :meth:`swap_out`.
+
+        Parameters are pointed at their averages (``.data``), so nothing is copied where the dtypes match and a
+        bf16 parameter gets only the cast of its fp32 average; buffers, which a forward in training mode writes,
+        are copied. The version counters of the pointed parameters are bumped on the way in and out, so a graph
+        built on one side of a swap and back-propagated on the other raises instead of using the wrong values;
+        :meth:`swap_out` warns when a pointed parameter was written in place meanwhile (the write reached the
+        EMA). ``copy_on_swap`` copies everything instead (in-place writes during evaluation then never reach it).
+        """
+        if self._raw_backup is not None:
+            raise RuntimeError("The EMA weights are already swapped into the model")
+        self.flush()
+        self.store.follow()
+        stale = bool(self.changed_since_seen())  # a swap must not hide weights loaded by hand
+        # Tensors that share memory with another tensor of the module (separate Parameters tied by `.data`) are
+        # copied, so that they stay tied; so are buffers (a forward in training mode writes them).
+        starts = Counter(tensor.data_ptr() for tensor in [*self.tracked, *self.untracked_tensors] if tensor.numel())
+        pointed = [  # a sharded tensor is copied: the strategy gathers from its own storage, not from `.data`
+            index
+            for index, tensor in enumerate(self.tracked)
+            if not self.copy_on_swap
+            and self.sources[index] is None
+            and not self.is_buffer[index]
+            and tensor.is_floating_point()
+            and (not tensor.numel() or starts[tensor.data_ptr()] == 1)
+        ]
+        # Everything is allocated before anything changes: an error (out of memory) leaves the module as it was.
+        backup: list[Tensor] = []
+        point_to: dict[int, Tensor] = {}
+        with torch.inference_mode(False):  # a swap inside inference mode must not make inference tensors
+            for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
+                if index in pointed:
+                    backup.append(tensor.data)  # the training storage itself: no copy
+                    same = average.dtype == tensor.dtype and average.device == tensor.device
+                    point_to[index] = average if same else average.to(tensor.device, tensor.dtype)
+                else:
+                    backup.append(tensor.detach().clone())
+        for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
+            if index in point_to:
+                tensor.data = point_to[index]
+            else:
+                tensor.copy_(average)
+        self._raw_backup, self._pointed, self._stale_at_swap = backup, pointed, stale
+        _bump([self.tracked[index] for index in pointed])
+        self._pointed_versions = [self.tracked[index]._version for index in pointed]
+
+    @torch.no_grad()
+    def swap_out(self) -> None:
+        """Restore the training values exactly (the same storage, or bit-identical copies); nothing to do if not
+        swapped."""
+        if self._raw_backup is None:
+            return
+        written = [
+            self.names[index]
+            for index, version in zip(self._pointed, self._pointed_versions)
+            if self.tracked[index]._version != version and self._shares_average(index)
+        ]
+        pointed = set(self._pointed)
+        for index, (tensor, raw) in enumerate(zip(self.tracked, self._raw_backup)):
+            if index in pointed:
+                tensor.data = raw
+            else:
+                tensor.copy_(raw)
+        _bump([self.tracked[index] for index in self._pointed])
+        self._raw_backup, self._pointed, self._pointed_versions = None, [], []
+        if not self._stale_at_swap:
+            self.mark_seen()  # swapping wrote the tensors; their values are the ones seen
+        if written:
+            shown = ", ".join(repr(name) for name in written[:5]) + (", ..." if len(written) > 5 else "")
+            warnings.warn(
+                f"{shown} ({len(written)} tensors) were written in place while the EMA was swapped in (an optimizer"
+                " step, test-time adaptation, `load_state_dict`): they pointed at the EMA's own storage, so the EMA"
+                " now holds those writes. Evaluate on a copy with `copy_on_swap=True` if the EMA must not change.",
+                stacklevel=_caller_level(),
+            )
+
+    def _shares_average(self, index: int) -> bool:
+        average, tensor = self.averages[index], self.tracked[index]
+        return average.dtype == tensor.dtype and average.device == tensor.device
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Hold the EMA values in the tracked tensors inside the block; restore the raw values exactly after."""
+        self.swap_in()
+        try:
+            yield
+        finally:
+            self.swap_out()
+
+    # ----------------------------------------------------------------------------------- reading it
+    def raw_tensors(self) -> list[Tensor]:
+        """The training (raw) values of the tracked tensors, also while the EMA is swapped in."""
+        return self._raw_backup if self._raw_backup is not None else [t.detach() for t in self.tracked]
+
+    def _by_name(self, tensors: Sequence[Tensor], names: Iterator[tuple[str, int]]) -> dict[str, Tensor]:
+        views = self.store.views(tensors)
+        return {name: views[index] for name, index in names}
+
+    def averages_by_name(self) -> dict[str, Tensor]:
+        """The EMA of every tracked tensor under every one of its names (live tensors, EMA dtype; a sharded one
+        as a ``DTensor`` view of this rank's shard, like the module's own ``state_dict()``)."""
+        self.flush()
+        return self._by_name(self.averages, iter(self.index_of_name.items()))
+
+    def raw_by_name(self) -> dict[str, Tensor]:
+        """The training values under every name, also while the EMA is swapped in."""
+        return self._by_name(self.raw_tensors(), iter(self.index_of_name.items()))
+
+    def weights_by_name(self) -> dict[str, Tensor]:
+        self.flush()
+        return {
+            name: self.averages[i].to(self.tracked[i].device, self.tracked[i].dtype)
+            for name, i in self.index_of_name.items()
+        }
+
+    def mark_seen(self) -> None:
+        """Remember the tracked tensors' version counters: :meth:`changed_since_seen` compares against them."""
+        self._seen_versions = [tensor._version for tensor in self.tracked]
+
+    def changed_since_seen(self) -> list[str]:
+        """The names of tracked tensors written in place since :meth:`mark_seen` (e.g. weights loaded by hand)."""
+        if not self._seen_versions:
+            return []
+        return [
+            name for name, tensor, seen in zip(self.names, self.tracked, self._seen_versions) if tensor._version != seen
+        ]
+
+    # ------------------------------------------------------------------------------------------ state
+    def averages_state_dict(self) -> dict[str, Tensor]:
+        """The EMA tensors by their first names (the live tensors, not copies; sharded ones as ``DTensor`` views)."""
+        self.flush()
+        return self._by_name(self.averages, ((name, index) for index, name in enumerate(self.names)))
+
+    def check_averages(self, saved: Mapping[str, Tensor]) -> None:
+        """Raise ``KeyError`` naming missing and unexpected names, ``ValueError`` for a shape that differs (a
+        sharded tensor's saved value: its global shape, and a ``DTensor``'s layout)."""
+        missing = sorted(set(self.names) - set(saved))
+        unexpected = sorted(set(saved) - set(self.names) - self.untracked_names)  # 0.1 averaged every buffer
+        if missing or unexpected:
+            raise KeyError(
+                f"The saved EMA does not match the model: missing {missing}, unexpected {unexpected}."
+                " Was the checkpoint written for another model?"
+            )
+        self.store.check_values([saved[name] for name in self.names])
+
+    @torch.no_grad()
+    def load_averages(self, saved: Mapping[str, Tensor]) -> None:
+        """Copy saved EMA values in, after :meth:`check_averages` (every check before the first copy)."""
+        self.flush()
+        self.check_averages(saved)
+        values = self.store.local_values([saved[name] for name in self.names])
+        for average, value in zip(self.averages, values):
+            average.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.averages_state_dict()}
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check_averages(state["ema"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.load_averages(state["ema"])
+
+
+def _bump(tensors: list[Tensor]) -> None:
+    for tensor in tensors:  # one at a time: torch < 2.5 takes a single tensor
+        increment_version(tensor)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, contextlib and torch, for a warning issued by
+    the function that calls this one (so that it points at the user's line)."""
+    skipped = tuple(
+        os.path.abspath(path)
+        for path in (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
+    )
+    frame: Optional[FrameType] = sys._getframe(2)  # the frame that called the warning's issuer
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level

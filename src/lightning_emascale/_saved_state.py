@@ -1,0 +1,55 @@
+"""The layout of :meth:`ScaledEMA.state_dict` and its checks, applied before anything is loaded. Pure torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_emascale._checks import as_int, as_real, check_saved_state
+from lightning_emascale._sharded import is_sharded, local_piece
+
+#: The version of :meth:`ScaledEMA.state_dict`'s layout; a checkpoint of another version is refused.
+STATE_FORMAT = 1
+#: The clock's entries, in every mode; a mode adds its own (``"ema"``, ``"power_ema"``).
+STATE_KEYS = ("format", "base_batch_size", "samples_seen", "optimizer_steps", "ema_updates", "pending_decay")
+
+
+def check_state(state: Mapping[str, Any], where: str) -> None:
+    """Raise unless ``state`` is a :meth:`ScaledEMA.state_dict` of this version; ``where`` starts the message."""
+    check_saved_state(state, where, STATE_FORMAT, STATE_KEYS, hint=" (from `state_dict()`)")
+    base = state["base_batch_size"]
+    if base is not None and (as_int(base) is None or base < 1):
+        raise ValueError(f"{where} has base_batch_size={base!r}; a positive integer or None is allowed")
+    for key in ("samples_seen", "optimizer_steps", "ema_updates", "skipped_updates", "samples_at_update"):
+        if key in state and (as_int(state[key]) is None or state[key] < 0):
+            raise ValueError(f"{where} has {key}={state[key]!r}; an integer >= 0 is allowed")
+    if state["ema_updates"] > state["optimizer_steps"]:
+        raise ValueError(
+            f"{where} has ema_updates={state['ema_updates']!r} past optimizer_steps={state['optimizer_steps']!r};"
+            " there is at most one update per step"
+        )
+    decay = as_real(state["pending_decay"])
+    if decay is None or not 0.0 < decay <= 1.0:
+        raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")
+    power = state.get("power_ema", {})
+    if not isinstance(power, Mapping) or not all(isinstance(averages, Mapping) for averages in power.values()):
+        raise TypeError(f"{where} has power_ema of type {type(power).__name__}; a dict of EMA dicts is allowed")
+    for key, averages in (("ema", state.get("ema", {})), *((f"power_ema[{k!r}]", v) for k, v in power.items())):
+        if not isinstance(averages, Mapping):
+            raise TypeError(f"{where} has {key} of type {type(averages).__name__}; a dict of tensors is allowed")
+        for name, tensor in averages.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{where} has {key}[{name!r}] of type {type(tensor).__name__}; a tensor is allowed")
+            local = local_piece(tensor) if is_sharded(tensor) else tensor  # this rank's shard: no communication
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
+    if "power_ema" in state:
+        if "samples_at_update" not in state:
+            raise KeyError(f"{where} lacks ['samples_at_update']")
+        if state["samples_at_update"] > state["samples_seen"]:
+            raise ValueError(
+                f"{where} has samples_at_update={state['samples_at_update']!r} past samples_seen="
+                f"{state['samples_seen']!r}; the last update cannot come after the samples seen"
+            )
