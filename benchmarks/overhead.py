@@ -89,12 +89,10 @@ def time_scaled_ema(ema, spent: dict[str, float]) -> None:
         return wrapper
 
     ema.averager.update = timed(ema.averager.update, "update")
-    for hook in ema._hooks:
-        hook.remove()
-    ema._hooks = []
-    for optimizer in ema._optimizers:  # the same hooks, timed
-        ema._hooks.append(optimizer.register_step_pre_hook(timed(ema._before_optimizer_step, "hook")))
-        ema._hooks.append(optimizer.register_step_post_hook(timed(ema._after_optimizer_step, "hook")))
+    steps = ema._steps  # the optimizers it follows: hooked again with the same hooks, timed
+    optimizers = steps.optimizers
+    steps.unhook(ema)
+    steps.hook(optimizers, ema, timed(ema._before_optimizer_step, "hook"), timed(ema._after_optimizer_step, "hook"))
 
 
 class TimedEMA(EMAScalingCallback):

@@ -31,9 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_times  # noqa: E402
+from _common import interleaved_times
 
-from lightning_emascale import ScaledEMA  # noqa: E402
+from lightning_emascale import ScaledEMA
+from lightning_emascale._averager import Update
 
 
 def build(width: int, layers: int, device: str) -> torch.nn.Sequential:
@@ -69,7 +70,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, queue)
     floor_model = torch.randn(elements, device=device)
     times = interleaved_times(
         {
-            "update": lambda: state.update(0.999),
+            "update": lambda: state.update(Update(0.999)),
             "floor": lambda: floor_ema.lerp_(floor_model, 0.001),
         },
         repeats=args.repeats,

@@ -1,5 +1,9 @@
-"""Where the EMA of a sharded module goes in the checkpoints of Lightning's ``ModelParallelStrategy`` and
-``FSDPStrategy``.
+"""Where the EMA goes in a Lightning checkpoint, and how it comes back: unsharded (:func:`put_ema`), and the EMA of
+a sharded module under Lightning's ``ModelParallelStrategy`` and ``FSDPStrategy`` (:func:`put_sharded_ema`);
+:func:`load_ema` reads either back when a fit resumes.
+
+Unsharded, with ``evaluate_with_ema``, the checkpoint's ``state_dict`` holds the EMA (for ``load_from_checkpoint``)
+and the callback's state the training weights (``"raw_state_dict"``, for ``fit(ckpt_path=...)``).
 
 Each rank averages its own shards (:mod:`lightning_emascale._sharded`); a checkpoint must give every rank its own
 shards back, also at another world size where the layout allows it. The strategy writes two kinds:
@@ -30,6 +34,54 @@ from lightning_emascale._lightning import swap_ema_into
 from lightning_emascale._polyak import PolyakEMA
 from lightning_emascale._sharded import FSDP1, full_value, global_view, local_piece_of
 from lightning_emascale.core import ScaledEMA
+
+
+def put_ema(ema: ScaledEMA, checkpoint: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+    """Unsharded: the EMA into the checkpoint's ``state_dict``, the training weights into ``state`` (this callback's
+    entry; ``None`` in a weights-only checkpoint, which keeps only the EMA)."""
+    raw_state = swap_ema_into(checkpoint["state_dict"], ema.ema_state_dict(), ema.raw_state_dict())
+    if state is not None:
+        state["raw_state_dict"] = raw_state
+
+
+def put_sharded_ema(
+    ema: ScaledEMA, strategy: Any, checkpoint: dict[str, Any], state: Optional[dict[str, Any]], prefix: str,
+    swap: bool, keep: bool,
+) -> None:  # fmt: skip
+    """A sharded EMA into a checkpoint being written, in the kind the strategy writes (every rank: a collective).
+    Arguments as :func:`save_sharded_ema`."""
+    if ema.fsdp1_root is not None:
+        save_fsdp1_ema(ema, strategy, state, checkpoint["state_dict"], prefix, swap, keep)
+        return
+    distributed = writes_distributed_checkpoint(strategy)
+    save_sharded_ema(ema, state, checkpoint["state_dict"], distributed, prefix, swap, keep)
+
+
+def load_ema(ema: Optional[ScaledEMA], module: torch.nn.Module, state: dict[str, Any], path: Any) -> None:
+    """A fit resuming from the checkpoint at ``path`` whose entry for this callback is ``state``: read the sharded
+    EMA back (every rank its own shards; it then lies in ``state["ema"]`` for ``load_state_dict``), and the training
+    weights where the checkpoint's model entries hold the EMA."""
+    if ema is not None and ema.fsdp1_root is not None and ("ema" in state or "sharded_ema_in_state_dict" in state):
+        load_fsdp1_ema(ema, state, path, fitting=True)
+        return
+    if "sharded_ema_in_state_dict" in state:
+        if ema is None or not ema.is_sharded:
+            raise RuntimeError(
+                "The checkpoint is a distributed one with a sharded EMA: resume it with the strategy and"
+                " sharding it was saved with; to change them, resume from a full checkpoint"
+            )
+        load_sharded_ema(ema, state, path, "state_dict")
+        return
+    raw = state.get("raw_state_dict")
+    if raw is None:
+        return
+    if ema is not None and ema.is_sharded:
+        write_raw(ema, raw)  # each rank its own shards of the full training weights
+    else:
+        # Resume from the training weights, not from the EMA that "state_dict" holds.
+        result = module.load_state_dict(raw, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"The checkpoint's training weights do not fit the model: {result.unexpected_keys}")
 
 
 def writes_distributed_checkpoint(strategy: Any) -> bool:

@@ -29,18 +29,10 @@ from lightning_emascale._lightning import (
     fingerprint,
     is_one_of,
     spawned_workers,
-    swap_ema_into,
 )
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
 from lightning_emascale._sharded import is_fsdp1
-from lightning_emascale._sharded_checkpoint import (
-    load_fsdp1_ema,
-    load_sharded_ema,
-    save_fsdp1_ema,
-    save_sharded_ema,
-    write_raw,
-    writes_distributed_checkpoint,
-)
+from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
 from lightning_emascale._teacher import freeze_teachers
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
@@ -302,21 +294,19 @@ class EMAScalingCallback(OptionsView, Callback):
         """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
         ema = self._ema
         if ema is not None and ema.ema_updates > 0:
-            if ema.is_sharded:
-                self._save_sharded(ema, None, checkpoint)
-                return
-            swap_ema_into(checkpoint["state_dict"], ema.ema_state_dict(), ema.raw_state_dict())
+            self._put(ema, checkpoint, None)
 
-    def _save_sharded(self, ema: ScaledEMA, state: Optional[dict[str, Any]], checkpoint: dict[str, Any]) -> None:
+    def _put(self, ema: ScaledEMA, checkpoint: dict[str, Any], state: Optional[dict[str, Any]]) -> None:
+        """The EMA into a checkpoint being written (``state``: this callback's entry, ``None`` if weights only)."""
+        if not ema.is_sharded:
+            put_ema(ema, checkpoint, state)
+            return
         trainer = self._run_length.trainer
         assert trainer is not None  # set in setup
-        swap = self.evaluate_with_ema and ema.ema_updates > 0 and not self._options.teachers
-        prefix, keep = f"_emascale.{self.name}.", trainer.is_global_zero
-        if ema.fsdp1_root is not None:
-            save_fsdp1_ema(ema, trainer.strategy, state, checkpoint["state_dict"], prefix, swap, keep)
-            return
-        distributed = writes_distributed_checkpoint(trainer.strategy)
-        save_sharded_ema(ema, state, checkpoint["state_dict"], distributed, prefix, swap, keep)
+        swap = self.evaluate_with_ema and ema.ema_updates > 0 and ema.swappable
+        put_sharded_ema(
+            ema, trainer.strategy, checkpoint, state, f"_emascale.{self.name}.", swap, trainer.is_global_zero
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -490,17 +480,11 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        ema = self._ema
+        ema, state = self._ema, checkpoint.get("callbacks", {}).get(self.state_key)
         if ema is not None and ema.is_sharded and not self._fit_starting:
-            self._save_sharded(ema, checkpoint.get("callbacks", {}).get(self.state_key), checkpoint)
-            return
-        if not (self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and not self._options.teachers):
-            return
-        # `Model.load_from_checkpoint` reads "state_dict": put the EMA there and keep the training weights
-        # in this callback's state for `trainer.fit(ckpt_path=...)`.
-        raw_state = swap_ema_into(checkpoint["state_dict"], ema.ema_state_dict(), ema.raw_state_dict())
-        if self.state_key in checkpoint.get("callbacks", {}):
-            checkpoint["callbacks"][self.state_key]["raw_state_dict"] = raw_state
+            self._put(ema, checkpoint, state)
+        elif self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and ema.swappable:
+            put_ema(ema, checkpoint, state)  # `Model.load_from_checkpoint` reads the EMA from "state_dict"
 
     @override
     def on_load_checkpoint(
@@ -520,26 +504,4 @@ class EMAScalingCallback(OptionsView, Callback):
             if state.get("raw_state_dict") is not None or state.get("model_holds_ema"):
                 self._module_loaded_from_ema = True
             return
-        fsdp1 = ema is not None and ema.fsdp1_root is not None
-        if fsdp1 and ("ema" in state or "sharded_ema_in_state_dict" in state):
-            assert ema is not None
-            load_fsdp1_ema(ema, state, trainer.ckpt_path, trainer.state.fn == TrainerFn.FITTING)
-            return
-        if "sharded_ema_in_state_dict" in state:
-            if ema is None or not ema.is_sharded:
-                raise RuntimeError(
-                    "The checkpoint is a distributed one with a sharded EMA: resume it with the strategy and"
-                    " sharding it was saved with; to change them, resume from a full checkpoint"
-                )
-            load_sharded_ema(ema, state, trainer.ckpt_path, "state_dict")
-            return
-        raw = state.get("raw_state_dict")
-        if raw is None:
-            return
-        if ema is not None and ema.is_sharded:
-            write_raw(ema, raw)  # each rank its own shards of the full training weights
-        else:
-            # Resume from the training weights, not from the EMA that "state_dict" holds.
-            result = pl_module.load_state_dict(raw, strict=False)
-            if result.unexpected_keys:
-                raise KeyError(f"The checkpoint's training weights do not fit the model: {result.unexpected_keys}")
+        load_ema(ema, pl_module, state, trainer.ckpt_path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -21,7 +20,6 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_emascale._attributes import MomentumAttribute
 from lightning_emascale._averager import SAVED_MODES, Averager, Update
@@ -31,19 +29,10 @@ from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedu
 from lightning_emascale._polyak import PolyakEMA
 from lightning_emascale._power import PowerEMAs
 from lightning_emascale._saved_state import STATE_FORMAT, check_state
+from lightning_emascale._scaled_optimizers import ScaledOptimizers
 from lightning_emascale._teacher import TeacherEMA, freeze_teachers
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
-from lightning_emascale.rules import (
-    NoScalingRule,
-    RuleLike,
-    SavedGroups,
-    check_rule_fits,
-    restore_param_groups,
-    scale_param_groups,
-)
-
-# Which ScaledEMA applies its optimizer rule to an optimizer: a second rule on the same one would compound.
-_SCALED_BY: weakref.WeakKeyDictionary[Optimizer, ScaledEMA] = weakref.WeakKeyDictionary()
+from lightning_emascale.rules import RuleLike
 
 
 class ScaledEMA:
@@ -187,10 +176,9 @@ class ScaledEMA:
         #: (forward and backward) inside ``optimizer.step()`` sets it False and calls :meth:`wait` after the
         #: closure instead, so that the update overlaps them there too (Lightning's ``on_before_optimizer_step``).
         self.wait_before_step = True
-        self._optimizers: list[Optimizer] = []
-        self._hooks: list[RemovableHandle] = []
+        #: The optimizers this EMA follows, and the rule applied to their steps.
+        self._steps = ScaledOptimizers(options.rule)
         self._state_init_step: Optional[Optimizer] = None  # the optimizer whose state-initializing step runs now
-        self._saved_groups: SavedGroups = []
         self._attributes: list[MomentumAttribute] = []
         self._reset_clock()
         self.attach([] if optimizers is None else optimizers)
@@ -236,8 +224,7 @@ class ScaledEMA:
         self._kappa = math.nan
         self._step_momentum = math.nan
         self._step_batch = 0
-        self._step_lrs: list[list[float]] = [[] for _ in self._optimizers]
-        self._group_names: list[list[Optional[str]]] = [[] for _ in self._optimizers]  # param groups' "name"
+        self._steps.clear_records()
         self._skipped = torch.zeros((), dtype=torch.int64)  # updates skipped for non-finite weights (on device)
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -246,28 +233,7 @@ class ScaledEMA:
 
         The Lightning callback calls this at every fit start, with that fit's optimizers.
         """
-        listed = [optimizers] if not isinstance(optimizers, Sequence) else list(optimizers)
-        unwrapped = [_unwrap(optimizer) for optimizer in listed]
-        check_rule_fits(self.options.rule, unwrapped)
-        if self._auto_end_step and len(unwrapped) > 1:
-            raise ValueError(
-                f"`auto_end_step=True` ends the step in an optimizer's post-hook, but {len(unwrapped)} optimizers"
-                " were given: pass `auto_end_step=False` and call `end_step()` once after all of them have stepped"
-            )
-        if not unwrapped and not isinstance(self.options.rule, NoScalingRule):
-            raise ValueError(
-                f"`optimizer_rule`={self.options.rule!r} scales the optimizers' steps, but no optimizer was given:"
-                " pass `optimizers`, or `optimizer_rule=None` to scale the EMA only"
-            )
-        scaling = not isinstance(self.options.rule, NoScalingRule)
-        for index, optimizer in enumerate(unwrapped):
-            owner = _SCALED_BY.get(optimizer)
-            if scaling and owner is not None and owner is not self:
-                raise ValueError(
-                    f"optimizer {index} ({type(optimizer).__name__}) is already scaled by the rule of {owner!r}: two"
-                    " rules would compound (lr x kappa x kappa). Give `optimizer_rule` to one EMA only; the others"
-                    " scale their momentum alone (`optimizer_rule=None`)"
-                )
+        unwrapped = self._steps.check(optimizers, self, self._auto_end_step)
         for attribute in self._attributes:
             attribute.restore()  # so that the originals below are read unscaled
         attributes = [  # resolved before anything else changes: a bad path leaves the hooks in place
@@ -278,27 +244,14 @@ class ScaledEMA:
         self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
         self.averager.refresh()  # the tensors' storage now (a module moved since it was built)
         self._attributes = attributes
-        self._optimizers = unwrapped
         self.averager.set_side_stream(self.options.side_stream and bool(unwrapped))  # the pre-step hook waits
-        if scaling:
-            _SCALED_BY.update(dict.fromkeys(unwrapped, self))
-        self._step_lrs = [[] for _ in unwrapped]
-        self._group_names = [[] for _ in unwrapped]
-        for optimizer in unwrapped:
-            self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._steps.hook(unwrapped, self, self._before_optimizer_step, self._after_optimizer_step)
 
     def detach(self) -> None:
         """Remove the optimizer hooks and restore what this object changed (hyperparameters, attributes)."""
-        for optimizer in self._optimizers:
-            if _SCALED_BY.get(optimizer) is self:
-                del _SCALED_BY[optimizer]
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._steps.unhook(self)
         self.averager.join()  # no hook waits for a side stream any more
         self.averager.set_side_stream(False)
-        self._restore_hyperparameters()
         for attribute in self._attributes:
             attribute.restore()
         self._attributes = []
@@ -311,7 +264,7 @@ class ScaledEMA:
         """
         if self.is_swapped:
             raise RuntimeError("reset() while the EMA is swapped into the model: call swap_out() first")
-        self._restore_hyperparameters()
+        self._steps.restore()
         self._reset_clock()
         self.layout.reshard_fsdp1()  # FSDP1: read the shards, not a gathered copy
         self.averager.reset()
@@ -356,35 +309,23 @@ class ScaledEMA:
             return
         if self.wait_before_step:
             self.averager.join()  # the step writes the weights the last update may still be reading
-        self._restore_hyperparameters()  # a step that raised last time never reached its post-hook
+        self._steps.restore()  # a step that raised last time never reached its post-hook
         if self.is_swapped:
             raise RuntimeError(
                 "optimizer.step() while the EMA weights are swapped into the module: the step would train the EMA"
                 " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
             )
-        kappa = self._step_kappa()
-        # An older torch's AdamW (before it became an Adam subclass) lacks the key; its weight decay is decoupled.
-        if isinstance(optimizer, torch.optim.AdamW):
-            for group in optimizer.param_groups:
-                group.setdefault("decoupled_weight_decay", True)
-        self._saved_groups = scale_param_groups(self.options.rule, optimizer.param_groups, kappa)
-        index = next(i for i, hooked in enumerate(self._optimizers) if hooked is optimizer)
-        self._step_lrs[index] = [group["lr"] for group in optimizer.param_groups]
-        self._group_names[index] = [group.get("name") for group in optimizer.param_groups]
+        self._steps.scale(optimizer, self._step_kappa())
 
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
         if self._state_init_step is optimizer:
             self._state_init_step = None
             return
-        self._restore_hyperparameters()
+        self._steps.restore()
         self._count_step_on_clock()  # before a SampleClockLR stepped next reads the clock
         if self._auto_end_step:
             self.end_step()
             self._ended_by_hook = True
-
-    def _restore_hyperparameters(self) -> None:
-        restore_param_groups(self._saved_groups)
-        self._saved_groups = []
 
     def _count_step_on_clock(self) -> None:
         """Count the step on the sample clock, once, with rho-hat from the clock before it."""
@@ -499,7 +440,7 @@ class ScaledEMA:
     @property
     def step_lrs(self) -> list[list[float]]:
         """The learning rate each param group of each optimizer used in its latest step (after the rule)."""
-        return [list(lrs) for lrs in self._step_lrs]
+        return [list(lrs) for lrs in self._steps.step_lrs]
 
     @property
     def resolved_base_batch_size(self) -> Optional[int]:
@@ -565,14 +506,7 @@ class ScaledEMA:
             f"{prefix}/batch_size": float(self._step_batch),
             f"{prefix}/samples_seen": float(self._samples_seen),
         }
-        seen: dict[type, int] = {}
-        for optimizer, lrs, names in zip(self._optimizers, self._step_lrs, self._group_names):
-            kind = type(optimizer)
-            seen[kind] = seen.get(kind, 0) + 1  # LearningRateMonitor's names: lr-SGD, lr-SGD-1, ...
-            key = f"{prefix}/lr-{kind.__name__}" + (f"-{seen[kind] - 1}" if seen[kind] > 1 else "")
-            for index, (lr, name) in enumerate(zip(lrs, names)):
-                group = name or (f"pg{index + 1}" if len(lrs) > 1 else None)
-                metrics[f"{key}/{group}" if group else key] = lr
+        metrics.update(self._steps.lr_metrics(prefix))
         metrics.update({f"{prefix}/{path}": value for path, value in self.momentum_attribute_values().items()})
         if self.options.skip_non_finite:
             metrics[f"{prefix}/skipped_updates"] = float(self.skipped_updates)
@@ -700,7 +634,7 @@ class ScaledEMA:
                     " (it was written in another mode): load a state written in the same mode"
                 )
         self.averager.load_state_dict(state)  # checks every tensor before the first copy
-        self._restore_hyperparameters()
+        self._steps.restore()
         self._reset_clock()
         if self._base is None and state["base_batch_size"] is not None:  # the saved base keeps the horizon
             self._base = int(state["base_batch_size"])
@@ -741,13 +675,3 @@ def _initializes_state(optimizer: Optimizer) -> bool:
     loading it (no state yet, every learning rate set to 0), not a training step."""
     groups = optimizer.param_groups
     return not optimizer.state and bool(groups) and all(float(group.get("lr", 1.0)) == 0.0 for group in groups)
-
-
-def _unwrap(optimizer: Any) -> Optimizer:
-    """The torch optimizer inside a Fabric or Lightning wrapper (``.optimizer``), or ``optimizer`` itself."""
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), Optimizer):  # Fabric's wrapper subclasses the optimizer
-        inner = inner.optimizer
-    if not isinstance(inner, Optimizer):
-        raise TypeError(f"`optimizers` must be torch optimizers, got {type(optimizer).__name__}")
-    return inner

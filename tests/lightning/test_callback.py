@@ -487,7 +487,7 @@ def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_shardin
     from lightning.pytorch.trainer.states import TrainerFn
 
     callback = EMAScalingCallback()
-    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), ckpt_path=None)
     state = {"sharded_ema_in_state_dict": "_emascale.ema.", "model_holds_ema": True}
     with pytest.raises(RuntimeError, match=r"resume it with the strategy and sharding it was saved with; to change"):
         callback.on_load_checkpoint(fitting, TinyModel(), {"callbacks": {callback.state_key: state}})
