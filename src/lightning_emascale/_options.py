@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from lightning_emascale import _polyak as polyak
-from lightning_emascale import _power as power
-from lightning_emascale import _teacher as teacher
 from lightning_emascale._checks import (
     as_real,
     as_str,
@@ -22,6 +18,7 @@ from lightning_emascale._checks import (
     check_positive_int,
 )
 from lightning_emascale._flat_group import EMAPrecision
+from lightning_emascale.post_hoc_math import check_sigma_rel
 from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
 from lightning_emascale.schedules import cosine_schedule
 
@@ -66,9 +63,11 @@ class EMAOptions:
             object.__setattr__(self, name, value)
 
         schedule = self.momentum_schedule
-        if self.sigma_rels is not None:  # no momentum: nothing of the schedule below applies to it
-            for name, value in power.check_options(self).items():
-                store(name, value)
+        if self.sigma_rels is not None:  # a post-hoc EMA has no momentum: nothing of the schedule below applies
+            store("sigma_rels", _check_sigma_rels(self.sigma_rels))
+            every = check_positive_int(self.snapshot_every_samples, "snapshot_every_samples")
+            store("snapshot_every_samples", every)
+            store("snapshot_dir", _check_directory(self.snapshot_dir, "snapshot_dir"))
         elif self.snapshot_every_samples is not None or self.snapshot_dir is not None:
             raise ValueError("`snapshot_every_samples` and `snapshot_dir` belong to a post-hoc EMA: give `sigma_rels`")
         elif callable(schedule):
@@ -125,25 +124,11 @@ class EMAOptions:
             raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
         if self.freeze_teachers and not self.teachers:
             raise ValueError("`freeze_teachers=True` freezes the teachers of teacher mode: give `teachers` too")
-        # each mode checks the options that clash with it
-        if self.sigma_rels is not None:
-            power.check_late_options(self)
-        elif self.teachers:
-            teacher.check_options(self)
-        else:
-            polyak.check_options(self)
         if self.momentum_attributes and self.base_batch_size is None:
             raise ValueError(
                 "`momentum_attributes` are scaled per micro-batch from its first forward on, so they need"
                 " `base_batch_size` (the global batch size their momenta were tuned at)"
             )
-
-    @classmethod
-    def pick(cls, arguments: Mapping[str, Any]) -> EMAOptions:
-        """The options among ``arguments`` (an adapter's constructor arguments, by name), checked. An adapter
-        forwards its arguments by keyword through this and validates none of them itself."""
-        names = [field.name for field in dataclasses.fields(cls)]
-        return cls(**{name: arguments[name] for name in names if name in arguments})
 
     @property
     def mode(self) -> str:
@@ -171,6 +156,24 @@ class EMAOptions:
             return self.momentum
         assert self.final_momentum is not None
         return cosine_schedule(progress, start=self.momentum, end=self.final_momentum)
+
+
+def _check_sigma_rels(value: Any) -> tuple[float, ...]:
+    values = getattr(value, "tolist", lambda: value)()  # a numpy array or tensor too
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"`sigma_rels` must be a non-empty sequence of numbers, got {value!r}")
+    checked = tuple(check_sigma_rel(item) for item in values)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"`sigma_rels` must be distinct, got {list(checked)}")
+    return checked
+
+
+def _check_directory(value: Any, name: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"`{name}` must be a directory path, got {value!r}")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"`{name}`={os.fspath(value)!r} is an existing file, not a directory")
+    return os.fspath(value)
 
 
 def _option(name: str) -> property:

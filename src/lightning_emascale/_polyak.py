@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -23,12 +23,10 @@ from torch.autograd.graph import increment_version
 
 from lightning_emascale._averager import Averager, Update, all_finite
 from lightning_emascale._flat_group import EMAPrecision
+from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
 from lightning_emascale._sharded import clean_name
 from lightning_emascale._store import TensorStore
-
-if TYPE_CHECKING:
-    from lightning_emascale._options import EMAOptions
 
 #: The options only a Polyak EMA takes, and why another mode refuses each.
 POLYAK_ONLY = {

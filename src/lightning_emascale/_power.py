@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lightning_emascale._averager import Averager, Update
-from lightning_emascale._checks import check_positive_int
+from lightning_emascale._options import EMAOptions
 from lightning_emascale._polyak import PolyakEMA, refuse_polyak_only
 from lightning_emascale.post_hoc import snapshot_path, write_snapshot
-from lightning_emascale.post_hoc_math import check_sigma_rel, gamma_from_sigma_rel, power_beta
-
-if TYPE_CHECKING:
-    from lightning_emascale._options import EMAOptions
+from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
 #: The options a post-hoc EMA has no use for, and their defaults.
 _MOMENTUM_OPTIONS = (
@@ -31,31 +28,13 @@ _MOMENTUM_OPTIONS = (
 )  # fmt: skip
 
 
-def check_options(options: EMAOptions) -> dict[str, Any]:
-    """A post-hoc EMA's own checks; returns the normalized ``sigma_rels``, ``snapshot_every_samples`` and
-    ``snapshot_dir`` for the options to store."""
+def check_options(options: EMAOptions) -> None:
+    """A post-hoc EMA's own checks: it has no momentum, keeps fp32 copies, and swaps nothing."""
     given = {name: getattr(options, name) for name, default in _MOMENTUM_OPTIONS if getattr(options, name) != default}
     if given:
         raise ValueError(
             f"{given} have no effect on a post-hoc EMA, whose power EMAs have no momentum and stay in fp32: drop them"
         )
-    values = getattr(options.sigma_rels, "tolist", lambda: options.sigma_rels)()  # a numpy array or tensor too
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(f"`sigma_rels` must be a non-empty sequence of numbers, got {options.sigma_rels!r}")
-    checked = tuple(check_sigma_rel(value) for value in values)
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"`sigma_rels` must be distinct, got {list(checked)}")
-    every = check_positive_int(options.snapshot_every_samples, "snapshot_every_samples")
-    directory = options.snapshot_dir
-    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
-        raise ValueError(f"`snapshot_dir` must be a directory path, got {directory!r}")
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"`snapshot_dir`={os.fspath(directory)!r} is an existing file, not a directory")
-    return {"sigma_rels": checked, "snapshot_every_samples": every, "snapshot_dir": os.fspath(directory)}
-
-
-def check_late_options(options: EMAOptions) -> None:
-    """The checks that need every option normalized first: the Polyak-only ones."""
     refuse_polyak_only(options)
 
 

@@ -7,17 +7,15 @@ swapped: the teachers are the module's own entries in its checkpoints.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lightning_emascale._averager import Averager, Update, all_finite
+from lightning_emascale._options import EMAOptions
 from lightning_emascale._polyak import refuse_polyak_only
 from lightning_emascale._sharded import is_sharded, local_piece, storage_moved
-
-if TYPE_CHECKING:
-    from lightning_emascale._options import EMAOptions
 
 
 def check_options(options: EMAOptions) -> None:

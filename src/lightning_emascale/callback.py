@@ -30,6 +30,7 @@ from lightning_emascale._lightning import (
     is_one_of,
     spawned_workers,
 )
+from lightning_emascale._modes import options_from
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
 from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
@@ -112,7 +113,7 @@ class EMAScalingCallback(OptionsView, Callback):
         side_stream: bool = True,
         copy_on_swap: bool = False,
     ) -> None:
-        self._set_up(EMAOptions.pick(locals()), evaluate_with_ema, name)
+        self._set_up(options_from(locals()), evaluate_with_ema, name)
 
     def _set_up(self, options: EMAOptions, evaluate_with_ema: Optional[bool], name: str) -> None:
         """What every constructor of this class and its subclasses does with its checked options."""

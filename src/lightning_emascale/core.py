@@ -22,15 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_emascale._attributes import MomentumAttribute
-from lightning_emascale._averager import SAVED_MODES, Averager, Update
+from lightning_emascale._averager import SAVED_MODES, Update
 from lightning_emascale._checks import as_int, check_name
+from lightning_emascale._modes import build_averager, options_from
 from lightning_emascale._module_layout import ModuleLayout, unwrap_module
 from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule
-from lightning_emascale._polyak import PolyakEMA
-from lightning_emascale._power import PowerEMAs
 from lightning_emascale._saved_state import STATE_FORMAT, check_state
 from lightning_emascale._scaled_optimizers import ScaledOptimizers
-from lightning_emascale._teacher import TeacherEMA, freeze_teachers
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.rules import RuleLike
 
@@ -129,7 +127,7 @@ class ScaledEMA:
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> None:
-        self._build(module, optimizers, EMAOptions.pick(locals()), auto_end_step, total_samples_from)
+        self._build(module, optimizers, options_from(locals()), auto_end_step, total_samples_from)
 
     @classmethod
     def from_options(
@@ -171,7 +169,9 @@ class ScaledEMA:
         self._auto_end_step = auto_end_step
         self.total_samples_from = total_samples_from
         #: What is averaged: a Polyak copy, teacher pairs or power EMAs (an :class:`Averager`).
-        self.averager = _build_averager(self.layout, options)
+        # FSDP1 gathers from the flat parameter: a swap copies
+        copy_on_swap = options.copy_on_swap or self.layout.fsdp1_root is not None
+        self.averager = build_averager(self.module, options, copy_on_swap)
         #: Whether the optimizer's pre-step hook waits for the side stream. An adapter whose loop runs the closure
         #: (forward and backward) inside ``optimizer.step()`` sets it False and calls :meth:`wait` after the
         #: closure instead, so that the update overlaps them there too (Lightning's ``on_before_optimizer_step``).
@@ -649,25 +649,6 @@ class ScaledEMA:
             f"{type(self).__name__}({self.averager.describe()}, base_batch_size={self._base},"
             f" rule={self.options.rule!r}, samples_seen={self._samples_seen}, optimizer_steps={self._optimizer_steps})"
         )
-
-
-def _build_averager(layout: ModuleLayout, options: EMAOptions) -> Averager:
-    """The averager of the mode ``options`` ask for, over the module ``layout`` holds (the one place a mode is
-    picked)."""
-    module = layout.module
-    if options.mode == "teacher":
-        assert options.teachers is not None
-        if options.freeze_teachers:
-            freeze_teachers(module, options.teachers)
-        return TeacherEMA.from_module(module, options.teachers)
-    if options.mode == "post_hoc":
-        assert options.sigma_rels is not None
-        return PowerEMAs(
-            module, options.sigma_rels, options.include, options.exclude, options.snapshot_every_samples,
-            options.snapshot_dir,
-        )  # fmt: skip
-    # FSDP1 gathers from the flat parameter: a swap copies
-    return PolyakEMA.for_options(module, options, options.copy_on_swap or layout.fsdp1_root is not None)
 
 
 def _initializes_state(optimizer: Optimizer) -> bool:

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_emascale._options import EMAOptions
+from lightning_emascale._modes import options_from
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.rules import OptimizerRule
 
@@ -63,7 +63,7 @@ class PostHocEMACallback(EMAScalingCallback):
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
             raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")
-        options = EMAOptions.pick({**locals(), "snapshot_dir": directory})
+        options = options_from({**locals(), "snapshot_dir": directory})
         self._set_up(options, evaluate_with_ema=False, name=name)
 
     @property

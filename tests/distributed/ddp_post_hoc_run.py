@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from helpers import TinyModel, make_trainer
 
-import lightning_emascale.core as core
+import lightning_emascale._power as power
 from lightning_emascale import PostHocEMACallback
 
 
@@ -19,14 +19,14 @@ class Check(L.Callback):
         self.ema, self.out_dir = ema, out_dir
 
     def setup(self, trainer, pl_module, stage):
-        write = core.write_snapshot
+        write = power.write_snapshot
 
         def recording(*args, **kwargs):  # who writes: rank 0 only
             with open(self.out_dir / f"writer-{trainer.global_rank}.txt", "a") as log:
                 log.write(f"{args[1]}\n")
             return write(*args, **kwargs)
 
-        core.write_snapshot = recording
+        power.write_snapshot = recording
 
     def on_train_end(self, trainer, pl_module):
         assert trainer.world_size == 2 and self.ema.kappa == 2.0, self.ema.kappa
