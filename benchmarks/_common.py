@@ -1,10 +1,14 @@
-"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, ratios."""
+"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, ratios, a busy second core."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -61,3 +65,59 @@ def print_table(title: str, medians: dict[str, float], floor: str, notes: dict[s
         print(f"{name:<44} {seconds * 1e3:>10.2f} {seconds / medians[floor]:>8.2f}")
     for name, note in notes.items():
         print(f"{name:<44} {'fails':>10}   {note}")
+
+
+# The load of `busy_core`: what a dataloader worker does to a core (one thread, compute and memory traffic).
+_BUSY = """
+import os, sys, torch
+os.nice(19)  # below the timed process, as a dataloader worker should be
+torch.set_num_threads(1)
+torch.manual_seed(0)
+parent = os.getppid()
+net = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+)
+images = torch.randn(8, 3, 64, 64)
+net(images).sum().backward()
+print("ready", flush=True)
+while os.getppid() == parent:  # the parent died without stopping it: stop
+    net(images).square().mean().backward()
+"""
+
+
+class BusyCore:
+    """A running background load (see :func:`busy_core`)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.started, self.start_seconds = time.perf_counter(), self._cpu_seconds()
+
+    def _cpu_seconds(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def cpu_share(self) -> float:
+        """CPU seconds the load has used per wall second since it was ready (1.0: one whole core)."""
+        return (self._cpu_seconds() - self.start_seconds) / (time.perf_counter() - self.started)
+
+
+@contextmanager
+def busy_core() -> Iterator[BusyCore]:
+    """Keep one core busy for the duration of the block, as a dataloader worker does: a child process at
+    ``nice 19`` running a small conv net forward/backward on one thread. It is stopped at the end, also on error
+    (terminate, then kill if it has not exited after 5 s)."""
+    process = subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the busy-core process failed to start (exit code {process.wait()})")
+        yield BusyCore(process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,6 +1,6 @@
 """One EMA update: lightning-emascale against the floor and against peer libraries, in one process.
 
-    python benchmarks/ema_update.py [--runs 2] [--repeats 25] [--device cpu|cuda] [--memory]
+    python benchmarks/ema_update.py [--runs 2] [--repeats 25] [--device cpu|cuda] [--memory] [--threads N] [--busy]
 
 Floor: one flat fp32 ``lerp_`` over as many elements as the model has (the memory traffic any EMA must pay).
 Each candidate is built alone and timed interleaved with the floor (so that memory holds one EMA copy at a time).
@@ -10,14 +10,20 @@ Peers: timm ``ModelEmaV3``, ema-pytorch ``EMA`` (per tensor and ``use_foreach``)
 the median over repetitions of (candidate / floor) timed back to back, so that drift of the machine cancels; the
 table shows the median of the runs' ratios and their spread. On a GPU each timing
 covers ``--inner`` updates back to back (20 by default). ``--memory`` runs every candidate in a fresh process and
-prints its peak memory over the model alone: resident memory on a CPU, allocated GPU memory on a GPU. Needs the
-``bench`` extra.
-Targets: fp32 <= 1.05x the floor; a bf16 model with an fp32 EMA <= 1.2x.
+prints its peak memory over the model alone: resident memory on a CPU, allocated GPU memory on a GPU.
+``--threads N`` sets ``torch.set_num_threads(N)`` for the timed process (default: torch's own, one per core).
+``--busy`` keeps one other core busy for the whole measurement, as dataloader workers do: a background process at
+``nice 19`` runs a small conv net forward/backward on one thread (``_common.busy_core``; its CPU share is printed).
+On a 2-core CPU run it with ``--threads 1`` and ``--threads 2``: with 2 threads every op's second thread competes
+with the load. Needs the ``bench`` extra.
+Targets: fp32 <= 1.05x the floor; a bf16 model with an fp32 EMA <= 1.2x (idle; with ``--busy`` the same targets
+are printed, for comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import resource
 import subprocess
@@ -28,12 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import paired_ratio
+from _common import busy_core, paired_ratio
 
-from lightning_emascale._ema import EMAState, reference_update
+from lightning_emascale._averager import Update
+from lightning_emascale._polyak import PolyakEMA
+from lightning_emascale._store import reference_update
 
 FLOOR = "floor: one flat fp32 lerp_"
-OURS = "lightning-emascale EMAState.update"
+OURS = "lightning-emascale PolyakEMA.update"
 FLAT = "lightning-emascale, flat_parameters=True"
 TARGETS = {False: 1.05, True: 1.2}
 
@@ -59,14 +67,14 @@ def make(name: str, model: torch.nn.Module, bf16: bool) -> Callable[[], None]:
         flat, flat_ema = torch.randn(n, device=floats[0].device), torch.randn(n, device=floats[0].device)
         return lambda: flat_ema.lerp_(flat, 1e-3)
     if name == OURS:
-        ours = EMAState.from_module(model)
-        return lambda: ours.update(0.999)
+        ours = PolyakEMA.from_module(model)
+        return lambda: ours.update(Update(0.999))
     if name == FLAT:
         flat_model = copy.deepcopy(model)  # its tensors move into the EMA's layout; the others keep theirs
-        flat_state = EMAState.from_module(flat_model, flat_parameters=True)
-        return lambda: flat_state.update(0.999)
+        flat_state = PolyakEMA.from_module(flat_model, flat_parameters=True)
+        return lambda: flat_state.update(Update(0.999))
     if name == "per-tensor reference (reference_update)":
-        reference = EMAState.from_module(model)
+        reference = PolyakEMA.from_module(model)
         return lambda: reference_update(reference.averages, reference.tracked, 0.999)
     if name == "timm ModelEmaV3 (foreach)":
         from timm.utils.model_ema import ModelEmaV3
@@ -158,10 +166,24 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each candidate")
     parser.add_argument("--only", nargs="+", default=None, help="candidates whose name starts with one of these")
     parser.add_argument("--inner", type=int, default=None, help="updates per timing (default: 1 CPU, 20 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the timed process")
+    parser.add_argument("--busy", action="store_true", help="keep another core busy (a nice-19 1-thread conv net)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     inner = args.inner or (20 if args.device.startswith("cuda") else 1)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, device {args.device} ({where}), runs {args.runs}, inner {inner}")
+    load = ", another core busy (nice-19 1-thread conv net)" if args.busy else ""
+    print(f"torch {torch.__version__}, device {args.device} ({where}), runs {args.runs}, inner {inner}{load}")
+    with busy_core() if args.busy else contextlib.nullcontext() as busy:
+        measure(args, inner)
+        if busy is not None:
+            print(f"(the busy process used {busy.cpu_share():.2f} of a core during the measurement)")
+    print(f"(max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+
+
+def measure(args: argparse.Namespace, inner: int) -> None:
+    """Every table: each model, fp32 and bf16."""
     for model_name in args.models:
         for bf16 in (False, True):
             model = build(model_name, args.device, bf16)
@@ -202,9 +224,8 @@ def main() -> None:
                 print(f"lightning-emascale: {worst:.2f}x the floor at worst (target <= {target}x): {verdict}")
             if FLAT in chosen:
                 flat_verdict = "OK" if flat_worst <= target else "OVER"
-                print(f"  with flat_parameters=True: {flat_worst:.2f}x at worst: {flat_verdict}")
+                print(f"  with flat_parameters=True (deprecated): {flat_worst:.2f}x at worst: {flat_verdict}")
             del model, floor
-    print(f"(max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -18,6 +19,7 @@ from lightning_emascale._checks import (
     check_positive_int,
 )
 from lightning_emascale._flat_group import EMAPrecision
+from lightning_emascale._warnings import caller_level
 from lightning_emascale.post_hoc_math import check_sigma_rel
 from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
 from lightning_emascale.schedules import cosine_schedule
@@ -25,6 +27,11 @@ from lightning_emascale.schedules import cosine_schedule
 #: ``"constant"``, ``"cosine"`` (from ``momentum`` to ``final_momentum``) or a callable of progress in [0, 1].
 MomentumSchedule = Union[Literal["constant", "cosine"], Callable[[float], float]]
 DEFAULT_MOMENTUM = 0.999
+FLAT_PARAMETERS_DEPRECATED = (
+    "`flat_parameters=True` is deprecated and will be removed in the next release: it made no whole training step"
+    " faster (ResNet-50 on a 2-core CPU: +1.7 ms, -4.4 to +7.2, per 400 ms step; ViT-B on an H200: 28.6 ms against"
+    " 24.6 ms for the default), and the default update keeps its cost near one flat lerp. Drop the argument."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,6 +127,8 @@ class EMAOptions:
         store("exclude", check_names(self.exclude, "exclude"))
         for name in ("skip_non_finite", "freeze_teachers", "flat_parameters", "offload", "side_stream", "copy_on_swap"):
             store(name, check_bool(getattr(self, name), name))
+        if self.flat_parameters:
+            warnings.warn(FLAT_PARAMETERS_DEPRECATED, FutureWarning, stacklevel=caller_level())
         if self.include == ():
             raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
         if self.freeze_teachers and not self.teachers:

@@ -7,14 +7,10 @@ the module is not deep-copied (so modules that cannot be copied work). Its tenso
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from types import FrameType
 from typing import Any, Optional
 
 import torch
@@ -27,6 +23,7 @@ from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
 from lightning_emascale._sharded import clean_name
 from lightning_emascale._store import TensorStore
+from lightning_emascale._warnings import caller_level
 
 #: The options only a Polyak EMA takes, and why another mode refuses each.
 POLYAK_ONLY = {
@@ -280,7 +277,7 @@ class PolyakEMA(Averager):
                 f"{shown} ({len(written)} tensors) were written in place while the EMA was swapped in (an optimizer"
                 " step, test-time adaptation, `load_state_dict`): they pointed at the EMA's own storage, so the EMA"
                 " now holds those writes. Evaluate on a copy with `copy_on_swap=True` if the EMA must not change.",
-                stacklevel=_caller_level(),
+                stacklevel=caller_level(),
             )
 
     def _shares_average(self, index: int) -> bool:
@@ -374,17 +371,3 @@ class PolyakEMA(Averager):
 def _bump(tensors: list[Tensor]) -> None:
     for tensor in tensors:  # one at a time: torch < 2.5 takes a single tensor
         increment_version(tensor)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside this package, contextlib and torch, for a warning issued by
-    the function that calls this one (so that it points at the user's line)."""
-    skipped = tuple(
-        os.path.abspath(path)
-        for path in (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
-    )
-    frame: Optional[FrameType] = sys._getframe(2)  # the frame that called the warning's issuer
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(skipped):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -18,6 +18,7 @@ agree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Optional, Protocol
@@ -25,7 +26,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_for, is_dense
+from lightning_emascale._cpu_split import Share, deal, run_split
+from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_for, is_dense, lerp_cast
 from lightning_emascale._offload import Offload
 from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
 from lightning_emascale._side_stream import SideStream
@@ -140,6 +142,9 @@ class TensorStore:
         #: that sets it must :meth:`join` before the tracked tensors are written again (the next optimizer step).
         self.use_side_stream = False
         self._pointers: list[int] = []  # the tracked tensors' storage at the last update
+        self._on_cpu = False  # every tracked tensor is on the CPU (set when the storage is looked at)
+        self._shares: list[Share] = []  # the CPU update's pieces, dealt to threads
+        self._shares_threads = 0
         self._recorded = False  # every storage the update touches is recorded on the side stream
 
     @property
@@ -191,13 +196,32 @@ class TensorStore:
             for group in self.groups:
                 group.follow()
             self._pointers = pointers
+            self._on_cpu = bool(self.tracked) and all(tensor.device.type == "cpu" for tensor in self.tracked)
+            self._shares = []
         if self._offload is not None:
             self._offload.update(weight)  # on the training stream: the copy reads buffers the forward writes
+            return
+        if self._on_cpu and only_if is None:
+            run_split(self._cpu_shares(), weight)
             return
         side = self._launch(only_if, moved)
         self._update_part(weight, only_if, buffers=True)  # the next forward writes them: on the training stream
         with side:
             self._update_part(weight, only_if, buffers=False)
+
+    def _cpu_shares(self) -> list[Share]:
+        """The CPU update's pieces dealt to torch's threads (dealt again after the storage or the count changed)."""
+        threads = torch.get_num_threads()
+        if not self._shares or self._shares_threads != threads:
+            pieces = [piece for group in self.groups for piece in group.cpu_pieces()]
+            pieces += [(tensor.numel(), functools.partial(lerp_cast, ema, tensor)) for ema, tensor in self.loose]
+            if self.copies[0]:
+                pieces.append((sum(t.numel() for t in self.copies[1]), self._copy_constants))
+            self._shares, self._shares_threads = deal(pieces, threads), threads
+        return self._shares
+
+    def _copy_constants(self, weight: float, share: int) -> None:
+        torch._foreach_copy_(*self.copies)
 
     def follow(self) -> None:
         """Read a sharded tensor's local piece from where its ``DTensor`` keeps it now (FSDP2 re-creates the piece
@@ -252,6 +276,7 @@ class TensorStore:
     def refresh(self) -> None:
         """Read the tracked tensors' current storage from now on (after ``module.to(...)`` replaced ``.data``)."""
         self._pointers = []  # the next update looks again
+        self._shares = []
         for group in self.groups:
             group.follow()
 

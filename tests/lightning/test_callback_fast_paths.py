@@ -5,10 +5,14 @@ waits for the side stream only where Lightning does not call `on_before_optimize
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import TinyModel, make_trainer
 
 from lightning_emascale import EMAScalingCallback
+
+# flat_parameters is deprecated (test_flat_parameters_is_deprecated_with_the_measurements): its tests silence that
+pytestmark = pytest.mark.filterwarnings("ignore:`flat_parameters=True` is deprecated:FutureWarning")
 
 
 def test_flat_parameters_in_a_fit_give_the_same_ema_and_checkpoints(tmp_path):

@@ -13,6 +13,9 @@ from helpers import Annealed, trained
 
 from lightning_emascale import SampleClockLR, ScaledEMA
 
+# flat_parameters is deprecated (test_flat_parameters_is_deprecated_with_the_measurements): its tests silence that
+pytestmark = pytest.mark.filterwarnings("ignore:`flat_parameters=True` is deprecated:FutureWarning")
+
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -104,3 +107,15 @@ def test_metric_prefixes_counters_and_last_epoch_are_checked(tmp_path):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=r"`last_epoch` must be an integer >= -1 \(-1 starts afresh\), got 'x'"):
         SampleClockLR(optimizer, lambda progress: 1.0, last_epoch="x")
+
+
+def test_flat_parameters_is_deprecated_with_the_measurements():
+    """No whole training step was faster with it (benchmarks/ema_update.py, benchmarks/cuda_step.py): it warns for one
+    release, at the user's line, and still works."""
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(FutureWarning, match=r"`flat_parameters=True` is deprecated .* no whole training step") as seen:
+        ema = ScaledEMA(model, flat_parameters=True)
+    assert seen[0].filename == __file__
+    ema.count_samples(4)
+    ema.end_step()
+    assert ema.ema_updates == 1

@@ -9,6 +9,9 @@ import torch
 
 from lightning_emascale import ScaledEMA
 
+# flat_parameters is deprecated (test_flat_parameters_is_deprecated_with_the_measurements): its tests silence that
+pytestmark = pytest.mark.filterwarnings("ignore:`flat_parameters=True` is deprecated:FutureWarning")
+
 
 def test_reset_while_swapped_raises_before_the_clock_changes():
     model = torch.nn.Linear(4, 4)

@@ -165,7 +165,7 @@ class _Zoo(torch.nn.Module):
 def test_the_flat_fast_path_equals_the_reference_bit_for_bit(dtype, block, monkeypatch):
     from lightning_emascale import _flat_group
 
-    monkeypatch.setattr(_flat_group, "block_elements", lambda device_type: block)  # many blocks, or one
+    monkeypatch.setattr(_flat_group, "block_elements", lambda device_type, total: block)  # many blocks, or one
     model = _Zoo(dtype)
     state = PolyakEMA.from_module(model)
     reference = [average.clone() for average in state.averages]
@@ -426,3 +426,75 @@ def test_buffers_are_grouped_apart_from_parameters():
     kinds = {group.buffers: {id(t) for t in group.models} for group in state.store.groups}
     assert kinds[True] == {id(model[1].running_mean), id(model[1].running_var)}
     assert id(model[0].weight) in kinds[False]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_update_split_across_threads_equals_the_reference_bit_for_bit(dtype, threads, monkeypatch):
+    """On a CPU the update's pieces are dealt to torch's threads, one intra-op thread each: same values, any count."""
+    from lightning_emascale import _flat_group
+
+    monkeypatch.setattr(_flat_group, "block_elements", lambda device_type, total: 1 << 10)  # many blocks to deal
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = _Zoo(dtype)
+        state = PolyakEMA.from_module(model)
+        reference = [average.clone() for average in state.averages]
+        for step in range(3):
+            with torch.no_grad():
+                for tensor in state.tracked:
+                    tensor.add_(
+                        torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype)
+                        if tensor.is_floating_point()
+                        else 1
+                    )
+            state.update(Update(0.7 ** (step + 1)))
+            reference_update(reference, state.tracked, 0.7 ** (step + 1))
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+        shares = state.store._cpu_shares()
+        assert len(shares) == threads  # many pieces: one share per thread
+        for name, fast, slow in zip(state.names, state.averages, reference):
+            assert torch.equal(fast, slow), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_deal_cuts_the_pieces_in_order_into_even_runs_and_merges_the_lerps():
+    from lightning_emascale._cpu_split import deal
+    from lightning_emascale._flat_group import Lerp
+
+    calls = []
+    pieces = [(10, lambda w, i, k=k: calls.append(k)) for k in range(4)]
+    shares = deal(pieces, 2)
+    assert [len(share) for share in shares] == [2, 2]
+    for index, share in enumerate(shares):
+        for piece in share:
+            piece(0.5, index)
+    assert calls == [0, 1, 2, 3]
+    views, models = [torch.zeros(3) for _ in range(3)], [torch.ones(3) for _ in range(3)]
+    (merged,) = deal([(3, Lerp(v, m)) for v, m in zip(views, models)], 1)
+    assert len(merged) == 1  # one _foreach_lerp_ for the three
+    merged[0](0.25, 0)
+    assert all(torch.equal(v, torch.full((3,), 0.25)) for v in views)
+    assert len(deal(pieces, 8)) == 4  # never more shares than pieces
+
+
+def test_a_failing_piece_raises_after_every_share_has_finished(monkeypatch):
+    from lightning_emascale import _cpu_split
+
+    finished = []
+
+    def fails(weight, index):
+        raise RuntimeError("piece failed")
+
+    def slow(weight, index):
+        finished.append(index)
+
+    with pytest.raises(RuntimeError, match="piece failed"):
+        _cpu_split.run_split([[fails], [slow], [slow]], 0.5)
+    assert sorted(finished) == [1, 2]
+    pool = _cpu_split._workers(2)
+    assert _cpu_split._workers(2) is pool
+    monkeypatch.setattr(_cpu_split.os, "getpid", lambda: -1)  # a forked child: its parent's threads are not there
+    assert _cpu_split._workers(2) is not pool
