@@ -70,7 +70,7 @@ def print_table(title: str, medians: dict[str, float], floor: str, notes: dict[s
 # The load of `busy_core`: what a dataloader worker does to a core (one thread, compute and memory traffic).
 _BUSY = """
 import os, sys, torch
-os.nice(19)  # below the timed process, as a dataloader worker should be
+os.nice(int(sys.argv[1]))  # 19: below the timed process; 0: beside it, as a dataloader worker is by default
 torch.set_num_threads(1)
 torch.manual_seed(0)
 parent = os.getppid()
@@ -104,11 +104,11 @@ class BusyCore:
 
 
 @contextmanager
-def busy_core() -> Iterator[BusyCore]:
+def busy_core(nice: int = 19) -> Iterator[BusyCore]:
     """Keep one core busy for the duration of the block, as a dataloader worker does: a child process at
-    ``nice 19`` running a small conv net forward/backward on one thread. It is stopped at the end, also on error
-    (terminate, then kill if it has not exited after 5 s)."""
-    process = subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.PIPE, text=True)
+    ``nice`` (19: the lowest priority; 0: a worker's own) running a small conv net forward/backward on one thread.
+    It is stopped at the end, also on error (terminate, then kill if it has not exited after 5 s)."""
+    process = subprocess.Popen([sys.executable, "-c", _BUSY, str(int(nice))], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         if process.stdout.readline().strip() != "ready":

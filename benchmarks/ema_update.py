@@ -12,8 +12,9 @@ table shows the median of the runs' ratios and their spread. On a GPU each timin
 covers ``--inner`` updates back to back (20 by default). ``--memory`` runs every candidate in a fresh process and
 prints its peak memory over the model alone: resident memory on a CPU, allocated GPU memory on a GPU.
 ``--threads N`` sets ``torch.set_num_threads(N)`` for the timed process (default: torch's own, one per core).
-``--busy`` keeps one other core busy for the whole measurement, as dataloader workers do: a background process at
-``nice 19`` runs a small conv net forward/backward on one thread (``_common.busy_core``; its CPU share is printed).
+``--busy [NICE]`` keeps one other core busy for the whole measurement, as dataloader workers do: a background process
+at ``nice`` 19 (or ``NICE``; 0 is a worker's own priority) runs a small conv net forward/backward on one thread
+(``_common.busy_core``; its CPU share is printed).
 On a 2-core CPU run it with ``--threads 1`` and ``--threads 2``: with 2 threads every op's second thread competes
 with the load. Needs the ``bench`` extra.
 Targets: fp32 <= 1.05x the floor; a bf16 model with an fp32 EMA <= 1.2x (idle; with ``--busy`` the same targets
@@ -167,15 +168,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="candidates whose name starts with one of these")
     parser.add_argument("--inner", type=int, default=None, help="updates per timing (default: 1 CPU, 20 GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the timed process")
-    parser.add_argument("--busy", action="store_true", help="keep another core busy (a nice-19 1-thread conv net)")
+    parser.add_argument(
+        "--busy", type=int, nargs="?", const=19, default=None, metavar="NICE",
+        help="keep another core busy with a 1-thread conv net at this niceness (19 if not given; 0: a worker's own)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     inner = args.inner or (20 if args.device.startswith("cuda") else 1)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
-    load = ", another core busy (nice-19 1-thread conv net)" if args.busy else ""
+    load = f", another core busy (nice-{args.busy} 1-thread conv net)" if args.busy is not None else ""
     print(f"torch {torch.__version__}, device {args.device} ({where}), runs {args.runs}, inner {inner}{load}")
-    with busy_core() if args.busy else contextlib.nullcontext() as busy:
+    with busy_core(args.busy) if args.busy is not None else contextlib.nullcontext() as busy:
         measure(args, inner)
         if busy is not None:
             print(f"(the busy process used {busy.cpu_share():.2f} of a core during the measurement)")

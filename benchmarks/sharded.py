@@ -106,7 +106,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     params = args.layers * (args.width * args.width + args.width)
-    print(f"torch {torch.__version__}, {args.device}, MLP {args.layers} x {args.width} ({params / 1e6:.1f}M params, fp32)")
+    print(
+        f"torch {torch.__version__}, {args.device}, MLP {args.layers} x {args.width} ({params / 1e6:.1f}M params, fp32)"
+    )
     print(
         f"{'ranks':>5} {'rank':>4} {'shard MiB':>10} {'EMA MiB':>8} {'EMA/shard':>9} {'full-copy EMA MiB':>17}"
         f" {'update ms':>9} {'floor ms':>8} {'x floor':>7} {'spread':>11}"

@@ -40,7 +40,7 @@ def deal(pieces: Sequence[Piece], threads: int) -> list[Share]:
             shares.append([])
         shares[-1].append(fn)
         done += elements
-    return [merge(share) for share in shares]
+    return [merge(share) for share in shares if share]
 
 
 def merge(share: Share) -> Share:
@@ -60,8 +60,9 @@ def merge(share: Share) -> Share:
 def run_split(shares: Sequence[Share], weight: float) -> None:
     """Run every share's pieces with ``weight``: one share in this thread as it is; several side by side, this
     thread taking the first, each on one intra-op thread; then wait for all (and raise what one raised)."""
-    if len(shares) == 1:
-        _run(shares[0], weight, 0)
+    if len(shares) <= 1:
+        for share in shares:
+            _run(share, weight, 0)
         return
     pool = _workers(len(shares) - 1)
     pending = [pool.submit(_run_alone, share, weight, index) for index, share in enumerate(shares[1:], start=1)]

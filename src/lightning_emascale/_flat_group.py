@@ -27,6 +27,9 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # in dispatch when updated one by one).
 _SMALL = 1 << 16
 _GPU_BLOCK = 1 << 24  # elements of the staging block on a GPU (64 MiB in fp32): launches, not cache, matter there
+# What one more tensor in an op costs on a CPU, in elements of a one-thread lerp (~1 us of dispatch), for dealing the
+# update's pieces evenly to threads.
+_PER_TENSOR = 1 << 11
 _CPU_BLOCK = 1 << 20  # on a CPU (4 MiB in fp32): measured, see block_elements
 
 
@@ -250,24 +253,47 @@ class FlatGroup:
         if self.big_views:
             torch._foreach_lerp_(self.big_views, self.big_models, weight)
 
+    @property
+    def single_op(self) -> bool:
+        """Whether the update is one op over the whole group (the adopted model, same dtypes): nothing to deal, and
+        one op waits at one barrier only, so it runs on all threads."""
+        return self.model_flat is not None and not self.mixed and not self.per_tensor
+
     def cpu_pieces(self) -> list[Piece]:
         """The update as independent pieces that threads may run side by side, each op on one intra-op thread
-        (:func:`~lightning_emascale._cpu_split.run_split`). The same ops as :meth:`update`, so the same values."""
+        (:mod:`~lightning_emascale._cpu_split`), with what each costs: its elements, plus :data:`_PER_TENSOR` for
+        every tensor an op takes (the dispatch of ``cat`` over many small tensors). The same ops as :meth:`update`
+        on the same elements, so the same values."""
         if self.per_tensor:
-            return [(m.numel(), functools.partial(lerp_cast, v, m)) for v, m in zip(self.views, self.models)]
-        if self.model_flat is not None:  # one op over the group (or one per staging block): nothing to split
-            return [(self.flat.numel(), self._lerp_from_model_flat)]
+            return [
+                (m.numel() + _PER_TENSOR, functools.partial(lerp_cast, v, m)) for v, m in zip(self.views, self.models)
+            ]
+        if self.model_flat is not None:  # the adopted model: one op (see `single_op`), or a cast and a lerp per block
+            step = self.staging.numel()
+            return [
+                (min(step, self.flat.numel() - start), functools.partial(self._flat_range_update, start, start + step))
+                for start in range(0, self.flat.numel(), step)
+            ]
         if self.mixed:
             return [
-                (end - start, functools.partial(self._block_update, start, end, chunks, slices is not None))
+                (
+                    end - start + _PER_TENSOR * len(chunks),
+                    functools.partial(self._block_update, start, end, chunks, slices is not None),
+                )
                 for start, end, chunks, slices in self.blocks
             ]
-        pieces: list[Piece] = [(self.small_end, self._small_update)] if self.small_models else []
-        return pieces + [(m.numel(), Lerp(v, m)) for v, m in zip(self.big_views, self.big_models)]
+        pieces: list[Piece] = []
+        if self.small_models:
+            pieces.append((self.small_end + _PER_TENSOR * len(self.small_models), self._small_update))
+        return pieces + [(m.numel() + _PER_TENSOR, Lerp(v, m)) for v, m in zip(self.big_views, self.big_models)]
 
-    def _lerp_from_model_flat(self, weight: float, share: int) -> None:
+    def _flat_range_update(self, start: int, end: int, weight: float, share: int) -> None:
+        """Elements ``start:end`` of the adopted model's flat buffer, cast through the staging (flat-parameter mode)."""
         assert self.model_flat is not None
-        self.lerp_from_flat(self.model_flat, weight)
+        source = self.model_flat[start:end]
+        stage = self._staging_for(share)[: source.numel()]
+        stage.copy_(source)
+        self.flat[start:end].lerp_(stage, weight)
 
     def _small_update(self, weight: float, share: int) -> None:
         stage = self.staging[: self.small_end]  # one piece only uses the group's own staging

@@ -202,6 +202,9 @@ class TensorStore:
             self._offload.update(weight)  # on the training stream: the copy reads buffers the forward writes
             return
         if self._on_cpu and only_if is None:
+            for group in self.groups:
+                if group.single_op:
+                    group.update(weight)
             run_split(self._cpu_shares(), weight)
             return
         side = self._launch(only_if, moved)
@@ -213,7 +216,7 @@ class TensorStore:
         """The CPU update's pieces dealt to torch's threads (dealt again after the storage or the count changed)."""
         threads = torch.get_num_threads()
         if not self._shares or self._shares_threads != threads:
-            pieces = [piece for group in self.groups for piece in group.cpu_pieces()]
+            pieces = [piece for group in self.groups if not group.single_op for piece in group.cpu_pieces()]
             pieces += [(tensor.numel(), functools.partial(lerp_cast, ema, tensor)) for ema, tensor in self.loose]
             if self.copies[0]:
                 pieces.append((sum(t.numel() for t in self.copies[1]), self._copy_constants))

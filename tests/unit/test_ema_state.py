@@ -428,10 +428,12 @@ def test_buffers_are_grouped_apart_from_parameters():
     assert id(model[0].weight) in kinds[False]
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_cpu_update_split_across_threads_equals_the_reference_bit_for_bit(dtype, threads, monkeypatch):
-    """On a CPU the update's pieces are dealt to torch's threads, one intra-op thread each: same values, any count."""
+def test_the_cpu_update_split_across_threads_equals_the_reference_bit_for_bit(dtype, threads, flat, monkeypatch):
+    """On a CPU the update's pieces are dealt to torch's threads, one intra-op thread each: same values, any count
+    (also the adopted flat buffer of flat_parameters, cast block by block)."""
     from lightning_emascale import _flat_group
 
     monkeypatch.setattr(_flat_group, "block_elements", lambda device_type, total: 1 << 10)  # many blocks to deal
@@ -439,7 +441,7 @@ def test_the_cpu_update_split_across_threads_equals_the_reference_bit_for_bit(dt
     torch.set_num_threads(threads)
     try:
         model = _Zoo(dtype)
-        state = PolyakEMA.from_module(model)
+        state = PolyakEMA.from_module(model, flat_parameters=flat)
         reference = [average.clone() for average in state.averages]
         for step in range(3):
             with torch.no_grad():
@@ -453,7 +455,9 @@ def test_the_cpu_update_split_across_threads_equals_the_reference_bit_for_bit(dt
             reference_update(reference, state.tracked, 0.7 ** (step + 1))
             assert torch.get_num_threads() == threads  # the caller's count is restored
         shares = state.store._cpu_shares()
-        assert len(shares) == threads  # many pieces: one share per thread
+        single = flat and dtype == torch.float32  # one lerp over each adopted group, on all threads: not dealt
+        assert all(group.single_op for group in state.store.groups) == single
+        assert len(shares) == (min(threads, 2) if single else threads)  # single: the loose and integer tensors
         for name, fast, slow in zip(state.names, state.averages, reference):
             assert torch.equal(fast, slow), name
     finally:
