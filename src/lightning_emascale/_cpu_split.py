@@ -49,54 +49,60 @@ def merge(share: Share) -> Share:
     lerps = [piece for piece in share if isinstance(piece, Lerp)]
     if len(lerps) < 2:
         return share
-    views, models = [piece.view for piece in lerps], [piece.model for piece in lerps]
+    rest: Share = [piece for piece in share if not isinstance(piece, Lerp)]
+    return [*rest, ForeachLerp([piece.view for piece in lerps], [piece.model for piece in lerps])]
 
-    def foreach_lerp(weight: float, index: int) -> None:
-        torch._foreach_lerp_(views, models, weight)
 
-    return [piece for piece in share if not isinstance(piece, Lerp)] + [foreach_lerp]
+class ForeachLerp:
+    """Lerp many averages toward their same-dtype tensors in one call (a class, not a closure: a store that holds
+    it can be pickled)."""
+
+    def __init__(self, views: list[torch.Tensor], models: list[torch.Tensor]) -> None:
+        self.views, self.models = views, models
+
+    def __call__(self, weight: float, share: int) -> None:
+        torch._foreach_lerp_(self.views, self.models, weight)
 
 
 def run_split(shares: Sequence[Share], weight: float) -> None:
-    """Run every share's pieces with ``weight``: one share in this thread as it is; several side by side, this
-    thread taking the first, each on one intra-op thread; then wait for all (and raise what one raised)."""
+    """Run every share's pieces with ``weight``: one share in this thread as it is; several on as many worker
+    threads, each on one intra-op thread (set once when the worker started: this thread's count never changes),
+    then wait for all and raise what one raised."""
     if len(shares) <= 1:
         for share in shares:
             _run(share, weight, 0)
         return
-    pool = _workers(len(shares) - 1)
-    pending = [pool.submit(_run_alone, share, weight, index) for index, share in enumerate(shares[1:], start=1)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this thread's count (OpenMP keeps one per thread); ~0.2 us to switch
+    pool = _workers(len(shares))
+    pending: list[concurrent.futures.Future] = []
     try:
-        _run(shares[0], weight, 0)
+        for index, share in enumerate(shares):
+            pending.append(pool.submit(_run, share, weight, index))
     finally:
-        torch.set_num_threads(threads)
-        for future in pending:
-            future.exception()  # every share has finished before anything is raised or returned
+        concurrent.futures.wait(pending)  # every share has finished before anything is raised or returned
     for future in pending:
         future.result()
 
 
-@torch.no_grad()
+@torch.no_grad()  # grad mode belongs to each thread
 def _run(share: Share, weight: float, index: int) -> None:
     for piece in share:
         piece(weight, index)
 
 
-def _run_alone(share: Share, weight: float, index: int) -> None:
-    _run(share, weight, index)  # grad mode is per thread: _run sets it here too
-
-
 def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """At least ``count`` worker threads of one intra-op thread each, shared by every store of this process (a
+    forked child makes its own: its parent's threads are not there). The pool only grows."""
     global _pool, _pool_key
     with _lock:
-        key = (os.getpid(), count)
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(
+        pid = os.getpid()
+        if _pool is None or _pool_key[0] != pid or _pool_key[1] < count:
+            threads = torch.get_num_threads()
+            pool = concurrent.futures.ThreadPoolExecutor(
                 count, thread_name_prefix="ema-update", initializer=torch.set_num_threads, initargs=(1,)
             )
-            _pool_key = key
+            started = threading.Barrier(count)
+            concurrent.futures.wait([pool.submit(started.wait) for _ in range(count)])  # every worker exists now
+            # A worker's set_num_threads(1) also became the count new threads start with: give the default back.
+            torch.set_num_threads(threads)
+            _pool, _pool_key = pool, (pid, count)
         return _pool

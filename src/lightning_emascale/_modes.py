@@ -22,12 +22,21 @@ _CHECKS = {"polyak": _polyak.check_options, "teacher": _teacher.check_options, "
 
 def options_from(arguments: Mapping[str, Any]) -> EMAOptions:
     """The options among ``arguments`` (an adapter's constructor arguments, by name), checked: each value, then
-    the options that clash with the mode they choose. An adapter forwards its arguments by keyword through this and
-    checks none of them itself."""
+    the options that clash with the mode they choose (:func:`check`). An adapter forwards its arguments by keyword
+    through this and checks none of them itself."""
+    if arguments.get("sigma_rels") is not None:
+        _power.check_unused(arguments)
     names = [field.name for field in dataclasses.fields(EMAOptions)]
     options = EMAOptions(**{name: arguments[name] for name in names if name in arguments})
-    _CHECKS[options.mode](options)
+    check(options)
     return options
+
+
+def check(options: EMAOptions) -> None:
+    """Raise for options that clash: those the chosen mode refuses (in its own module), then those that need
+    others. Cheap; :meth:`~lightning_emascale.ScaledEMA.from_options` runs it on an adapter's options too."""
+    _CHECKS[options.mode](options)
+    options.check_combinations()
 
 
 def build_averager(module: torch.nn.Module, options: EMAOptions, copy_on_swap: bool) -> Averager:

@@ -129,8 +129,15 @@ class EMAOptions:
             store(name, check_bool(getattr(self, name), name))
         if self.flat_parameters:
             warnings.warn(FLAT_PARAMETERS_DEPRECATED, FutureWarning, stacklevel=caller_level())
+
+    def check_include(self) -> None:
+        """Raise for an empty ``include`` (a mode may ask before its own checks, as ``_teacher`` does)."""
         if self.include == ():
             raise ValueError("`include` is empty, which averages nothing: list what to average, or pass None for all")
+
+    def check_combinations(self) -> None:
+        """The checks of options that need others, run after the mode's own (``_modes.check``)."""
+        self.check_include()
         if self.freeze_teachers and not self.teachers:
             raise ValueError("`freeze_teachers=True` freezes the teachers of teacher mode: give `teachers` too")
         if self.momentum_attributes and self.base_batch_size is None:

@@ -25,37 +25,33 @@ from lightning_emascale._sharded import clean_name
 from lightning_emascale._store import TensorStore
 from lightning_emascale._warnings import caller_level
 
-#: The options only a Polyak EMA takes, and why another mode refuses each.
-POLYAK_ONLY = {
-    "copy_on_swap": (
-        "`copy_on_swap=True` changes how a Polyak EMA is swapped in for evaluation: teacher mode and a post-hoc EMA"
-        " swap nothing, so drop it"
-    ),
-    "offload": (
-        "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does not"
-        " combine with teacher mode or a post-hoc EMA"
-    ),
-    "flat_parameters": (
-        "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to teacher"
-        " mode or a post-hoc EMA"
-    ),
-}
-
 
 def refuse_polyak_only(options: EMAOptions) -> None:
-    """Raise ``ValueError`` for an option of :data:`POLYAK_ONLY` given to another mode."""
-    for name, message in POLYAK_ONLY.items():
-        if getattr(options, name):
-            raise ValueError(message)
+    """Raise ``ValueError`` for an option only a Polyak EMA takes, given to another mode."""
+    if options.copy_on_swap:
+        raise ValueError(
+            "`copy_on_swap=True` changes how a Polyak EMA is swapped in for evaluation: teacher mode and a post-hoc"
+            " EMA swap nothing, so drop it"
+        )
+    _check_offload(options, other_mode=True)
+    if options.flat_parameters:
+        raise ValueError(
+            "`flat_parameters=True` lays the module's tensors out next to one Polyak EMA: it does not apply to"
+            " teacher mode or a post-hoc EMA"
+        )
 
 
 def check_options(options: EMAOptions) -> None:
     """The Polyak EMA's own checks of options that clash with each other."""
+    _check_offload(options, other_mode=False)
+
+
+def _check_offload(options: EMAOptions, other_mode: bool) -> None:
     clashing = [name for name in ("flat_parameters", "skip_non_finite") if options.offload and getattr(options, name)]
-    if clashing:
+    if options.offload and (other_mode or clashing):
         raise ValueError(
             "`offload=True` keeps one Polyak EMA in CPU memory and updates it in a background thread: it does"
-            f" not combine with {clashing}"
+            f" not combine with {clashing or 'teacher mode or a post-hoc EMA'}"
         )
 
 

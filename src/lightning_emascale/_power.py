@@ -28,13 +28,19 @@ _MOMENTUM_OPTIONS = (
 )  # fmt: skip
 
 
-def check_options(options: EMAOptions) -> None:
-    """A post-hoc EMA's own checks: it has no momentum, keeps fp32 copies, and swaps nothing."""
-    given = {name: getattr(options, name) for name, default in _MOMENTUM_OPTIONS if getattr(options, name) != default}
+def check_unused(arguments: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for options a post-hoc EMA has no use for, among an adapter's arguments (run first, before
+    their values are checked: the first thing to say is that they do not apply)."""
+    given = {name: arguments[name] for name, default in _MOMENTUM_OPTIONS if arguments.get(name, default) != default}
     if given:
         raise ValueError(
             f"{given} have no effect on a post-hoc EMA, whose power EMAs have no momentum and stay in fp32: drop them"
         )
+
+
+def check_options(options: EMAOptions) -> None:
+    """A post-hoc EMA's own checks: it has no momentum, keeps fp32 copies, and swaps nothing."""
+    check_unused({name: getattr(options, name) for name, _ in _MOMENTUM_OPTIONS})
     refuse_polyak_only(options)
 
 

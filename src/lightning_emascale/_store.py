@@ -185,7 +185,7 @@ class TensorStore:
     def update(self, weight: float, only_if: Optional[Tensor] = None) -> None:
         """``average.lerp_(tensor, weight)`` for every floating-point tensor; copy the rest. No host sync.
 
-        ``only_if``: a 0-d bool tensor (e.g. :func:`~lightning_emascale._selection.all_finite` of the tracked
+        ``only_if``: a 0-d bool tensor (e.g. :func:`~lightning_emascale._averager.all_finite` of the tracked
         tensors); where it is False every average keeps its value, decided on the device (a slower, per-tensor path).
         """
         if self._sharded:
@@ -222,6 +222,9 @@ class TensorStore:
                 pieces.append((sum(t.numel() for t in self.copies[1]), self._copy_constants))
             self._shares, self._shares_threads = deal(pieces, threads), threads
         return self._shares
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shares": [], "_shares_threads": 0}  # dealt again where it is unpickled
 
     def _copy_constants(self, weight: float, share: int) -> None:
         torch._foreach_copy_(*self.copies)

@@ -21,6 +21,7 @@ from lightning_emascale._sharded import is_sharded, local_piece, storage_moved
 def check_options(options: EMAOptions) -> None:
     """Teacher mode's own checks: the teachers are averaged whole, in their own dtype, and swapped nowhere."""
     refuse_polyak_only(options)
+    options.check_include()  # an empty include says more than that teacher mode takes none
     if options.ema_precision != "fp32":
         raise ValueError(
             f"`ema_precision`={options.ema_precision!r} has no effect in teacher mode (the teachers keep their own"
@@ -193,7 +194,7 @@ def _pair(
             f"`teachers` {dict(teachers)} overlap: a teacher parameter is also an online one (one path lies inside"
             " another), so the EMA would move the weights it averages"
         )
-    return pairs  # sharded twins move shard by shard: TeacherState pairs their rank-local pieces
+    return pairs  # sharded twins move shard by shard: TeacherEMA pairs their rank-local pieces
 
 
 def _check_sharded_alike(teacher: Tensor, online: Tensor, what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Union
@@ -74,7 +75,8 @@ class EMAScalingCallback(OptionsView, Callback):
         total_samples: the run's training samples (global), for :attr:`progress`. ``None`` derives
             ``max_epochs`` × samples per epoch; pass it where that cannot be derived (an ``IterableDataset``,
             ``max_steps`` that stops the run first, ``limit_train_batches``).
-        include, exclude, skip_non_finite, freeze_teachers, flat_parameters, offload, side_stream, copy_on_swap: as in
+        include, exclude, skip_non_finite, freeze_teachers, flat_parameters (deprecated), offload, side_stream,
+            copy_on_swap: as in
             :class:`~lightning_emascale.ScaledEMA`
             (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
 
@@ -249,9 +251,11 @@ class EMAScalingCallback(OptionsView, Callback):
         saved = None if self._ema is not None else self._spawn_file.read(pl_module.device)
         if saved is None:
             return None
-        options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
-            self._options, optimizer_rule=None, momentum_attributes=self._options.momentum_attributes or None
-        )
+        with warnings.catch_warnings():  # the user was warned when the callback was built
+            warnings.simplefilter("ignore", FutureWarning)
+            options = dataclasses.replace(  # evaluation only: no optimizer; the options are checked again
+                self._options, optimizer_rule=None, momentum_attributes=self._options.momentum_attributes or None
+            )
         self._ema = ScaledEMA.from_options(pl_module, None, options, auto_end_step=False)
         self._ema.load_state_dict(saved["state"])
         now = fingerprint(self._ema.raw_state_dict())

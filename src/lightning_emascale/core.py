@@ -25,6 +25,7 @@ from lightning_emascale._attributes import MomentumAttribute
 from lightning_emascale._averager import SAVED_MODES, Update
 from lightning_emascale._checks import as_int, check_name
 from lightning_emascale._modes import build_averager, options_from
+from lightning_emascale._modes import check as check_options
 from lightning_emascale._module_layout import ModuleLayout, unwrap_module
 from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule
 from lightning_emascale._saved_state import STATE_FORMAT, check_state
@@ -69,7 +70,8 @@ class ScaledEMA:
         exclude: leave these out (e.g. ``["discriminator"]``).
         skip_non_finite: skip an update whose weights are not finite (decided on the device, no host sync).
         freeze_teachers: teacher mode: ``requires_grad_(False)`` on the teachers instead of refusing them.
-        flat_parameters: move the module's tensors into one buffer laid out as the EMA (one op per update).
+        flat_parameters: deprecated (no whole step was faster): move the module's tensors into one buffer laid out
+            as the EMA.
         offload: keep the EMA in CPU memory, updated in a background thread.
         side_stream: on a GPU, run each Polyak or post-hoc update on a CUDA side stream.
         copy_on_swap: evaluation copies the averages into the module instead of pointing it at them.
@@ -138,7 +140,9 @@ class ScaledEMA:
         auto_end_step: bool = True,
         total_samples_from: Optional[Callable[[], int]] = None,
     ) -> ScaledEMA:
-        """Build from options an adapter checked when it was built (an adapter states its options once)."""
+        """Build from options an adapter made with its arguments (an adapter states its options once); the options'
+        combinations are checked again here."""
+        check_options(options)
         self = cls.__new__(cls)
         self._build(module, optimizers, options, auto_end_step, total_samples_from)
         return self
@@ -156,6 +160,7 @@ class ScaledEMA:
                 f"{type(self).__name__} overrides `momentum_at`, which does not shape the schedule: pass the shape"
                 " as `momentum_schedule=`, a callable of progress in [0, 1] that returns the momentum"
             )
+        unwrap_module(module)  # a module that is none raises first
         if not isinstance(auto_end_step, bool):
             raise ValueError(f"`auto_end_step` must be True or False, got {auto_end_step!r}")
         if total_samples_from is not None and not callable(total_samples_from):

@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning_emascale._checks import check_name
 from lightning_emascale._modes import options_from
 from lightning_emascale.callback import EMAScalingCallback
 from lightning_emascale.rules import OptimizerRule
@@ -61,6 +62,7 @@ class PostHocEMACallback(EMAScalingCallback):
         skip_non_finite: bool = False,
         side_stream: bool = True,
     ) -> None:
+        check_name(name, "name")  # the callback's own arguments first, as its parent checks them
         if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
             raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")
         options = options_from({**locals(), "snapshot_dir": directory})

@@ -119,3 +119,34 @@ def test_flat_parameters_is_deprecated_with_the_measurements():
     ema.count_samples(4)
     ema.end_step()
     assert ema.ema_updates == 1
+
+
+POST_HOC = dict(sigma_rels=[0.1], snapshot_every_samples=4, snapshot_dir="snapshots")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "first"),
+    [
+        (dict(POST_HOC, ema_precision="bf16"), r"\{'ema_precision': 'bf16'\} have no effect on a post-hoc EMA"),
+        (dict(POST_HOC, sigma_rels=[0.9], momentum=0.9), r"\{'momentum': 0.9\} have no effect on a post-hoc EMA"),
+        (dict(teachers={"a": "t"}, copy_on_swap=True, momentum_attributes={"x": 0.9}), r"`copy_on_swap=True` changes"),
+        (dict(teachers={"a": "a"}, momentum_attributes={"x": 0.9}), r"`teachers` maps 'a' to itself"),
+        (dict(teachers={"a": "t"}, offload=True, skip_non_finite=True), r"does not combine with \['skip_non_finite'\]"),
+        (dict(POST_HOC, offload=True, flat_parameters=True), r"does not combine with \['flat_parameters'\]"),
+        (dict(teachers={"a": "t"}, include=(), ema_precision="model"), r"`include` is empty"),
+    ],
+)
+def test_of_several_clashing_options_the_first_error_is_the_one_it_always_was(kwargs, first):
+    """Each mode checks its own clashes, in the order the single options check had them (pinned from that code)."""
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "t": torch.nn.Linear(2, 2).requires_grad_(False)})
+    with pytest.raises(ValueError, match=first):
+        ScaledEMA(module, **kwargs)
+
+
+def test_from_options_checks_the_combinations_again():
+    """An adapter's options go through the same clash checks as the constructor's arguments."""
+    from lightning_emascale._options import EMAOptions
+
+    module = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "t": torch.nn.Linear(2, 2).requires_grad_(False)})
+    with pytest.raises(ValueError, match=r"`copy_on_swap=True` changes how a Polyak EMA is swapped in"):
+        ScaledEMA.from_options(module, None, EMAOptions(teachers={"a": "t"}, copy_on_swap=True))

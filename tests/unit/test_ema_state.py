@@ -502,3 +502,29 @@ def test_a_failing_piece_raises_after_every_share_has_finished(monkeypatch):
     assert _cpu_split._workers(2) is pool
     monkeypatch.setattr(_cpu_split.os, "getpid", lambda: -1)  # a forked child: its parent's threads are not there
     assert _cpu_split._workers(2) is not pool
+
+
+def test_a_store_that_dealt_its_cpu_update_still_pickles_and_the_copy_deals_its_own():
+    import pickle
+    from copy import deepcopy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = torch.nn.Sequential(*(torch.nn.Linear(300, 300) for _ in range(3)))  # 90K-element weights: big
+        state = PolyakEMA.from_module(model)
+        state.update(Update(0.9))
+        assert any(len(share) for share in state.store._cpu_shares())
+        copy = pickle.loads(pickle.dumps(state))  # a closure among the dealt pieces would refuse to pickle
+        assert copy.store._shares == []  # dealt again over its own tensors where it is used, never the original's
+        twin = deepcopy(state)
+        with torch.no_grad():
+            for tensor in twin.tracked:
+                tensor.add_(1.0)
+        reference = [average.clone() for average in twin.averages]
+        twin.update(Update(0.5))
+        reference_update(reference, twin.tracked, 0.5)
+        assert all(torch.equal(a, r) for a, r in zip(twin.averages, reference))
+        assert not any(torch.equal(a, b) for a, b in zip(state.averages, twin.averages) if a.is_floating_point())
+    finally:
+        torch.set_num_threads(before)
