@@ -59,10 +59,6 @@ class Averager:
     def join(self) -> None:
         """Order the training stream after the updates launched so far (before the weights are written again)."""
 
-    def flush(self) -> None:
-        """Wait for the update under way (side stream, offload thread); every reader of the averages calls it."""
-        self.join()
-
     def set_side_stream(self, enabled: bool) -> None:
         """Run the updates on a CUDA side stream from now on (the owner then joins before the next step)."""
 

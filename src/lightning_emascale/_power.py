@@ -106,11 +106,6 @@ class PowerEMAs(Averager):
         for state in self.states:
             state.set_side_stream(enabled)
 
-    @property
-    def use_side_stream(self) -> bool:
-        """Whether the power EMAs update on a CUDA side stream."""
-        return self.states[0].store.use_side_stream
-
     def join(self) -> None:
         for state in self.states:
             state.join()
