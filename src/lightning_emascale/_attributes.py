@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from lightning_emascale._checks import as_real
 from lightning_emascale.functional import scale_ema_momentum
@@ -25,8 +25,11 @@ class MomentumAttribute:
     base_momentum: float
 
     @classmethod
-    def resolve(cls, module: Any, path: str, base_momentum: float) -> MomentumAttribute:
-        """Find the attribute at the dotted ``path`` of ``module``; raise if it is missing or not a number."""
+    def resolve(
+        cls, module: Any, path: str, base_momentum: float, original: Optional[float] = None
+    ) -> MomentumAttribute:
+        """Find the attribute at the dotted ``path`` of ``module``; raise if it is missing, not a number or read-only.
+        ``original``: the value to restore, where the attribute holds a scaled one now (a re-attach)."""
         *owners, attribute = path.split(".")
         owner: Any = module
         try:
@@ -37,11 +40,18 @@ class MomentumAttribute:
             raise ValueError(
                 f"`momentum_attributes` names {path!r}, which {type(module).__name__} does not have"
             ) from None
-        original = as_real(value)
-        if original is None:
+        number = as_real(value)
+        if number is None:
             raise ValueError(f"`momentum_attributes` names {path!r}, which holds {value!r}, not a number")
-        # A tensor is kept as its value: it is written in place, so the object itself would change with it.
-        return cls(path, owner, attribute, value if isinstance(value, (int, float)) else original, base_momentum)
+        declared = getattr(type(owner), attribute, None)
+        if isinstance(declared, property) and declared.fset is None:
+            raise ValueError(
+                f"`momentum_attributes` names {path!r}, a read-only property of {type(owner).__name__} (no setter),"
+                " which cannot be scaled: name the attribute that holds the momentum, or give the property a setter"
+            )
+        if original is None:  # a tensor is kept as its value: it is written in place, so the object changes with it
+            original = value if isinstance(value, (int, float)) else number
+        return cls(path, owner, attribute, original, base_momentum)
 
     @property
     def value(self) -> float:

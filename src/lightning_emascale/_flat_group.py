@@ -115,15 +115,10 @@ class FlatGroup:
                 view.copy_(model.detach())
 
     @torch.no_grad()
-    def adopt_model(self, first: bool = True) -> None:
+    def adopt_model(self) -> None:
         """Flat-parameter mode: move the model tensors into one buffer laid out as the averages (same values and
-        strides, ``.data`` re-pointed), so that one update is one lerp, or one cast per staging block."""
-        storages = [model.untyped_storage().data_ptr() for model in self.models if model.numel()]
-        if first and len(set(storages)) != len(storages):
-            raise ValueError(
-                "`flat_parameters=True` would untie tensors that share storage through separate Parameter objects"
-                " (e.g. `decoder.weight.data = encoder.weight.data`): tie them as one Parameter, or leave it False"
-            )
+        strides, ``.data`` re-pointed), so that one update is one lerp, or one cast per staging block. The owner runs
+        :meth:`check_untied` first."""
         device = self.models[0].device
         self.model_flat = torch.empty(self.flat.numel(), dtype=self.model_dtype, device=device)
         offset = 0
@@ -134,6 +129,27 @@ class FlatGroup:
             offset += model.numel()
         self._adopted = [model.data_ptr() for model in self.models]
         self.refresh()
+
+    def check_untied(self) -> None:
+        """Raise if two model tensors overlap in memory (tied through separate Parameter objects), which moving them
+        into one buffer would untie. Tensors that merely share a storage without overlapping (the flat buffer of an
+        earlier EMA of this module, in a second fit) are not tied."""
+        spans = sorted(  # (storage, first byte, end byte) of each dense tensor
+            (
+                model.untyped_storage().data_ptr(),
+                model.storage_offset() * model.element_size(),
+                (model.storage_offset() + model.numel()) * model.element_size(),
+            )
+            for model in self.models
+            if model.numel()
+        )
+        for (storage, _, end), (next_storage, next_start, _) in zip(spans, spans[1:]):
+            if storage == next_storage and next_start < end:
+                raise ValueError(
+                    "`flat_parameters=True` would untie tensors that share memory through separate Parameter"
+                    " objects (e.g. `decoder.weight.data = encoder.weight.data`): tie them as one Parameter, or"
+                    " leave it False"
+                )
 
     def _still_adopted(self) -> bool:
         """Whether every model tensor still lives where :meth:`adopt_model` put it (``.to(dtype)``,
@@ -148,7 +164,7 @@ class FlatGroup:
             and model.stride() == view.stride()
             for model, view in zip(self.models, self.views)
         ):
-            self.adopt_model(first=False)  # some still live in the old buffer: no sharing check
+            self.adopt_model()  # some still live in the old buffer: no sharing check
             return True
         warnings.warn(
             "flat_parameters: the model's tensors no longer live in the EMA's flat buffer (the module was converted,"

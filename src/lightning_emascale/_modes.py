@@ -44,9 +44,13 @@ def build_averager(module: torch.nn.Module, options: EMAOptions, copy_on_swap: b
     as ``options`` ask or the module's layout needs)."""
     if options.mode == "teacher":
         assert options.teachers is not None
-        if options.freeze_teachers:
-            _teacher.freeze_teachers(module, options.teachers)
-        return _teacher.TeacherEMA.from_module(module, options.teachers)
+        frozen = _teacher.freeze_teachers(module, options.teachers) if options.freeze_teachers else None
+        try:
+            return _teacher.TeacherEMA.from_module(module, options.teachers)
+        except BaseException:
+            if frozen is not None:
+                frozen.undo()  # a construction that fails leaves the teachers as they were
+            raise
     if options.mode == "post_hoc":
         assert options.sigma_rels is not None
         return _power.PowerEMAs(

@@ -133,9 +133,12 @@ class TensorStore:
                     self.averages[indices[position]] = view
                 for slot, position in enumerate(group.order):
                     self._slots[indices[position]] = (group, slot)
-                if flat_parameters:
-                    group.adopt_model()
                 self.groups.append(group)
+            if flat_parameters:  # every group checked before any tensor moves: a refusal leaves the module as it was
+                for group in self.groups:
+                    group.check_untied()
+                for group in self.groups:
+                    group.adopt_model()
         self._offload = Offload(self.groups, self.loose, list(zip(*self.copies))) if offload else None
         self._side = SideStream.for_tensors(self.tracked) if self.tracked else None
         #: Whether :meth:`update` runs on a CUDA side stream (tracked tensors on one CUDA device only). The owner

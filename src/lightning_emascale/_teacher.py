@@ -140,14 +140,33 @@ class TeacherEMA(Averager):
         )
 
 
-def freeze_teachers(module: torch.nn.Module, teachers: Mapping[str, str]) -> None:
+class Frozen:
+    """The ``requires_grad`` flags that :func:`freeze_teachers` turned off, to :meth:`undo` after a failure."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+
+    def undo(self) -> None:
+        for tensor in self.tensors:
+            tensor.requires_grad_(True)
+
+
+def freeze_teachers(module: torch.nn.Module, teachers: Mapping[str, str]) -> Frozen:
     """``requires_grad_(False)`` on every teacher submodule (lightly's I-JEPA leaves its target trainable).
 
-    Every other check of the pairing runs first, so a bad mapping raises with nothing frozen.
+    Every other check of the pairing runs first, so a bad mapping raises with nothing frozen. Returns what was
+    frozen, so that a caller that fails later can undo it.
     """
     _pair(module, teachers, trainable_ok=True)
-    for teacher_path in teachers.values():
-        _submodule(module, teacher_path).requires_grad_(False)
+    frozen = [
+        tensor
+        for teacher_path in teachers.values()
+        for tensor in _submodule(module, teacher_path).parameters()
+        if tensor.requires_grad
+    ]
+    for tensor in frozen:
+        tensor.requires_grad_(False)
+    return Frozen(frozen)
 
 
 def _at_paths(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[torch.nn.Module]:

@@ -35,7 +35,7 @@ from lightning_emascale._modes import options_from
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
 from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
-from lightning_emascale._teacher import freeze_teachers
+from lightning_emascale._teacher import Frozen, freeze_teachers
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
@@ -142,6 +142,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._skipped_reported = 0
         self._checkpoint_hook: Optional[WeightsOnlyCheckpointHook] = None
         self._spawn_file = SpawnedFitFile()  # carries the EMA from ddp_spawn's fit workers to later evaluations
+        self._frozen: Optional[Frozen] = None  # teachers frozen by this fit's setup, until the fit starts
 
     @property
     @override
@@ -234,7 +235,7 @@ class EMAScalingCallback(OptionsView, Callback):
             if spawned_workers(trainer):
                 self._spawn_file.clear(trainer)
             if self._options.freeze_teachers and self._options.teachers:
-                freeze_teachers(pl_module, self._options.teachers)  # before DDP wraps the module
+                self._frozen = freeze_teachers(pl_module, self._options.teachers)  # before DDP wraps the module
             return
         # Before the strategy's setup, which re-broadcasts every tensor under DDP: what differs now from what
         # the EMA last saw was changed by the user since fit (weights loaded by hand).
@@ -294,6 +295,7 @@ class EMAScalingCallback(OptionsView, Callback):
         if self.evaluate_with_ema and self._ema.swappable:
             self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
         self._fit_starting = False
+        self._frozen = None  # the fit has started: the teachers stay frozen
 
     def _put_ema_into(self, checkpoint: dict[str, Any]) -> None:
         """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
@@ -381,6 +383,9 @@ class EMAScalingCallback(OptionsView, Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._swap_out(trainer, pl_module)
+        if self._frozen is not None:  # the fit failed before it started: the teachers as they were
+            self._frozen.undo()
+            self._frozen = None
         self._remove_checkpoint_hook()  # Lightning calls no `teardown` after an exception
         self._evaluating = self._fit_starting = False
         if self._ema is not None:

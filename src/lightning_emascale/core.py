@@ -173,6 +173,12 @@ class ScaledEMA:
         self.options = options
         self._auto_end_step = auto_end_step
         self.total_samples_from = total_samples_from
+        #: The optimizers this EMA follows, and the rule applied to their steps.
+        self._steps = ScaledOptimizers(options.rule)
+        self._attributes: list[MomentumAttribute] = []
+        # Checked before the averager is built, which may move the module's tensors (`flat_parameters`) or freeze
+        # its teachers: a construction that fails leaves the module as it was.
+        attachment = self._checked_attachment([] if optimizers is None else optimizers)
         #: What is averaged: a Polyak copy, teacher pairs or power EMAs (an :class:`Averager`).
         # FSDP1 gathers from the flat parameter: a swap copies
         copy_on_swap = options.copy_on_swap or self.layout.fsdp1_root is not None
@@ -181,12 +187,9 @@ class ScaledEMA:
         #: (forward and backward) inside ``optimizer.step()`` sets it False and calls :meth:`wait` after the
         #: closure instead, so that the update overlaps them there too (Lightning's ``on_before_optimizer_step``).
         self.wait_before_step = True
-        #: The optimizers this EMA follows, and the rule applied to their steps.
-        self._steps = ScaledOptimizers(options.rule)
         self._state_init_step: Optional[Optimizer] = None  # the optimizer whose state-initializing step runs now
-        self._attributes: list[MomentumAttribute] = []
         self._reset_clock()
-        self.attach([] if optimizers is None else optimizers)
+        self._attach(*attachment)
 
     @property
     def auto_end_step(self) -> bool:
@@ -228,6 +231,8 @@ class ScaledEMA:
         self._ended_by_hook = False  # the optimizer's post-hook ended the last step (auto_end_step)
         self._kappa = math.nan
         self._step_momentum = math.nan
+        self._momentum_key: tuple[int, int, Optional[int]] = (-1, -1, None)  # the clock the cached momentum is for
+        self._momentum_of_key = math.nan
         self._step_batch = 0
         self._steps.clear_records()
         self._skipped = torch.zeros((), dtype=torch.int64)  # updates skipped for non-finite weights (on device)
@@ -238,13 +243,29 @@ class ScaledEMA:
 
         The Lightning callback calls this at every fit start, with that fit's optimizers.
         """
+        self._attach(*self._checked_attachment(optimizers))
+
+    def _checked_attachment(
+        self, optimizers: Union[Optimizer, Sequence[Optimizer]]
+    ) -> tuple[list[Optimizer], list[MomentumAttribute]]:
+        """The torch optimizers of ``optimizers`` and the resolved momentum attributes, each checked; a refusal
+        leaves the hooks and attributes in place."""
         unwrapped = self._steps.check(optimizers, self, self._auto_end_step)
-        for attribute in self._attributes:
-            attribute.restore()  # so that the originals below are read unscaled
-        attributes = [  # resolved before anything else changes: a bad path leaves the hooks in place
-            MomentumAttribute.resolve(self.module, path, base)
-            for path, base in (self.options.momentum_attributes or {}).items()
-        ]
+        owned = {id(tensor) for tensor in self.module.parameters()}
+        held = {id(p) for optimizer in unwrapped for group in optimizer.param_groups for p in group["params"]}
+        if owned and held and not owned & held:
+            names = [type(optimizer).__name__ for optimizer in unwrapped]
+            raise ValueError(
+                f"`optimizers` ({', '.join(names)}) hold none of the parameters of the module"
+                f" ({type(self.module).__name__}): their steps would never move the weights this EMA averages."
+                " Pass the optimizer that trains this module"
+            )
+        current = {attribute.path: attribute.original for attribute in self._attributes}
+        attributes = [MomentumAttribute.resolve(self.module, path, base, current.get(path)) for path, base in
+                      (self.options.momentum_attributes or {}).items()]  # fmt: skip
+        return unwrapped, attributes
+
+    def _attach(self, unwrapped: list[Optimizer], attributes: list[MomentumAttribute]) -> None:
         self.detach()
         self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
         self.averager.refresh()  # the tensors' storage now (a module moved since it was built)
@@ -320,6 +341,7 @@ class ScaledEMA:
                 "optimizer.step() while the EMA weights are swapped into the module: the step would train the EMA"
                 " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
             )
+        self._step_momentum_checked()  # a schedule that fails raises now, before the step moves the weights
         self._steps.scale(optimizer, self._step_kappa())
 
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
@@ -337,6 +359,19 @@ class ScaledEMA:
         if self._step_on_clock:
             return
         kappa = self._step_kappa()
+        self._step_momentum = self._step_momentum_checked()
+        self._kappa, self._step_batch = kappa, self._step_samples
+        self._samples_seen += self._step_samples
+        self._optimizer_steps += 1
+        self._step_on_clock = True
+
+    def _step_momentum_checked(self) -> float:
+        """The momentum of the step under way (from the clock before it and its samples), computed and checked
+        once per step: before the optimizer moves the weights, where a hook sees the step."""
+        key = (self._samples_seen, self._step_samples, self._base)
+        if self._momentum_key == key:
+            return self._momentum_of_key
+        kappa = self._step_kappa()
         assert self._base is not None
         after = self._samples_seen + self._step_samples
         momentum = self.averager.momentum_between(self._samples_seen, after)  # a mode with its own decay
@@ -346,11 +381,8 @@ class ScaledEMA:
             if self.options.warmup:
                 momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
             momentum = scale_ema_momentum(momentum, kappa)
-        self._step_momentum = momentum
-        self._kappa, self._step_batch = kappa, self._step_samples
-        self._samples_seen += self._step_samples
-        self._optimizer_steps += 1
-        self._step_on_clock = True
+        self._momentum_key, self._momentum_of_key = key, momentum
+        return momentum
 
     def end_step(self) -> None:
         """End the optimizer step: count it on the clock (if no optimizer hook did) and move the EMA.

@@ -334,7 +334,7 @@ def test_flat_parameters_refuse_to_untie_tensors_that_share_storage():
     model = _Zoo(torch.float32)
     model.extra = torch.nn.Parameter(torch.empty(0))
     model.extra.data = model.big.weight.data  # tied through separate Parameter objects
-    with pytest.raises(ValueError, match=r"`flat_parameters=True` would untie tensors that share storage"):
+    with pytest.raises(ValueError, match=r"`flat_parameters=True` would untie tensors that share memory"):
         PolyakEMA.from_module(model, flat_parameters=True)
 
 

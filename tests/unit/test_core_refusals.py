@@ -1,0 +1,126 @@
+"""A refusal changes nothing: a ``ScaledEMA`` whose construction fails leaves the module's storage, its teachers'
+``requires_grad`` and its attributes as they were, so that a corrected retry works; a second EMA of a module an
+earlier ``flat_parameters`` EMA laid out in one buffer is built (a second fit); a momentum schedule that fails
+mid-run raises before the optimizer moves the weights. No Trainer."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import Annealed, step
+
+from lightning_emascale import ScaledEMA
+
+
+def _storage(module: torch.nn.Module) -> list[int]:
+    return [tensor.data_ptr() for tensor in module.state_dict(keep_vars=True).values()]
+
+
+def _flat(*args, **kwargs) -> ScaledEMA:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # flat_parameters is deprecated
+        return ScaledEMA(*args, flat_parameters=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ({"optimizer_rule": "adam"}, r"`optimizer_rule`='adam'|AdamScalingRule"),
+        ({"momentum_attributes": {"no.such.path": 0.9}, "base_batch_size": 4}, r"names 'no.such.path'"),
+    ],
+    ids=["rule-does-not-fit", "bad-attribute-path"],
+)
+def test_a_failed_flat_parameters_construction_leaves_the_storage_and_a_retry_works(bad, error):
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _storage(model)
+    with pytest.raises(ValueError, match=error):
+        _flat(model, optimizer, momentum=0.9, **bad)
+    assert _storage(model) == before  # nothing moved into a flat buffer
+    ema = _flat(model, optimizer, momentum=0.9)  # the corrected retry is not refused as "tied"
+    step(ema, model, optimizer)
+    assert ema.ema_updates == 1
+
+
+def test_a_second_flat_parameters_ema_of_the_same_module_is_built_and_averages():
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = _flat(model, optimizer, momentum=0.9)
+    step(first, model, optimizer)
+    first.detach()
+    second = _flat(model, optimizer, momentum=0.5)  # a second fit: the tensors live in the first one's buffer
+    start = {name: tensor.clone() for name, tensor in second.ema_state_dict().items()}
+    step(second, model, optimizer)
+    for name, tensor in second.ema_state_dict().items():
+        if tensor.is_floating_point():
+            expected = 0.5 * start[name] + 0.5 * model.state_dict()[name]
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
+
+
+def test_flat_parameters_still_refuse_tensors_that_overlap_in_memory():
+    model = Annealed()
+    model.alias = torch.nn.Parameter(torch.empty(0))
+    model.alias.data = model.discriminator.weight.data[:, :2]  # a view into another parameter
+    before = _storage(model)
+    with pytest.raises(ValueError, match=r"would untie tensors that share memory"):
+        _flat(model, None, momentum=0.9)
+    assert _storage(model) == before
+
+
+def test_freeze_teachers_then_a_refusal_leaves_the_teachers_trainable():
+    module = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2)})
+    module["teacher"] = copy.deepcopy(module["online"])  # still requires grad
+    optimizer = torch.optim.SGD(module["online"].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"AdamScalingRule|'adam'"):
+        ScaledEMA(
+            module, optimizer, momentum=0.9, teachers={"online": "teacher"}, freeze_teachers=True, optimizer_rule="adam"
+        )
+    assert all(p.requires_grad for p in module["teacher"].parameters())
+
+
+def test_an_optimizer_that_holds_none_of_the_module_parameters_is_refused():
+    model, other = Annealed(), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"`optimizers` \(SGD\) hold none of the parameters of the module \(Annealed\)"):
+        ScaledEMA(model, optimizer, momentum=0.9)
+    extra = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # beside one that trains the module
+    ScaledEMA(model, [torch.optim.SGD(model.parameters(), lr=0.1), extra], momentum=0.9, auto_end_step=False)
+
+
+class _ReadOnlyCenter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    @property
+    def center_momentum(self) -> float:
+        return 0.9
+
+
+def test_a_read_only_momentum_attribute_is_refused_when_built():
+    with pytest.raises(ValueError, match=r"names 'center_momentum', a read-only property of _ReadOnlyCenter"):
+        ScaledEMA(_ReadOnlyCenter(), None, base_batch_size=4, momentum_attributes={"center_momentum": 0.9})
+
+
+def _nan_after_half(progress: float) -> float:
+    return math.nan if 0.4 < progress < 0.6 else 0.9
+
+
+def test_a_schedule_that_fails_mid_run_raises_before_the_step_moves_the_weights():
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum_schedule=_nan_after_half, total_samples=16)
+    step(ema, model, optimizer)
+    step(ema, model, optimizer)  # progress 0.25 -> 0.5 on the clock before the next step
+    model(torch.randn(4, 3)).pow(2).mean().backward()
+    ema.count_samples(4)
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"momentum_schedule\(0.5\)"):
+        optimizer.step()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name  # the step never ran
+    assert (ema.optimizer_steps, ema.samples_seen) == (2, 8)
