@@ -2,7 +2,9 @@
 
 Numbers are numbers: a numpy scalar or a 0-d tensor is accepted wherever a float or an int is (``numbers.Real``,
 ``operator.index``), a bool never is. Each check returns the value as a plain ``float``/``int`` and raises with
-the argument's name, the bad value and what is allowed.
+the argument's name, the bad value and what is allowed. An integer too large for a float (``10**400``) is an
+infinite real number to every check here, refused by name like any other out-of-range value, and a count (a batch
+size, samples, steps) stops at :data:`MAX_COUNT`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ import operator
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Optional
 
+#: The largest count (samples, a batch size, steps, epochs) the library takes: 2**53 = 9007199254740992, where
+#: floats stop holding every integer. Every count up to it converts to a float exactly, so kappa (samples / base
+#: batch size) and progress (samples seen / total samples) come from the exact counts, and kappa never rounds to 0
+#: (1 / 2**53 is a normal float). At a million samples a second a run takes 285 years to reach it.
+MAX_COUNT = 2**53
+#: How errors name :data:`MAX_COUNT`.
+MAX_COUNT_TEXT = f"MAX_COUNT = 2**53 = {MAX_COUNT} (floats hold every integer up to it exactly)"
+
+#: Integers of more digits than this are shown by their leading digits and size (Python refuses to print one of
+#: more than 4300 digits).
+_SHOWN_DIGITS = 30
+
 
 def _unwrap(value: Any) -> Any:
     """A 0-d array or tensor as its Python scalar; anything else as it is."""
@@ -21,12 +35,45 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
+def show(value: Any) -> str:
+    """``repr(value)`` for an error message; an integer of more than 30 digits as its leading digits and size.
+
+    Example:
+        >>> show(0.5), show(2**53), show(-(10**400))
+        ('0.5', '9007199254740992', '-1e+400 (an integer of 401 digits)')
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**_SHOWN_DIGITS:
+        size = abs(value)
+        digits = int(math.log10(size)) + 1  # may be one off: log10 of a huge integer is rounded
+        digits += (size >= 10**digits) - (size < 10 ** (digits - 1))
+        leading = size // 10 ** (digits - 6)  # the first six digits, exactly
+        return f"{'-' if value < 0 else ''}{leading / 10**5:.6g}e+{digits - 1} (an integer of {digits} digits)"
+    try:
+        return repr(value)
+    except ValueError:  # a Fraction of integers past Python's 4300-digit limit
+        return f"a {type(value).__name__} too large to print"
+
+
+def _got(value: Any, number: float) -> str:
+    """A checked number in a message: the float it became, or ``value`` itself where it was too large for one."""
+    if math.isinf(number) and isinstance(_unwrap(value), numbers.Rational):  # an integer or fraction: finite
+        return f"{show(value)}, too large for a float"
+    return str(number)
+
+
 def as_real(value: Any) -> Optional[float]:
-    """``value`` as a float if it is a real number (not a bool), else ``None``."""
+    """``value`` as a float if it is a real number (not a bool), else ``None``.
+
+    A number beyond the float range (``10**400``) is ``inf`` (``-inf``), so a check refuses it as not finite.
+    """
     value = _unwrap(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        positive: bool = value > 0  # type: ignore[operator]  # numbers.Real declares no comparison
+        return math.inf if positive else -math.inf
 
 
 def as_int(value: Any) -> Optional[int]:
@@ -45,9 +92,9 @@ def check_momentum(value: Any, name: str = "momentum", allow_one: bool = False) 
     interval = "[0, 1]" if allow_one else "[0, 1)"
     number = as_real(value)
     if number is None:
-        raise TypeError(f"`{name}` must be a real number in {interval}, got {value!r}")
+        raise TypeError(f"`{name}` must be a real number in {interval}, got {show(value)}")
     if not (0.0 <= number < 1.0 or (allow_one and number == 1.0)):
-        raise ValueError(f"`{name}` must be in {interval}, got {number}")
+        raise ValueError(f"`{name}` must be in {interval}, got {_got(value, number)}")
     return number
 
 
@@ -55,9 +102,9 @@ def check_positive(value: Any, name: str) -> float:
     """A positive finite real number."""
     number = as_real(value)
     if number is None:
-        raise TypeError(f"`{name}` must be a positive real number, got {value!r}")
+        raise TypeError(f"`{name}` must be a positive real number, got {show(value)}")
     if not (number > 0.0 and math.isfinite(number)):
-        raise ValueError(f"`{name}` must be a positive finite number, got {number}")
+        raise ValueError(f"`{name}` must be a positive finite number, got {_got(value, number)}")
     return number
 
 
@@ -65,17 +112,19 @@ def check_finite(value: Any, name: str) -> float:
     """A finite real number."""
     number = as_real(value)
     if number is None:
-        raise TypeError(f"`{name}` must be a finite real number, got {value!r}")
+        raise TypeError(f"`{name}` must be a finite real number, got {show(value)}")
     if not math.isfinite(number):
-        raise ValueError(f"`{name}` must be a finite number, got {number}")
+        raise ValueError(f"`{name}` must be a finite number, got {_got(value, number)}")
     return number
 
 
 def check_non_negative(value: Any, name: str) -> float:
     """A finite real number >= 0."""
     number = as_real(value)
-    if number is None or not (number >= 0.0 and math.isfinite(number)):
-        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+    if number is None:
+        raise TypeError(f"`{name}` must be a finite real number >= 0, got {show(value)}")
+    if not (number >= 0.0 and math.isfinite(number)):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {_got(value, number)}")
     return number
 
 
@@ -83,7 +132,8 @@ def check_fraction(value: Any, name: str) -> float:
     """A real number in [0, 1]."""
     number = as_real(value)
     if number is None or not 0.0 <= number <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+        shown = show(value) if number is None else _got(value, number)
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {shown}")
     return number
 
 
@@ -91,26 +141,45 @@ def check_progress(value: Any) -> float:
     """Training progress, samples seen / total samples, in [0, 1]."""
     number = as_real(value)
     if number is None:
-        raise TypeError(f"`progress` must be a real number in [0, 1], got {value!r}")
+        raise TypeError(f"`progress` must be a real number in [0, 1], got {show(value)}")
     if not 0.0 <= number <= 1.0:
-        raise ValueError(f"`progress` must be in [0, 1] (samples seen / total samples), got {number}")
+        raise ValueError(f"`progress` must be in [0, 1] (samples seen / total samples), got {_got(value, number)}")
     return number
 
 
-def check_positive_int(value: Any, name: str, allow_none: bool = False) -> Any:
-    """An integer >= 1 (or ``None`` with ``allow_none``)."""
+def check_count(value: Any, name: str, minimum: int = 0, allow_none: bool = False, what: str = "") -> Any:
+    """An integer in [``minimum``, :data:`MAX_COUNT`] (or ``None`` with ``allow_none``), as a plain ``int``.
+
+    ``what`` (e.g. " (the micro-batch's global size)") follows the allowed values in the message.
+
+    Example:
+        >>> check_count(2**53, "samples_seen")
+        9007199254740992
+        >>> check_count(10**400, "base_batch_size", minimum=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `base_batch_size` must be a positive integer up to MAX_COUNT = 2**53 = 9007199254740992 (floats \
+hold every integer up to it exactly), got 1e+400 (an integer of 401 digits)
+    """
     if value is None and allow_none:
         return None
+    allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     number = as_int(value)
-    if number is None or number < 1:
-        allowed = "a positive integer" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    if number is None or number < minimum:
+        raise ValueError(f"`{name}` must be {allowed}{' or None' if allow_none else ''}{what}, got {show(value)}")
+    if number > MAX_COUNT:
+        raise ValueError(f"`{name}` must be {allowed} up to {MAX_COUNT_TEXT}{what}, got {show(value)}")
     return number
+
+
+def check_positive_int(value: Any, name: str, allow_none: bool = False, what: str = "") -> Any:
+    """An integer in [1, :data:`MAX_COUNT`] (or ``None`` with ``allow_none``)."""
+    return check_count(value, name, minimum=1, allow_none=allow_none, what=what)
 
 
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+        raise ValueError(f"`{name}` must be True or False, got {show(value)}")
     return value
 
 
@@ -127,13 +196,13 @@ def check_evaluate_with_ema(value: Any, teacher_mode: bool) -> bool:
 
 def check_choice(value: Any, name: str, choices: Collection[str]) -> Any:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
+        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {show(value)}")
     return value
 
 
 def check_name(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"`{name}` must be a non-empty string, got {value!r}")
+        raise ValueError(f"`{name}` must be a non-empty string, got {show(value)}")
     return value
 
 
@@ -145,12 +214,12 @@ def check_paths(value: Any, name: str, item: Callable[[Any], Any], kind: str) ->
     if value is None:
         return None
     if not isinstance(value, Mapping) or not value:
-        raise ValueError(f"`{name}` must be a non-empty dict of attribute paths, got {value!r}")
+        raise ValueError(f"`{name}` must be a non-empty dict of attribute paths, got {show(value)}")
     checked: dict[str, Any] = {}
     for path, entry in value.items():
         converted = item(entry)
         if not isinstance(path, str) or not path or converted is None:
-            raise ValueError(f"`{name}` must map attribute paths (strings) to {kind}, got {path!r}: {entry!r}")
+            raise ValueError(f"`{name}` must map attribute paths (strings) to {kind}, got {path!r}: {show(entry)}")
         checked[path] = converted
     return checked
 
@@ -165,7 +234,7 @@ def check_names(value: Any, name: str) -> Optional[tuple[str, ...]]:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(
-            f"`{name}` must be a list of parameter, buffer or submodule names, got {value!r}"
+            f"`{name}` must be a list of parameter, buffer or submodule names, got {show(value)}"
             + (f" (write [{value!r}] for one name)" if isinstance(value, str) else "")
         )
     bad = [entry for entry in value if not isinstance(entry, str) or not entry]

@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_emascale._checks import show
 from lightning_emascale.rules import (
     NoScalingRule,
     OptimizerRule,
@@ -51,8 +52,18 @@ class ScaledOptimizers:
     ) -> list[Optimizer]:
         """The torch optimizers of ``optimizers``, checked against the rule and against other owners' rules;
         nothing changes here."""
-        listed = [optimizers] if not isinstance(optimizers, Sequence) else list(optimizers)
-        unwrapped = [unwrap_optimizer(optimizer) for optimizer in listed]
+        # a string is a Sequence too: "sgd" is one wrong value, not three
+        given: Any = optimizers  # anything may come in: a string is refused as one value below
+        single = isinstance(given, (str, bytes)) or not isinstance(given, Sequence)
+        listed = [given] if single else list(given)
+        unwrapped = [unwrap_optimizer(optimizer, None if single else index) for index, optimizer in enumerate(listed)]
+        for index, optimizer in enumerate(unwrapped):
+            first = next(i for i, other in enumerate(unwrapped) if other is optimizer)
+            if first != index:
+                raise ValueError(
+                    f"`optimizers` lists one optimizer ({type(optimizer).__name__}) twice, at {first} and {index}:"
+                    " list each once"
+                )
         check_rule_fits(self.rule, unwrapped)
         if auto_end_step and len(unwrapped) > 1:
             raise ValueError(
@@ -132,11 +143,18 @@ class ScaledOptimizers:
         return metrics
 
 
-def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The torch optimizer inside a Fabric or Lightning wrapper (``.optimizer``), or ``optimizer`` itself."""
+def unwrap_optimizer(optimizer: Any, index: Optional[int] = None) -> Optimizer:
+    """The torch optimizer inside a Fabric or Lightning wrapper (``.optimizer``), or ``optimizer`` itself.
+
+    ``index`` is its place in the list given, for the message.
+    """
     inner = optimizer
     while isinstance(getattr(inner, "optimizer", None), Optimizer):  # Fabric's wrapper subclasses the optimizer
         inner = inner.optimizer
     if not isinstance(inner, Optimizer):
-        raise TypeError(f"`optimizers` must be torch optimizers, got {type(optimizer).__name__}")
+        where = "" if index is None else f" at index {index}"
+        raise TypeError(
+            f"`optimizers` must be torch optimizers, got {type(optimizer).__name__}: {show(optimizer)}{where} (pass"
+            " a torch.optim.Optimizer or a list of them)"
+        )
     return inner

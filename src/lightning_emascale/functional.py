@@ -79,7 +79,8 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
     .. math:: H = B \, \frac{\ln 0.5}{\ln \rho}
 
     The inverse of :func:`momentum_from_half_life`. A momentum of 0 keeps no history: its half-life is 0; a
-    momentum of 1 never forgets: ``inf``.
+    momentum of 1 never forgets: ``inf``. Any other momentum has a finite half-life, and one too large for a float
+    (``batch_size`` near 1e308) is an error, not ``inf``.
 
     Example:
         >>> round(half_life_from_momentum(0.999, batch_size=1))
@@ -93,7 +94,13 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
         return 0.0
     if momentum == 1.0:
         return math.inf  # the average never forgets
-    return batch_size * math.log(0.5) / math.log(momentum)
+    half_life = batch_size * (math.log(0.5) / math.log(momentum))
+    if not math.isfinite(half_life):
+        raise ValueError(
+            f"The half-life of `momentum`={momentum} at `batch_size`={batch_size} is beyond the float range"
+            " (batch_size * ln 0.5 / ln momentum overflows): pass a smaller `batch_size`"
+        )
+    return half_life
 
 
 def warmup_momentum(momentum: float, base_steps: float) -> float:

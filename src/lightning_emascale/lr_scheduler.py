@@ -9,7 +9,7 @@ from typing import Any, Optional, Protocol
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_emascale._checks import as_int, as_real
+from lightning_emascale._checks import MAX_COUNT, MAX_COUNT_TEXT, as_int, as_real, show
 
 
 class SampleClock(Protocol):
@@ -39,11 +39,13 @@ class SampleClockLR(LRScheduler):
     your code when you resume.
 
     Args:
-        optimizer: the wrapped optimizer.
+        optimizer: the wrapped optimizer, a :class:`torch.optim.Optimizer`.
         schedule: the factor as a function of progress in :math:`[0, 1]`, e.g.
-            :class:`~lightning_emascale.WarmupCosine`. Must return a finite number ≥ 0.
+            :class:`~lightning_emascale.WarmupCosine`. Must return a finite number ≥ 0 (and the learning rates it
+            gives must be finite).
         clock: where to read progress: a :class:`~lightning_emascale.ScaledEMA` in a Fabric or plain loop.
-            ``None`` waits for an ``EMAScalingCallback`` to attach itself when fit starts.
+            ``None`` waits for an ``EMAScalingCallback`` to attach itself when fit starts. Its ``progress`` must be
+            a number in :math:`[0, 1]` whenever the scheduler steps.
         last_epoch: as in every torch scheduler; leave it at -1.
 
     Example:
@@ -67,10 +69,20 @@ class SampleClockLR(LRScheduler):
         clock: Optional[SampleClock] = None,
         last_epoch: int = -1,
     ) -> None:
+        if not isinstance(optimizer, Optimizer):  # before torch's "str is not an Optimizer"
+            inner = getattr(optimizer, "optimizer", None)
+            hint = f": pass its `.optimizer` ({type(inner).__name__})" if isinstance(inner, Optimizer) else ""
+            raise TypeError(
+                "`optimizer` must be a torch.optim.Optimizer (the optimizer whose learning rates SampleClockLR sets),"
+                f" got {type(optimizer).__name__}: {show(optimizer)}{hint}"
+            )
         if not callable(schedule):
-            raise TypeError(f"`schedule` must be a callable of progress in [0, 1], got {schedule!r}")
-        if as_int(last_epoch) is None or last_epoch < -1:
-            raise ValueError(f"`last_epoch` must be an integer >= -1 (-1 starts afresh), got {last_epoch!r}")
+            raise TypeError(f"`schedule` must be a callable of progress in [0, 1], got {show(schedule)}")
+        epoch = as_int(last_epoch)
+        if epoch is None or epoch < -1:
+            raise ValueError(f"`last_epoch` must be an integer >= -1 (-1 starts afresh), got {show(last_epoch)}")
+        if epoch > MAX_COUNT:
+            raise ValueError(f"`last_epoch` must be an integer >= -1 up to {MAX_COUNT_TEXT}, got {show(last_epoch)}")
         self.schedule = schedule
         self.clock = _check_clock(clock, allow_none=True)
         super().__init__(optimizer, last_epoch)
@@ -89,15 +101,36 @@ class SampleClockLR(LRScheduler):
                 "SampleClockLR has no clock: add an EMAScalingCallback to the Trainer (it attaches itself when fit"
                 " starts) or pass `clock=` an object with a `progress` attribute"
             )
-        return self.clock.progress
+        read = self.clock.progress
+        progress = as_real(read)
+        if progress is None or not 0.0 <= progress <= 1.0:
+            raise ValueError(
+                f"`clock` ({type(self.clock).__name__}) reported progress {show(read)}; SampleClockLR needs a number in"
+                " [0, 1] (samples seen / total samples)"
+            )
+        return progress
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         progress = self.progress
-        returned = self.schedule(progress)
+        try:
+            returned = self.schedule(progress)
+        except TypeError as error:
+            raise TypeError(
+                f"`schedule` must be a callable of one argument, progress in [0, 1], that returns the learning-rate"
+                f" factor; calling {self.schedule!r}({progress}) raised: {error}"
+            ) from error
         factor = as_real(returned)
         if factor is None or not (math.isfinite(factor) and factor >= 0):
-            raise ValueError(f"`schedule` must return a finite number >= 0, got {returned!r} at progress {progress}")
-        return [float(base) * factor for base in self.base_lrs]
+            raise ValueError(
+                f"`schedule` must return a finite number >= 0, got {show(returned)} at progress {progress}"
+            )
+        lrs = [float(base) * factor for base in self.base_lrs]
+        if not all(math.isfinite(lr) for lr in lrs):
+            raise ValueError(
+                f"`schedule` returned {factor} at progress {progress}, which times the initial learning rates"
+                f" {[float(base) for base in self.base_lrs]} overflows to {lrs}: the factor must keep them finite"
+            )
+        return lrs
 
     def state_dict(self) -> dict[str, Any]:
         return {key: value for key, value in super().state_dict().items() if key not in ("clock", "schedule")}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 import torch
 
-from lightning_emascale._checks import as_real, check_positive
+from lightning_emascale._checks import as_real, check_positive, show
 
 __all__ = [
     "AdamScalingRule",
@@ -52,8 +52,15 @@ class OptimizerRule:
 
         Returns:
             A new dict holding only the keys that change.
+
+        Raises:
+            NotImplementedError: always, here: a subclass must override it.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement `scale(group, kappa)`: subclass OptimizerRule and override"
+            " `scale` to return a new dict of the hyperparameters of `group` that change at `kappa` times the base"
+            " batch size, e.g. {'lr': group['lr'] * kappa}, or {} to change none (NoScalingRule)"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -74,6 +81,7 @@ class NoScalingRule(OptimizerRule):
     """
 
     def scale(self, group: Mapping[str, Any], kappa: float) -> dict[str, Any]:
+        check_positive(kappa, "kappa")  # a kappa no rule could use is an error here too
         return {}
 
 
@@ -198,8 +206,11 @@ SavedGroups = list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
 def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any]], kappa: float) -> SavedGroups:
     """Set every group's hyperparameters to the rule's values at ``kappa``, for one optimizer step.
 
-    Every group is scaled before any is changed, so a rule that raises leaves the groups as they were. Returns
-    the original values, for :func:`restore_param_groups` right after the step.
+    ``kappa`` is checked first, then every group is scaled and the rule's values checked (the same shape, finite;
+    ``lr``, ``eps`` and ``weight_decay`` >= 0, ``momentum`` and each of ``betas`` in [0, 1), ``dampening`` in
+    [0, 1], flags True or False) before any group is changed, so a rule that raises or returns a value out of range
+    leaves the groups as they were. A rule that changes a group in place instead is refused, the group put back.
+    Returns the original values, for :func:`restore_param_groups` right after the step.
 
     Example:
         >>> groups = [{"lr": 0.1, "momentum": 0.9}]
@@ -210,7 +221,8 @@ def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any
         >>> groups[0]["lr"]
         0.1
     """
-    scaled = [rule.scale(group, kappa) for group in param_groups]
+    kappa = check_positive(kappa, "kappa")
+    scaled = [_scale_one(rule, index, group, kappa) for index, group in enumerate(param_groups)]
     for index, (group, values) in enumerate(zip(param_groups, scaled)):
         _check_scaled(rule, index, group, values)
     saved: SavedGroups = []
@@ -220,11 +232,46 @@ def scale_param_groups(rule: OptimizerRule, param_groups: Sequence[dict[str, Any
     return saved
 
 
+def _scale_one(rule: OptimizerRule, index: int, group: dict[str, Any], kappa: float) -> Any:
+    """``rule.scale(group, kappa)``, refused (with the group put back) if the rule changed the group in place."""
+    before = dict(group)
+    try:
+        values = rule.scale(group, kappa)
+    finally:
+        changed = [key for key in {**before, **group} if key not in group or group.get(key) is not before.get(key)]
+        if changed:
+            group.clear()
+            group.update(before)
+    if changed:
+        raise ValueError(
+            f"{rule!r}.scale changed param group {index} in place ({', '.join(map(repr, changed))}): a rule must"
+            " leave `group` as it is and return a new dict of the values that change"
+        )
+    return values
+
+
+#: The values a rule may give the hyperparameters that mean the same in every torch optimizer, each entry of a
+#: tuple (``betas``) on its own: (what it is, lowest, highest, whether ``highest`` itself is allowed). A value the
+#: rule leaves as it was is not checked (it is the optimizer's own). Other numbers need only be finite: their meaning
+#: differs between optimizers (``alpha`` is RMSprop's smoothing constant in [0, 1) and ASGD's power).
+_RANGES: dict[str, tuple[str, float, float, bool]] = {
+    "lr": ("a learning rate", 0.0, math.inf, False),
+    "momentum": ("a momentum", 0.0, 1.0, False),
+    "dampening": ("a dampening", 0.0, 1.0, True),
+    "betas": ("each of `betas`", 0.0, 1.0, False),
+    "eps": ("an `eps`", 0.0, math.inf, False),
+    "weight_decay": ("a weight decay", 0.0, math.inf, False),
+}
+
+
 def _check_scaled(rule: OptimizerRule, index: int, group: Mapping[str, Any], values: Any) -> None:
-    """A rule's output must name existing hyperparameters (never ``params``) with finite values and ``lr >= 0``."""
+    """A rule's output must name existing hyperparameters (never ``params``), keep their shape, hold finite numbers
+    where numbers were, and stay in :data:`_RANGES`."""
     where = f"{rule!r}.scale returned"
     if not isinstance(values, Mapping):
-        raise TypeError(f"{where} {values!r} for param group {index}; it must return a dict of the values that change")
+        raise TypeError(
+            f"{where} {show(values)} for param group {index}; it must return a dict of the values that change"
+        )
     for key, value in values.items():
         if key == "params":
             raise ValueError(f"{where} `params` for param group {index}: a rule scales hyperparameters, not parameters")
@@ -232,15 +279,25 @@ def _check_scaled(rule: OptimizerRule, index: int, group: Mapping[str, Any], val
             keys = sorted(k for k in group if k != "params")
             raise ValueError(f"{where} {key!r}, which param group {index} does not have (its keys: {keys})")
         before = group[key]
-        numbers = value if isinstance(before, (tuple, list)) else (value,)
-        if isinstance(before, bool) or not all(as_real(item) is not None for item in _flatten(before)):
-            continue  # not a number before the rule either (a flag, a name): nothing to check
-        if not isinstance(numbers, (tuple, list)) or not all(
-            (number := as_real(item)) is not None and math.isfinite(number) for item in numbers
-        ):
-            raise ValueError(f"{where} {key}={value!r} for param group {index}; it must hold finite numbers")
-        if key == "lr" and as_real(value) < 0:  # type: ignore[operator]
-            raise ValueError(f"{where} lr={value!r} for param group {index}; a learning rate must be >= 0")
+        got = f"{where} {key}={show(value)} for param group {index}"
+        if isinstance(before, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{got}; `{key}` is a flag (it was {before}): it must be True or False")
+            continue
+        old = [as_real(item) for item in _flatten(before)]
+        if any(number is None for number in old):
+            continue  # not a number before the rule either (a name, None): nothing to check
+        sequence = isinstance(before, (tuple, list))
+        items = _flatten(value) if sequence == isinstance(value, (tuple, list)) else ()
+        new = [number for item in items if (number := as_real(item)) is not None and math.isfinite(number)]
+        if len(new) != len(old) or len(new) != len(items):
+            shape = f"a tuple of {len(old)}" if sequence else "one number"
+            raise ValueError(f"{got}; it must hold finite numbers ({shape}, as it was: {show(before)})")
+        if key in _RANGES and new != old:
+            what, low, high, high_allowed = _RANGES[key]
+            if not all(low <= number < high or (high_allowed and number == high) for number in new):
+                allowed = f">= {low:g}" if math.isinf(high) else f"in [{low:g}, {high:g}{']' if high_allowed else ')'}"
+                raise ValueError(f"{got}; {what} must be {allowed} (it was {show(before)})")
 
 
 def _flatten(value: Any) -> tuple[Any, ...]:
@@ -253,7 +310,7 @@ def restore_param_groups(saved: SavedGroups) -> None:
     A value changed since (a scheduler that stepped after a step which raised) is the newer one and stays.
     """
     for group, original, scaled in saved:
-        group.update({key: value for key, value in original.items() if group[key] == scaled[key]})
+        group.update({key: value for key, value in original.items() if key in group and group[key] == scaled[key]})
 
 
 def check_rule_fits(rule: OptimizerRule, optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_emascale._checks import as_int, check_finite, check_fraction, check_progress
+from lightning_emascale._checks import (
+    MAX_COUNT,
+    MAX_COUNT_TEXT,
+    as_int,
+    check_finite,
+    check_fraction,
+    check_progress,
+    show,
+)
 
 __all__ = ["WarmupCosine", "batch_size_at", "check_batch_schedule", "cosine_schedule"]
 
@@ -21,15 +29,17 @@ __all__ = ["WarmupCosine", "batch_size_at", "check_batch_schedule", "cosine_sche
 def cosine_schedule(progress: float, start: float, end: float) -> float:
     r"""Half a cosine from ``start`` at progress 0 to ``end`` at progress 1.
 
-    .. math:: v(p) = \mathrm{end} - (\mathrm{end} - \mathrm{start})\,\frac{1 + \cos(\pi p)}{2}
+    .. math:: v(p) = w\,\mathrm{start} + (1 - w)\,\mathrm{end}, \qquad w = \frac{1 + \cos(\pi p)}{2}
+
+    A weighted mean of the two ends, so it stays between them (and finite) whatever their size.
 
     BYOL's teacher momentum is this schedule from :math:`\tau_\mathrm{base}` to 1. Evaluate it at progress in
     samples and raise the result to :math:`\kappa` (:func:`~lightning_emascale.scale_ema_momentum`).
 
     Args:
         progress: samples seen divided by the total samples of the run, in :math:`[0, 1]`.
-        start: the value at progress 0.
-        end: the value at progress 1.
+        start: the value at progress 0, a finite number.
+        end: the value at progress 1, a finite number.
 
     Example:
         >>> cosine_schedule(0.0, start=0.996, end=1.0)
@@ -38,12 +48,21 @@ def cosine_schedule(progress: float, start: float, end: float) -> float:
         0.998
         >>> cosine_schedule(1.0, start=0.996, end=1.0)
         1.0
+        >>> cosine_schedule(0.5, start=1e308, end=-1e308)  # end - start would overflow to -inf
+        0.0
     """
     progress = check_progress(progress)
     start, end = check_finite(start, "start"), check_finite(end, "end")
     if progress == 1.0:
         return end  # cos(pi) is -1 up to rounding; hit the end value exactly
-    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    weight = (1.0 + math.cos(math.pi * progress)) / 2.0
+    value = weight * start + (1.0 - weight) * end
+    if not math.isfinite(value):  # rounding past the largest float, with both ends within an ulp of it
+        raise ValueError(
+            f"cosine_schedule({progress}, start={start}, end={end}) overflows a float: `start` and `end` must stay"
+            " below the largest float (1.8e308) by more than rounding"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,8 @@ class WarmupCosine:
 def check_batch_schedule(schedule: Any, name: str = "schedule") -> dict[int, int]:
     """Validate an epoch → batch size schedule and return a sorted copy (the argument is never mutated).
 
-    Keys are epochs (integers ≥ 0), values are batch sizes (integers ≥ 1).
+    Keys are epochs (integers ≥ 0), values are batch sizes (integers ≥ 1), both up to
+    :data:`~lightning_emascale._checks.MAX_COUNT` (2**53).
 
     Example:
         >>> check_batch_schedule({4: 256, 0: 32, 2: 64})
@@ -102,14 +122,23 @@ def check_batch_schedule(schedule: Any, name: str = "schedule") -> dict[int, int
         ValueError: `schedule` keys must be epochs (integers >= 0), got -1
     """
     if not isinstance(schedule, Mapping) or not schedule:
-        raise ValueError(f"`{name}` must be a non-empty dict of epoch -> batch size, got {schedule!r}")
+        raise ValueError(f"`{name}` must be a non-empty dict of epoch -> batch size, got {show(schedule)}")
     checked: dict[int, int] = {}
     for key, value in schedule.items():
         epoch, size = as_int(key), as_int(value)
         if epoch is None or epoch < 0:
-            raise ValueError(f"`{name}` keys must be epochs (integers >= 0), got {key!r}")
+            raise ValueError(f"`{name}` keys must be epochs (integers >= 0), got {show(key)}")
         if size is None or size < 1:
-            raise ValueError(f"`{name}` values must be batch sizes (integers >= 1), got {value!r} at epoch {key!r}")
+            raise ValueError(
+                f"`{name}` values must be batch sizes (integers >= 1), got {show(value)} at epoch {show(key)}"
+            )
+        if epoch > MAX_COUNT:
+            raise ValueError(f"`{name}` keys must be epochs (integers >= 0) up to {MAX_COUNT_TEXT}, got {show(key)}")
+        if size > MAX_COUNT:
+            raise ValueError(
+                f"`{name}` values must be batch sizes (integers >= 1) up to {MAX_COUNT_TEXT}, got {show(value)}"
+                f" at epoch {epoch}"
+            )
         checked[epoch] = size
     return dict(sorted(checked.items()))
 

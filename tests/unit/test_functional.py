@@ -77,7 +77,7 @@ def test_warmup_counts_base_steps():
         (lambda: momentum_from_half_life(-5, 4), ValueError, r"`half_life_samples` must be a positive finite"),
         (lambda: momentum_from_half_life(5, 0), ValueError, r"`batch_size` must be a positive finite number, got 0"),
         (lambda: half_life_from_momentum(1.5, 4), ValueError, r"`momentum` must be in \[0, 1\], got 1.5"),
-        (lambda: warmup_momentum(0.9, -1), ValueError, r"`base_steps` must be a number >= 0, got -1"),
+        (lambda: warmup_momentum(0.9, -1), ValueError, r"`base_steps` must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_errors_name_the_argument_and_value(call, error, match):
@@ -95,3 +95,54 @@ def test_a_frozen_ema_stays_frozen_at_any_kappa():
 def test_zero_momentum_has_zero_half_life():
     assert half_life_from_momentum(0.0, 32) == 0.0
     assert half_life_from_momentum(1.0, 32) == math.inf  # never forgets (BYOL's final momentum)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: scale_ema_momentum(0.9, 10**400),
+            ValueError,
+            r"`kappa` must be a positive finite number, got 1e\+400 \(an integer of 401 digits\), too large for a float",
+        ),
+        (
+            lambda: scale_ema_momentum(10**400, 2),
+            ValueError,
+            r"`momentum` must be in \[0, 1\], got 1e\+400 \(an integer of 401 digits\), too large for a float",
+        ),
+        (
+            lambda: momentum_from_half_life(10**400, 4),
+            ValueError,
+            r"`half_life_samples` must be a positive finite number, got 1e\+400 \(an integer of 401 digits\)",
+        ),
+        (
+            lambda: half_life_from_momentum(0.9, -(10**400)),
+            ValueError,
+            r"`batch_size` must be a positive finite number, got -1e\+400 \(an integer of 401 digits\)",
+        ),
+        (
+            lambda: warmup_momentum(0.9, 10**400),
+            ValueError,
+            r"`base_steps` must be a finite number >= 0, got 1e\+400 \(an integer of 401 digits\), too large",
+        ),
+        (lambda: warmup_momentum(0.9, math.inf), ValueError, r"`base_steps` must be a finite number >= 0, got inf"),
+        (lambda: warmup_momentum(0.9, "10"), TypeError, r"`base_steps` must be a finite real number >= 0, got '10'"),
+        (
+            lambda: half_life_from_momentum(0.9, 1e308),
+            ValueError,
+            r"The half-life of `momentum`=0.9 at `batch_size`=1e\+308 is beyond the float range \(batch_size \* ln 0.5 /"
+            r" ln momentum overflows\): pass a smaller `batch_size`",
+        ),
+    ],
+)
+def test_huge_integers_and_overflowing_results_are_refused_by_name(call, error, match):
+    """10**400 raised OverflowError from float() naming nothing, and a finite momentum's half-life came back inf."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_largest_finite_inputs_still_give_finite_answers():
+    assert half_life_from_momentum(0.5, 1e308) == 1e308
+    assert momentum_from_half_life(1e-308, 1e308) == 0.0  # 0.5 ** inf: the limit, not an error
+    assert warmup_momentum(0.999, 1e308) == 0.999
+    assert scale_ema_momentum(0.9, 2**53) == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -140,3 +141,129 @@ def test_sample_clock_lr_checks_its_clock_and_takes_numpy_factors():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+# ------------------------------------------------------------------ numbers that pass the checks but broke later
+def test_cosine_schedule_of_ends_near_the_float_limit_stays_between_them():
+    """end - start overflowed to -inf, and the schedule returned inf for finite ends."""
+    assert cosine_schedule(0.5, 1e308, -1e308) == 0.0
+    assert cosine_schedule(0.25, -1.7e308, 1.7e308) == pytest.approx(-1.7e308 * math.cos(math.pi / 4), rel=1e-12)
+    assert cosine_schedule(0.0, 1.7e308, -1.7e308) == 1.7e308
+    assert cosine_schedule(1.0, 1.7e308, -1.7e308) == -1.7e308
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: cosine_schedule(0.5, 10**400, 1.0),
+            r"`start` must be a finite number, got 1e\+400 \(an integer of 401 digits\), too large for a float",
+        ),
+        (
+            lambda: cosine_schedule(0.5, 0.9, -(10**400)),
+            r"`end` must be a finite number, got -1e\+400 \(an integer of 401 digits\), too large",
+        ),
+        (lambda: cosine_schedule(0.5, 0.9, math.inf), r"`end` must be a finite number, got inf"),
+        (
+            lambda: cosine_schedule(10**400, 0.9, 1.0),
+            r"`progress` must be in \[0, 1\] \(samples seen / total samples\), got 1e\+400 \(",
+        ),
+        (
+            lambda: cosine_schedule(math.nan, 0.9, 1.0),
+            r"`progress` must be in \[0, 1\] \(samples seen / total samples\), got nan",
+        ),
+        (
+            lambda: WarmupCosine(final=10**400),
+            r"`final` must be a number in \[0, 1\], got 1e\+400 \(an integer of 401 digits\)",
+        ),
+        (lambda: WarmupCosine(warmup=math.nan), r"`warmup` must be a number in \[0, 1\], got nan"),
+        (lambda: WarmupCosine()(math.inf), r"`progress` must be in \[0, 1\] .*, got inf"),
+    ],
+)
+def test_huge_and_non_finite_schedule_inputs_are_refused_by_name(call, match):
+    """10**400 raised OverflowError from float(), naming nothing."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        (
+            {0: 2**53 + 1},
+            r"`schedule` values must be batch sizes \(integers >= 1\) up to MAX_COUNT = 2\*\*53 = 9007199254740992 \(floats hold every integer up to it exactly\), got 9007199254740993 at epoch 0",
+        ),
+        (
+            {0: 8, 3: 10**400},
+            r"`schedule` values must be batch sizes .* up to MAX_COUNT = 2\*\*53 .*, got 1e\+400 \(an integer of 401 digits\) at epoch 3",
+        ),
+        (
+            {10**30: 8},
+            r"`schedule` keys must be epochs \(integers >= 0\) up to MAX_COUNT = 2\*\*53 .*, got 1e\+30 \(an integer of 31 digits\)",
+        ),
+    ],
+)
+def test_a_batch_schedule_refuses_counts_past_max_count(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        check_batch_schedule(schedule)
+    assert check_batch_schedule({0: 2**53, 2**53: 1}) == {0: 2**53, 2**53: 1}  # the bound itself is taken
+
+
+def test_sample_clock_lr_names_a_wrong_optimizer_before_torch_does():
+    with pytest.raises(
+        TypeError,
+        match=r"`optimizer` must be a torch.optim.Optimizer \(the optimizer whose learning rates SampleClockLR sets\),"
+        r" got str: 'not an optimizer'$",
+    ):
+        SampleClockLR("not an optimizer", WarmupCosine())
+
+    class Wrapper:  # as Lightning's LightningOptimizer, which is no Optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    with pytest.raises(TypeError, match=r"got Wrapper: .*: pass its `.optimizer` \(SGD\)$"):
+        SampleClockLR(Wrapper(optimizer()), WarmupCosine())
+
+
+def test_sample_clock_lr_names_a_schedule_of_the_wrong_arity_or_one_that_overflows_the_lr():
+    with pytest.raises(
+        TypeError,
+        match=r"`schedule` must be a callable of one argument, progress in \[0, 1\], that returns the learning-rate"
+        r" factor; calling .*\(0.0\) raised: .* takes 0 positional arguments but 1 was given",
+    ):
+        SampleClockLR(optimizer(), lambda: 1.0, clock=Clock())
+    with pytest.raises(
+        ValueError,
+        match=r"`schedule` returned 1e\+308 at progress 0.0, which times the initial learning rates \[5.0, 0.5\]"
+        r" overflows to \[inf, 5e\+307\]: the factor must keep them finite",
+    ):
+        SampleClockLR(optimizer(lr=5.0), lambda p: 1e308, clock=Clock())
+    with pytest.raises(
+        ValueError, match=r"`schedule` must return a finite number >= 0, got 1e\+400 \(an integer of 401 digits\) at"
+    ):
+        SampleClockLR(optimizer(), lambda p: 10**400, clock=Clock())
+
+
+@pytest.mark.parametrize("progress", [math.nan, 1.5, -0.1, "0.5", None])
+def test_sample_clock_lr_refuses_a_clock_reading_outside_0_1(progress):
+    """A custom schedule (a lambda) does not check progress itself: nan gave a nan learning rate silently."""
+    clock = Clock()
+    scheduler = SampleClockLR(optimizer(), lambda p: 1.0, clock=clock)
+    before = [group["lr"] for group in scheduler.optimizer.param_groups]
+    clock.progress = progress
+    with pytest.raises(
+        ValueError,
+        match=rf"`clock` \(Clock\) reported progress {re.escape(repr(progress))}; SampleClockLR needs a number in"
+        r" \[0, 1\] \(samples seen / total samples\)",
+    ):
+        scheduler.step()
+    assert [group["lr"] for group in scheduler.optimizer.param_groups] == before
+
+
+def test_sample_clock_lr_refuses_a_last_epoch_past_max_count():
+    with pytest.raises(
+        ValueError,
+        match=r"`last_epoch` must be an integer >= -1 up to MAX_COUNT = 2\*\*53 = 9007199254740992 \(floats hold every"
+        r" integer up to it exactly\), got 1e\+400 \(an integer of 401 digits\)",
+    ):
+        SampleClockLR(optimizer(), WarmupCosine(), last_epoch=10**400)
