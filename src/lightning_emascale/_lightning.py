@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_emascale._sharded import is_fsdp1, is_sharded
+
 
 def is_one_of(instance: Any, classes: tuple[type, ...]) -> bool:
     """``isinstance`` by class name too, so the twins from the standalone ``pytorch_lightning`` package count.
@@ -61,10 +63,19 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
         return None, "the train dataloader is not loaded yet"
     if not isinstance(loader, torch.utils.data.DataLoader):
         return None, f"the train dataloader is a {type(loader).__name__}, not a single DataLoader"
-    sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+    batches = loader.batch_sampler
+    if batches is not None and type(batches) is not torch.utils.data.BatchSampler:
+        return None, (
+            f"the train dataloader's `batch_sampler` is a {type(batches).__name__}, whose batches may hold any number"
+            " of samples"
+        )
+    sampler = getattr(batches, "sampler", loader.sampler)
     if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
         return None, "the train dataset has no length (an IterableDataset)"
-    return trainer.max_epochs * len(sampler) * data_parallel_size(trainer), ""  # type: ignore[arg-type]
+    per_epoch = len(sampler)  # type: ignore[arg-type]
+    if batches is not None and batches.drop_last:
+        per_epoch -= per_epoch % batches.batch_size  # the last, partial batch is dropped
+    return trainer.max_epochs * per_epoch * data_parallel_size(trainer), ""
 
 
 class RunLength:
@@ -104,6 +115,12 @@ class RunLength:
                 f"`total_samples`={total} is less than the {derived} samples this run trains on (max_epochs"
                 f" {trainer.max_epochs} x {derived // trainer.max_epochs} per epoch): raise it, or drop it to derive it"
             )
+
+
+def is_sharded_module(trainer: pl.Trainer, module: torch.nn.Module) -> bool:
+    """Whether the fit shards ``module`` (``DTensor`` parameters, or an FSDP1 wrapper around it)."""
+    wrapped = trainer.strategy.model
+    return (wrapped is not None and is_fsdp1(wrapped)) or any(is_sharded(p) for p in module.parameters())
 
 
 def swap_ema_into(model_state: dict[str, Any], averages: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
@@ -184,13 +201,18 @@ class SpawnedFitFile:
 
     Fit's workers exit with their state; a later ``validate/test/predict`` spawns new workers from the main
     process's copy of the callback, which never held an EMA. Local rank 0 of fit writes the EMA and a fingerprint
-    of the training weights (one float64 sum per tensor) to a path fixed when the callback was built, so every
-    copy of it finds the file (a deep copy gets a file of its own); the main process deletes the file when it
-    exits.
+    of the training weights (one hash per tensor) to a path fixed when the callback was built, so every copy of it
+    finds the file (a deep copy gets a file of its own); the main process deletes the file when it exits.
+
+    The file lives in a directory of this user's own (mode 0700) under the temporary directory, is created 0600
+    through a unique temporary name and renamed into place; its name holds the main process's id, so that files
+    left by a process killed before it could delete them are removed when the next one starts.
     """
 
     def __init__(self) -> None:
-        self.path = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{uuid.uuid4().hex}.pt")
+        directory = spawn_directory()
+        remove_stale_spawn_files(directory)
+        self.path = os.path.join(directory, f"{_SPAWN_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.pt")
         weakref.finalize(self, _remove, self.path)
 
     def __reduce__(self) -> Any:
@@ -206,9 +228,15 @@ class SpawnedFitFile:
 
     def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: dict[str, torch.Tensor]) -> None:
         if trainer.local_rank == 0:  # every node: evaluation workers read the file on their own machine
-            partial = f"{self.path}.partial"
-            torch.save({"state": state, "fingerprint": fingerprint(raw)}, partial)  # hashes: plain strings
-            os.replace(partial, self.path)
+            directory = spawn_directory()  # again: a worker may run after the directory was cleaned up
+            handle, partial = tempfile.mkstemp(dir=directory, prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", suffix=".pt")
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    torch.save({"state": state, "fingerprint": fingerprint(raw)}, file)  # hashes: plain strings
+                os.replace(partial, self.path)
+            except BaseException:
+                _remove(partial)
+                raise
 
     def read(self, device: torch.device) -> Optional[dict[str, Any]]:
         if not os.path.exists(self.path):
@@ -219,6 +247,46 @@ class SpawnedFitFile:
 class _SpawnedFitFileCopy(SpawnedFitFile):
     def __init__(self, path: str) -> None:  # no finalizer: the main process's object owns the file
         self.path = path
+
+
+_SPAWN_PREFIX = "spawned-fit-"
+_PARTIAL_PREFIX = ".partial-"  # a file being written (mkstemp: created 0600)
+
+
+def spawn_directory() -> str:
+    """This user's directory for the files that carry an EMA out of ``ddp_spawn`` workers (made 0700; refused
+    if another user owns it, or it is a link)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    directory = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{user}")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not os.path.isdir(directory) or os.path.islink(directory) or (
+        hasattr(os, "getuid") and info.st_uid != os.getuid()
+    ):
+        raise RuntimeError(
+            f"{directory!r} is not a directory of this user's own (it is a link, a file or another user's): remove"
+            " it, or point TMPDIR elsewhere"
+        )
+    return directory
+
+
+def remove_stale_spawn_files(directory: str) -> None:
+    """Delete the files of main processes that no longer run (killed before they could delete their own)."""
+    for name in os.listdir(directory):  # "<prefix><pid>-...": the main process's id, or the writing worker's
+        prefix = next((p for p in (_SPAWN_PREFIX, _PARTIAL_PREFIX) if name.startswith(p)), None)
+        pid = name[len(prefix) :].split("-", 1)[0] if prefix is not None else ""
+        if pid.isdigit() and not _running(int(pid)):
+            _remove(os.path.join(directory, name))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user (or the platform cannot tell): keep its file
+        return True
+    return True
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, str]:

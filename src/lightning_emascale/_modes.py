@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lightning_emascale import _polyak, _power, _teacher
-from lightning_emascale._averager import Averager
+from lightning_emascale._averager import SAVED_MODES, Averager
 from lightning_emascale._options import EMAOptions
 
 _CHECKS = {"polyak": _polyak.check_options, "teacher": _teacher.check_options, "post_hoc": _power.check_options}
@@ -58,3 +58,12 @@ def build_averager(module: torch.nn.Module, options: EMAOptions, copy_on_swap: b
             options.snapshot_dir,
         )  # fmt: skip
     return _polyak.PolyakEMA.for_options(module, options, copy_on_swap)
+
+
+def saved_mode(options: EMAOptions) -> tuple[Optional[str], str]:
+    """The key under which the mode ``options`` choose saves its tensors in ``ScaledEMA.state_dict()`` (``None``:
+    teacher mode saves none), and the mode in words, for checking a saved state before anything is built."""
+    key = {"polyak": _polyak.PolyakEMA, "teacher": _teacher.TeacherEMA, "post_hoc": _power.PowerEMAs}[
+        options.mode
+    ].state_key
+    return key, SAVED_MODES[key] if key is not None else "in teacher mode"

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from lightning_emascale._checks import as_int, as_real, check_saved_state
+from lightning_emascale._averager import SAVED_MODES
+
+from lightning_emascale._checks import MAX_COUNT, as_int, as_real, check_saved_state, show
 from lightning_emascale._sharded import is_sharded, local_piece
 
 #: The version of :meth:`ScaledEMA.state_dict`'s layout; a checkpoint of another version is refused.
@@ -22,9 +24,19 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
     base = state["base_batch_size"]
     if base is not None and (as_int(base) is None or base < 1):
         raise ValueError(f"{where} has base_batch_size={base!r}; a positive integer or None is allowed")
+    if base is not None and base > MAX_COUNT:
+        raise ValueError(f"{where} has base_batch_size={show(base)}; at most {MAX_COUNT} is allowed")
     for key in ("samples_seen", "optimizer_steps", "ema_updates", "skipped_updates", "samples_at_update"):
-        if key in state and (as_int(state[key]) is None or state[key] < 0):
-            raise ValueError(f"{where} has {key}={state[key]!r}; an integer >= 0 is allowed")
+        if key in state and (as_int(state[key]) is None or not 0 <= state[key] <= MAX_COUNT):
+            raise ValueError(
+                f"{where} has {key}={show(state[key])}; an integer >= 0 and at most {MAX_COUNT} is allowed"
+            )
+    steps, samples = state["optimizer_steps"], state["samples_seen"]
+    if samples < steps or (steps == 0) != (samples == 0):
+        raise ValueError(
+            f"{where} has samples_seen={state['samples_seen']!r} with optimizer_steps={state['optimizer_steps']!r};"
+            " every optimizer step counts at least one sample, and samples are counted only by steps"
+        )
     if state["ema_updates"] > state["optimizer_steps"]:
         raise ValueError(
             f"{where} has ema_updates={state['ema_updates']!r} past optimizer_steps={state['optimizer_steps']!r};"
@@ -52,4 +64,20 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
             raise ValueError(
                 f"{where} has samples_at_update={state['samples_at_update']!r} past samples_seen="
                 f"{state['samples_seen']!r}; the last update cannot come after the samples seen"
+            )
+
+
+def check_mode(state: Mapping[str, Any], own: Any, description: str, where: str) -> None:
+    """Raise unless ``state`` was written in the mode whose tensors are saved under ``own`` (a key of
+    :data:`SAVED_MODES`, ``None`` for teacher mode, which saves none); ``description`` names that mode."""
+    for key, mode in SAVED_MODES.items():
+        if key in state and key != own:
+            raise KeyError(
+                f"{where} holds the {key!r} tensors of {mode}, but this one is {description}: load a state written"
+                " in the same mode"
+            )
+        if key == own and key not in state:
+            raise KeyError(
+                f"{where} lacks the {key!r} tensors this one needs, {description} (it was written in another mode):"
+                " load a state written in the same mode"
             )

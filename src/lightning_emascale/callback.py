@@ -20,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_emascale._batch import measure_batch_size
-from lightning_emascale._checks import check_evaluate_with_ema, check_name
+from lightning_emascale._checks import check_bool, check_evaluate_with_ema, check_name
 from lightning_emascale._lightning import (
     RunLength,
     SpawnedFitFile,
@@ -29,10 +29,19 @@ from lightning_emascale._lightning import (
     data_parallel_size,
     fingerprint,
     is_one_of,
+    is_sharded_module,
     spawned_workers,
 )
 from lightning_emascale._modes import options_from
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
+from lightning_emascale._resume import (
+    MODEL_ENTRIES,
+    check_callback_state,
+    check_resumed_state,
+    ema_states_of_others,
+    model_entries_hold_ema,
+    refuse_resume_from_ema,
+)
 from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
 from lightning_emascale._teacher import Frozen, freeze_teachers
@@ -79,6 +88,9 @@ class EMAScalingCallback(OptionsView, Callback):
             copy_on_swap: as in
             :class:`~lightning_emascale.ScaledEMA`
             (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
+        resume_from_ema: let ``fit(ckpt_path=...)`` continue training from the EMA where the checkpoint's
+            ``state_dict`` holds an EMA whose training weights this callback cannot restore (its state lacks them,
+            or they belong to a callback of another class or ``name``). False: such a resume is refused.
 
     Every ``trainer.fit`` that does not resume (no checkpoint state, ``global_step`` 0) starts afresh: a callback
     built once for a K-fold loop restarts its clock and its EMA with each fold. With ``evaluate_with_ema``, a
@@ -114,14 +126,18 @@ class EMAScalingCallback(OptionsView, Callback):
         offload: bool = False,
         side_stream: bool = True,
         copy_on_swap: bool = False,
+        resume_from_ema: bool = False,
     ) -> None:
-        self._set_up(options_from(locals()), evaluate_with_ema, name)
+        self._set_up(options_from(locals()), evaluate_with_ema, name, resume_from_ema)
 
-    def _set_up(self, options: EMAOptions, evaluate_with_ema: Optional[bool], name: str) -> None:
+    def _set_up(
+        self, options: EMAOptions, evaluate_with_ema: Optional[bool], name: str, resume_from_ema: bool = False
+    ) -> None:
         """What every constructor of this class and its subclasses does with its checked options."""
         self._options = options
         self.evaluate_with_ema = check_evaluate_with_ema(evaluate_with_ema, teacher_mode=bool(options.teachers))
         self.name = check_name(name, "name")
+        self.resume_from_ema = check_bool(resume_from_ema, "resume_from_ema")
         if hasattr(self, "momentum_at"):  # 0.1's hook, superseded: fail rather than ignore an override
             raise TypeError(
                 f"{type(self).__name__} overrides `momentum_at`, which no longer shapes the schedule: pass the"
@@ -360,6 +376,17 @@ class EMAScalingCallback(OptionsView, Callback):
         ema = self._ema
         if ema is not None:
             ema.wait()  # before Lightning moves the module off the GPU
+        if ema is not None and self._progress_needed(trainer) and not trainer.interrupted:
+            total = ema.resolved_total_samples
+            if ema.samples_seen < total:
+                given = self._options.total_samples is not None
+                rank_zero_warn(
+                    f"{self.state_key}: the momentum schedule stopped at progress {ema.samples_seen / total:.3g}: the"
+                    f" run trained on {ema.samples_seen} samples"
+                    + (f" of `total_samples`={total}" if given else f" of the {total} derived from `max_epochs`")
+                    + ", so the schedule (and a SampleClockLR on this clock) never reached its end. Set"
+                    " `total_samples` to the samples (global) this run trains on"
+                )
         if ema is not None and ema.ema_updates == 0 and not self._warned_no_update and not self._options.teachers:
             rank_zero_warn(
                 f"{self.state_key}: the run ended after {ema.optimizer_steps} optimizer step(s) without one EMA update"
@@ -495,23 +522,41 @@ class EMAScalingCallback(OptionsView, Callback):
             self._put(ema, checkpoint, state)
         elif self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and ema.swappable:
             put_ema(ema, checkpoint, state)  # `Model.load_from_checkpoint` reads the EMA from "state_dict"
+        if state is not None and ema is not None and not self._fit_starting:
+            held = state.get("raw_state_dict") is not None or state.get("model_holds_ema")
+            state[MODEL_ENTRIES] = "ema" if held else "training"  # read when a fit resumes
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key)
+        where = f"The checkpoint's {self.state_key} state"
+        fitting = trainer.state.fn == TrainerFn.FITTING
         if state is None:
+            others = ema_states_of_others(checkpoint, self.state_key) if fitting else []
+            if others and not self.resume_from_ema:
+                refuse_resume_from_ema(self.state_key, others[0], own_state_lacks_weights=False)
             rank_zero_warn(
                 f"The checkpoint has no {self.state_key} state (it was saved without this callback, or with"
-                " another `name`): the EMA starts again from the loaded weights."
+                " another `name`): the EMA starts again from the loaded weights"
+                + (f", which are the EMA of {others[0]!r} (`resume_from_ema=True`)." if others else ".")
             )
             return
-        ema = self._ema
-        if trainer.state.fn != TrainerFn.FITTING:
+        check_callback_state(state, where)
+        if not fitting:
             # validate/test/predict(ckpt_path=...): the module holds the checkpoint's model entries, the EMA where
             # this callback put it there; this run's own EMA stays as it is
             if state.get("raw_state_dict") is not None or state.get("model_holds_ema"):
                 self._module_loaded_from_ema = True
             return
+        if not state or state.get("format") == _BEFORE_FIT:
+            return
+        # Every check before the training weights are written into the module.
+        ema = self._ema
+        sharded = (ema.is_sharded if ema is not None else False) or is_sharded_module(trainer, pl_module)
+        check_resumed_state(state, pl_module, self._options, sharded, where)
+        lacks_weights = state.get("raw_state_dict") is None and not state.get("sharded_ema_in_state_dict")
+        if lacks_weights and not self.resume_from_ema and model_entries_hold_ema(state, checkpoint.get("state_dict", {})):
+            refuse_resume_from_ema(self.state_key, self.state_key, own_state_lacks_weights=True)
         load_ema(ema, pl_module, state, trainer.ckpt_path)

@@ -22,13 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_emascale._attributes import MomentumAttribute
-from lightning_emascale._averager import SAVED_MODES, Update
-from lightning_emascale._checks import as_int, check_name
+from lightning_emascale._averager import Update
+from lightning_emascale._checks import MAX_COUNT, as_int, check_name, check_positive_int, show
 from lightning_emascale._modes import build_averager, options_from
 from lightning_emascale._modes import check as check_options
 from lightning_emascale._module_layout import ModuleLayout, unwrap_module
 from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule
-from lightning_emascale._saved_state import STATE_FORMAT, check_state
+from lightning_emascale._saved_state import STATE_FORMAT, check_mode, check_state
 from lightning_emascale._scaled_optimizers import ScaledOptimizers
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.rules import RuleLike
@@ -302,9 +302,7 @@ class ScaledEMA:
         Call it for every micro-batch before the optimizer step it is accumulated into. Momentum attributes
         are set for this micro-batch here.
         """
-        count = as_int(samples)
-        if count is None or count < 1:
-            raise ValueError(f"`samples` must be a positive integer (the micro-batch's global size), got {samples!r}")
+        count = check_positive_int(samples, "samples", what=" (the micro-batch's global size)")
         if self._step_on_clock:  # the last step was counted but not ended: end it now
             self.end_step()
         self._ended_by_hook = False
@@ -491,9 +489,10 @@ class ScaledEMA:
             return self.options.total_samples
         if self.total_samples_from is not None:
             total = self.total_samples_from()
-            if as_int(total) is None or total < 1:
+            if as_int(total) is None or not 1 <= total <= MAX_COUNT:
                 raise ValueError(
-                    f"`total_samples_from` must return a positive integer (the run's training samples), got {total!r}"
+                    f"`total_samples_from` must return a positive integer up to {MAX_COUNT} (the run's training"
+                    f" samples), got {show(total)}"
                 )
             return int(total)
         raise ValueError(
@@ -658,18 +657,7 @@ class ScaledEMA:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
         check_state(state, "The saved ScaledEMA state")
-        own = self.averager.state_key
-        for key, mode in SAVED_MODES.items():
-            if key in state and key != own:
-                raise KeyError(
-                    f"The saved ScaledEMA state holds the {key!r} tensors of {mode}, but this one is"
-                    f" {self.averager.describe()}: load a state written in the same mode"
-                )
-            if key == own and key not in state:
-                raise KeyError(
-                    f"The saved ScaledEMA state lacks the {key!r} tensors this one needs, {self.averager.describe()}"
-                    " (it was written in another mode): load a state written in the same mode"
-                )
+        check_mode(state, self.averager.state_key, self.averager.describe(), "The saved ScaledEMA state")
         self.averager.load_state_dict(state)  # checks every tensor before the first copy
         self._steps.restore()
         self._reset_clock()

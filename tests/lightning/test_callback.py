@@ -487,8 +487,11 @@ def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_shardin
     from lightning.pytorch.trainer.states import TrainerFn
 
     callback = EMAScalingCallback()
-    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), ckpt_path=None)
-    state = {"sharded_ema_in_state_dict": "_emascale.ema.", "model_holds_ema": True}
+    fitting = SimpleNamespace(
+        state=SimpleNamespace(fn=TrainerFn.FITTING), ckpt_path=None, strategy=SimpleNamespace(model=None)
+    )
+    clock = {"format": 1, "base_batch_size": 4, "samples_seen": 8, "optimizer_steps": 2, "ema_updates": 2}
+    state = {**clock, "pending_decay": 1.0, "sharded_ema_in_state_dict": "_emascale.ema.", "model_holds_ema": True}
     with pytest.raises(RuntimeError, match=r"resume it with the strategy and sharding it was saved with; to change"):
         callback.on_load_checkpoint(fitting, TinyModel(), {"callbacks": {callback.state_key: state}})
     # evaluating from it (validate(ckpt_path=...)) needs no EMA of this run: the module holds the checkpoint's EMA

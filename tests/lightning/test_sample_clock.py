@@ -198,3 +198,34 @@ def test_max_steps_under_manual_optimization_asks_for_total_samples():
     callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
     with pytest.raises(ValueError, match=r"`max_steps`=12 is set and the steps per epoch are not fixed.*total_samples"):
         make_trainer([callback], max_epochs=1, max_steps=12).fit(TwoOptimizers())
+
+
+class _Oversampling(torch.utils.data.Sampler):
+    """A custom batch sampler that yields more samples per epoch than its sampler holds (oversampling)."""
+
+    def __init__(self, n: int) -> None:
+        self.sampler = range(n)
+
+    def __iter__(self):
+        for _ in range(2):
+            yield from ([i, i + 1, i + 2, i + 3] for i in range(0, len(self.sampler), 4))
+
+    def __len__(self) -> int:
+        return 2 * len(self.sampler) // 4
+
+
+class _OversampledModel(TinyModel):
+    def train_dataloader(self):
+        dataset = torch.utils.data.TensorDataset(self.x, self.y)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=_Oversampling(len(dataset)))
+
+
+def test_a_custom_batch_sampler_needs_total_samples_at_the_start_not_at_step_nine():
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    trainer = make_trainer([callback])
+    with pytest.raises(ValueError, match=r"`batch_sampler` is a _Oversampling, .* pass `total_samples=`"):
+        trainer.fit(_OversampledModel())
+    assert trainer.global_step == 0
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0, total_samples=64)
+    make_trainer([callback]).fit(_OversampledModel())
+    assert callback.scaled_ema.samples_seen == 64 and callback.scaled_ema.progress == 1.0

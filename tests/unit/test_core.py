@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -255,7 +256,7 @@ def test_load_state_dict_checks_everything_before_changing_anything():
         ema.load_state_dict({**good, "format": 7})
     with pytest.raises(KeyError, match=r"The saved ScaledEMA state lacks \['samples_seen'\]"):
         ema.load_state_dict({k: v for k, v in good.items() if k != "samples_seen"})
-    wrong = {**good, "samples_seen": 99, "ema": {**good["ema"], "0.weight": torch.zeros(5, 5)}}
+    wrong = {**good, "samples_seen": 99, "optimizer_steps": 9, "ema": {**good["ema"], "0.weight": torch.zeros(5, 5)}}
     with pytest.raises(ValueError, match=r"The saved EMA of '0.weight' has shape \(5, 5\), the model's is \(4, 3\)"):
         ema.load_state_dict(wrong)
     assert ema.samples_seen == 0 and not torch.equal(ema.ema_state_dict()["0.bias"], torch.zeros(4))
@@ -437,13 +438,15 @@ def test_saved_states_are_checked_value_by_value_and_mode_by_mode():
     ema = ScaledEMA(model, momentum=0.9, base_batch_size=4)
     good = ema.state_dict()
     for key, value, allowed in [
-        ("samples_seen", -5, r"an integer >= 0"),
-        ("ema_updates", 1.5, r"an integer >= 0"),
+        ("samples_seen", -5, r"an integer >= 0 and at most 9007199254740992"),
+        ("samples_seen", 10**30, r"an integer >= 0 and at most 9007199254740992"),
+        ("ema_updates", 1.5, r"an integer >= 0 and at most 9007199254740992"),
         ("pending_decay", 3.0, r"a number in \(0, 1\]"),
         ("pending_decay", float("nan"), r"a number in \(0, 1\]"),
         ("base_batch_size", 0, r"a positive integer or None"),
     ]:
-        with pytest.raises(ValueError, match=rf"The saved ScaledEMA state has {key}={value!r}; {allowed} is allowed"):
+        shown = "1e\\+30 \\(an integer of 31 digits\\)" if value == 10**30 else re.escape(repr(value))
+        with pytest.raises(ValueError, match=rf"The saved ScaledEMA state has {key}={shown}; {allowed} is allowed"):
             ema.load_state_dict({**good, key: value})
     poisoned = {**good["ema"], "0.bias": torch.full((4,), float("nan"))}
     with pytest.raises(ValueError, match=r"has a non-finite EMA of '0.bias'; the checkpoint is corrupt"):
