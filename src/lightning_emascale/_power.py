@@ -4,12 +4,18 @@ Pure torch, no Lightning. One fp32 Polyak copy per ``sigma_rel``, moved by :math
 from ``s`` to ``s'`` samples seen, so the profile in samples does not depend on the batch size; a snapshot is
 written every ``snapshot_every_samples`` samples crossed (rank 0), for
 :func:`~lightning_emascale.reconstruct_post_hoc`.
+
+Every run has an id (:attr:`PowerEMAs.run_id`, made when the power EMAs are built, kept in their state so that a
+resumed run keeps it) that its snapshots carry; a snapshot directory holding a snapshot of another run is refused
+before the first step (and before every write), so that two runs never mix their snapshots.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -18,7 +24,7 @@ from torch import Tensor
 from lightning_emascale._averager import Averager, Update
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._polyak import PolyakEMA, refuse_polyak_only
-from lightning_emascale.post_hoc import snapshot_path, write_snapshot
+from lightning_emascale.post_hoc import describe_run, load_snapshot, snapshot_files, snapshot_path, write_snapshot
 from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
 #: The options a post-hoc EMA has no use for, and their defaults.
@@ -52,6 +58,13 @@ class PowerEMAs(Averager):
         sigma_rels: the lengths of the power EMAs, each in :math:`(0, 1/\\sqrt{12}]`.
         snapshot_every_samples: a snapshot every this many samples seen (``None``: only :meth:`save_snapshot`).
         snapshot_dir: the snapshots' directory (written by rank 0).
+
+    A directory that holds a snapshot of another run (another :attr:`run_id`) is refused with a ``ValueError``
+    before the first update moves anything: where the optimizer's hook sees the step, before the step itself (the
+    core asks :meth:`momentum_between` first); and again before every snapshot written. Snapshots without a run id
+    (written before run ids) count as another run's, except to a run resumed from a state saved before run ids
+    (:attr:`run_id` ``None``): it wrote them, and writes its own without an id too. Only rank 0 checks, as only it
+    writes.
     """
 
     state_key = "power_ema"
@@ -74,6 +87,13 @@ class PowerEMAs(Averager):
         self.samples_at_update = 0
         #: Whether snapshots are written (an adapter turns it off for a smoke test, e.g. Lightning's fast_dev_run).
         self.snapshots_enabled = True
+        #: The id of this run, written into its snapshots and its state (``None``: a run resumed from a state saved
+        #: before run ids, whose snapshots carry none).
+        self.run_id: Optional[str] = _new_run_id()
+        #: The directory's argument in messages (an adapter sets its own name for it, e.g. ``"directory"``).
+        self.directory_argument = "snapshot_dir"
+        self._directory_checked = False  # snapshot_dir was found to hold no other run's snapshots
+        self._ours: dict[str, tuple[int, int, int]] = {}  # snapshots found to be this run's: name -> stat signature
 
     def describe(self) -> str:
         return f"a post-hoc EMA of sigma_rel {list(self.sigma_rels)}"
@@ -85,19 +105,66 @@ class PowerEMAs(Averager):
         )
 
     def momentum_between(self, samples_before: int, samples_after: int) -> Optional[float]:
-        """The first power EMA's :math:`\\beta` over the step (what is logged as the momentum)."""
+        """The first power EMA's :math:`\\beta` over the step (what is logged as the momentum).
+
+        The core asks it first for every step, before the optimizer moves the weights where a hook sees the step:
+        ``snapshot_dir`` is checked here (:meth:`check_directory`) before the first step and before every step that
+        writes a snapshot, so that a directory of another run is refused before anything moves.
+        """
+        if not self._directory_checked or self._writes_between(self.samples_at_update, samples_after):
+            self.check_directory()
         return power_beta(samples_before, samples_after, self.gammas[0])
 
     def update(self, step: Update, only_if: Optional[Tensor] = None) -> None:
         """Move every power EMA from the samples seen at the last update to ``step.samples_seen``; write the
-        snapshot of every multiple of ``snapshot_every_samples`` crossed."""
+        snapshot of every multiple of ``snapshot_every_samples`` crossed (``snapshot_dir`` checked before anything
+        moves, also where no hook saw the step)."""
         before, after = self.samples_at_update, step.samples_seen
+        writes = self._writes_between(before, after)
+        if writes or not self._directory_checked:
+            self.check_directory()
         for gamma, state in zip(self.gammas, self.states):
             state.update(Update(power_beta(before, after, gamma)), only_if)
         self.samples_at_update = after
-        every = self.snapshot_every_samples
-        if every and before // every < after // every:
+        if writes:
             self.save_snapshot()
+
+    def _writes_between(self, before: int, after: int) -> bool:
+        """Whether an update from ``before`` to ``after`` samples seen crosses a multiple of snapshot_every_samples."""
+        every = self.snapshot_every_samples
+        return every is not None and every > 0 and before // every < after // every
+
+    def check_directory(self) -> None:
+        """Raise ``ValueError`` if ``snapshot_dir`` holds a snapshot that is not this run's (rank 0, with snapshots
+        enabled; each file is read once, while it stays unchanged). The message names the directory as
+        :attr:`directory_argument`."""
+        argument = self.directory_argument
+        if not self.snapshots_enabled or not _is_rank_zero():
+            self._directory_checked = True  # nothing is written (enable_snapshots asks for a check again)
+            return
+        assert self.snapshot_dir is not None
+        for _, path in snapshot_files(self.snapshot_dir):
+            signature = _signature(path)
+            if signature is None or self._ours.get(path.name) == signature:
+                continue  # gone since it was listed, or read before
+            try:
+                run_id = load_snapshot(path).get("run_id")
+            except ValueError as error:
+                raise ValueError(
+                    f"`{argument}`={os.fspath(self.snapshot_dir)!r} holds {path.name}, which is no snapshot this run"
+                    f" can tell as its own ({error}). Remove it, or give this run a new `{argument}`"
+                ) from error
+            if run_id != self.run_id:
+                ours = "no run id, resumed from a state saved before run ids" if self.run_id is None else None
+                raise ValueError(
+                    f"`{argument}`={os.fspath(self.snapshot_dir)!r} holds post-hoc snapshots of another run:"
+                    f" {path.name} ({describe_run(run_id)}; this run: {ours or describe_run(self.run_id)}). Its"
+                    " snapshots would mix with them, and `reconstruct_post_hoc` would combine both runs. Give this"
+                    f" run a new `{argument}` (or move the other run's snapshots out), or resume the run that wrote"
+                    " them from its own checkpoint"
+                )
+            self._ours[path.name] = signature
+        self._directory_checked = True
 
     def finite(self) -> Tensor:
         return self.states[0].finite()
@@ -115,11 +182,19 @@ class PowerEMAs(Averager):
             state.refresh()
 
     def reset(self) -> None:
-        """The clock starts again; the power EMAs restart from the module at the next update (β is 0 from 0)."""
+        """The clock starts again; the power EMAs restart from the module at the next update (β is 0 from 0). It is
+        a new run, with a new :attr:`run_id`: the snapshots written so far are another run's."""
         self.samples_at_update = 0
+        self._new_run(_new_run_id())
+
+    def _new_run(self, run_id: Optional[str]) -> None:
+        self.run_id = run_id
+        self._ours.clear()
+        self._directory_checked = False
 
     def enable_snapshots(self, enabled: bool) -> None:
         self.snapshots_enabled = bool(enabled)
+        self._directory_checked = False  # checked again before the next step
 
     def save_snapshot(self) -> Optional[str]:
         """Write the power EMAs' snapshot at the samples of the last update (rank 0 only) and return its path;
@@ -128,17 +203,31 @@ class PowerEMAs(Averager):
             return None
         assert self.snapshot_dir is not None
         path = snapshot_path(self.snapshot_dir, self.samples_at_update)
-        if _is_rank_zero() and not path.exists():
-            averages = [state.averages_state_dict() for state in self.states]
-            write_snapshot(self.snapshot_dir, self.samples_at_update, self.sigma_rels, averages)
+        if _is_rank_zero():
+            self.check_directory()  # a snapshot of another run refuses the write (this run's own: not written again)
+            if not path.exists():
+                averages = [state.averages_state_dict() for state in self.states]
+                write_snapshot(self.snapshot_dir, self.samples_at_update, self.sigma_rels, averages, run_id=self.run_id)
+                signature = _signature(path)
+                if signature is not None:
+                    self._ours[path.name] = signature
         return str(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """The averages of every power EMA, keyed by its ``sigma_rel`` (as a string), live tensors; and the clock."""
+        """The averages of every power EMA, keyed by its ``sigma_rel`` (as a string), live tensors; the clock; and
+        the run's id (``"run_id"``, absent for a run resumed from a state saved before run ids)."""
         averages = {repr(sigma): state.averages_state_dict() for sigma, state in zip(self.sigma_rels, self.states)}
-        return {"power_ema": averages, "samples_at_update": self.samples_at_update}
+        state: dict[str, Any] = {"power_ema": averages, "samples_at_update": self.samples_at_update}
+        if self.run_id is not None:
+            state["run_id"] = self.run_id
+        return state
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "run_id" in state and (not isinstance(state["run_id"], str) or not state["run_id"]):
+            raise ValueError(
+                f"The saved post-hoc EMA state has run_id={state['run_id']!r}; a non-empty str (the id its snapshots"
+                " carry) is allowed, or no run_id (a state saved before run ids)"
+            )
         saved = state["power_ema"]
         expected = sorted(repr(sigma_rel) for sigma_rel in self.sigma_rels)
         if sorted(saved) != expected:
@@ -151,6 +240,22 @@ class PowerEMAs(Averager):
         for sigma_rel, averages in zip(self.sigma_rels, self.states):
             averages.load_averages(state["power_ema"][repr(sigma_rel)])
         self.samples_at_update = int(state["samples_at_update"])
+        self._new_run(state.get("run_id"))  # the run resumed, and the snapshots it wrote; checked before the next step
+
+
+def _new_run_id() -> str:
+    """A random id for a new run (32 hex digits), the same kind of value on every platform (a str, for
+    ``torch.load(weights_only=True)``)."""
+    return uuid.uuid4().hex
+
+
+def _signature(path: Path) -> Optional[tuple[int, int, int]]:
+    """What tells a file changed since it was read (inode, size, modification time); ``None`` once it is gone."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _is_rank_zero() -> bool:

@@ -9,9 +9,11 @@ from typing import Literal, Optional, Union
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_emascale._checks import check_name
+from lightning_emascale._checks import check_directory, check_name
 from lightning_emascale._modes import options_from
+from lightning_emascale._power import PowerEMAs
 from lightning_emascale.callback import EMAScalingCallback
+from lightning_emascale.post_hoc_math import MAX_SIGMA_REL
 from lightning_emascale.rules import OptimizerRule
 
 
@@ -37,9 +39,12 @@ class PostHocEMACallback(EMAScalingCallback):
             between or near them reconstructs well.
         snapshot_every_samples: samples seen (global) between snapshots. More snapshots fit a target better;
             each costs one file of ``len(sigma_rels)`` fp32 copies of the model.
-        directory: where the snapshots go (``post_hoc-<samples>.pt``).
+        directory: where the snapshots go (``post_hoc-<samples>.pt``), one directory per run: a directory that
+            holds a snapshot of another run (its run id, saved in the checkpoint, differs; or it has none, written
+            before run ids) is refused when fit starts. A run resumed from its checkpoint writes on into its own.
         base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite,
-            side_stream: as in ``EMAScalingCallback``.
+            side_stream, resume_from_ema: as in ``EMAScalingCallback`` (``resume_from_ema``: resume from a checkpoint
+            whose ``state_dict`` another callback filled with its EMA).
 
     Example:
         >>> from lightning_emascale import PostHocEMACallback
@@ -61,12 +66,17 @@ class PostHocEMACallback(EMAScalingCallback):
         exclude: Optional[list[str]] = None,
         skip_non_finite: bool = False,
         side_stream: bool = True,
+        resume_from_ema: bool = False,
     ) -> None:
         check_name(name, "name")  # the callback's own arguments first, as its parent checks them
-        if not isinstance(directory, (str, os.PathLike)) or not str(directory) or os.path.isfile(directory):
-            raise ValueError(f"`directory` must be a directory path (not an existing file), got {directory!r}")
+        if sigma_rels is None:  # the one argument this callback cannot do without (None would choose no mode)
+            raise ValueError(
+                f"`sigma_rels` must be a non-empty sequence of lengths, each in (0, 1/sqrt(12) = {MAX_SIGMA_REL:.6f}]"
+                " (EDM2 tracks (0.05, 0.10)): PostHocEMACallback tracks one power EMA per length, got None"
+            )
+        check_directory(directory, "directory")
         options = options_from({**locals(), "snapshot_dir": directory})
-        self._set_up(options, evaluate_with_ema=False, name=name)
+        self._set_up(options, evaluate_with_ema=False, name=name, resume_from_ema=resume_from_ema)
 
     @property
     def sigma_rels(self) -> tuple[float, ...]:
@@ -85,16 +95,19 @@ class PostHocEMACallback(EMAScalingCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build (or resume) the power EMAs, then refuse a ``directory`` that holds another run's snapshots.
+
+        The run is the one resumed from the checkpoint (its state carries its id), the one this callback ran
+        before on the same Trainer, or a new one, for which any snapshot there is another run's (also one written
+        before run ids). Refused before the first step: the module's weights and the directory are left as they were.
+        """
         smoke = bool(getattr(trainer, "fast_dev_run", False))  # writes no snapshots, as it saves nothing
-        if not (smoke or self._resuming or trainer.global_step > 0) and os.path.isdir(self.directory):
-            earlier = sorted(name for name in os.listdir(self.directory) if name.startswith("post_hoc-"))
-            if earlier:  # a new run would overwrite some and mix with the others
-                raise ValueError(
-                    f"`directory`={self.directory!r} already holds {len(earlier)} post-hoc snapshots of another run"
-                    f" ({earlier[0]}, ...): give each run its own directory (or resume that run from its checkpoint)"
-                )
         super().on_fit_start(trainer, pl_module)
         self.scaled_ema.snapshots_enabled = not smoke
+        averager = self.scaled_ema.averager
+        assert isinstance(averager, PowerEMAs)
+        averager.directory_argument = "directory"  # this callback's name for it, in every message
+        averager.check_directory()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

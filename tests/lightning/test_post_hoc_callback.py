@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from helpers import TinyModel, make_trainer
 
 from lightning_emascale import PostHocEMACallback, ProgressiveBatchCallback, reconstruct_post_hoc
+from lightning_emascale.post_hoc import write_snapshot
+
+DATA = Path(__file__).parents[1] / "data"
 
 
 def fit(directory, max_epochs, ckpt_path=None, save=None, **kwargs):
@@ -23,6 +31,14 @@ def fit(directory, max_epochs, ckpt_path=None, save=None, **kwargs):
 
 def snapshots(directory):
     return {p.name: torch.load(p, weights_only=True) for p in sorted(directory.iterdir())}
+
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def run_id(callback):
+    return callback.scaled_ema.averager.run_id
 
 
 def test_snapshots_on_the_sample_clock_and_at_the_end_reconstruct_the_tracked_emas(tmp_path):
@@ -64,6 +80,12 @@ def test_progressive_growth_keeps_snapshots_on_samples_not_steps(tmp_path):
 
 
 def test_post_hoc_arguments_are_checked_when_built(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"`sigma_rels` must be a non-empty sequence of lengths, each in \(0, 1/sqrt\(12\) = 0.288675\] \(EDM2"
+        r" tracks \(0.05, 0.10\)\): PostHocEMACallback tracks one power EMA per length, got None",
+    ):
+        PostHocEMACallback(sigma_rels=None, directory=tmp_path)
     with pytest.raises(ValueError, match=r"`snapshot_every_samples` must be a positive integer, got -5"):
         PostHocEMACallback(snapshot_every_samples=-5, directory=tmp_path)
     with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 1/sqrt\(12\) = 0.288675\]"):
@@ -78,10 +100,95 @@ def test_post_hoc_takes_the_selection_and_the_non_finite_guard(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- the snapshot directory
-def test_a_post_hoc_directory_of_another_run_is_refused(tmp_path):
+def test_a_post_hoc_directory_of_another_run_is_refused_before_anything_changes(tmp_path):
+    first = PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)
+    make_trainer([first]).fit(TinyModel())
+    written = files(tmp_path)
+    model = TinyModel()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=rf"`directory`='{re.escape(os.fspath(tmp_path))}' holds post-hoc snapshots of another run:"
+        rf" post_hoc-000000000000016.pt \(run {run_id(first)}; this run: run [0-9a-f]{{32}}\)\. Its snapshots would"
+        r" mix with them, and `reconstruct_post_hoc` would combine both runs\. Give this run a new `directory` \(or"
+        r" move the other run's snapshots out\), or resume the run that wrote them from its own checkpoint",
+    ):
+        make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(model)
+    assert files(tmp_path) == written
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
+
+
+def test_a_resume_into_the_directory_of_another_run_is_refused(tmp_path):
+    _, mine = fit(tmp_path / "mine", max_epochs=1, save=tmp_path / "mine.ckpt")
+    _, other = fit(tmp_path / "other", max_epochs=1)
+    written = files(tmp_path / "other")
+    L.seed_everything(0)
+    model = TinyModel(n_samples=32, batch_size=4)
+    callback = PostHocEMACallback(snapshot_every_samples=24, directory=tmp_path / "other", base_batch_size=8)
+    with pytest.raises(
+        ValueError,
+        match=rf"`directory`='.*other' holds post-hoc snapshots of another run: post_hoc-000000000000024.pt \(run"
+        rf" {run_id(other)}; this run: run {run_id(mine)}\)\.",
+    ):
+        make_trainer([callback], max_epochs=2, accumulate_grad_batches=2).fit(model, ckpt_path=tmp_path / "mine.ckpt")
+    assert files(tmp_path / "other") == written
+    saved = torch.load(tmp_path / "mine.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())  # no step taken
+
+
+def test_a_checkpoint_from_before_run_ids_resumes_into_the_snapshots_it_wrote(tmp_path):
+    sys.path.insert(0, str(DATA))
+    import make_pre_protocol_checkpoints as pre_protocol
+
+    checkpoint = DATA / "pre_protocol_post_hoc.ckpt"
+    assert (
+        "run_id"
+        not in torch.load(checkpoint, weights_only=False)["callbacks"]["PostHocEMACallback{'name': 'post_hoc'}"]
+    )
+    pre_protocol.run("post_hoc", 1, tmp_path / "old")  # the snapshots of its first epoch, as that code wrote them:
+    for path in (tmp_path / "old").iterdir():  # without a run id
+        snapshot = torch.load(path, weights_only=True)
+        del snapshot["run_id"]
+        torch.save(snapshot, path)
+    _, _, callback = pre_protocol.run("post_hoc", 2, tmp_path / "old", ckpt_path=checkpoint)
+    assert run_id(callback) is None
+    written = snapshots(tmp_path / "old")
+    assert len(written) == 4 and not any("run_id" in snapshot for snapshot in written.values())
+    assert reconstruct_post_hoc(tmp_path / "old", sigma_rel=0.05).residual < 1e-6
+    # snapshots with a run id are another run's to it
+    pre_protocol.run("post_hoc", 1, tmp_path / "new")
+    with pytest.raises(
+        ValueError,
+        match=r"post_hoc-000000000000016.pt \(run [0-9a-f]{32}; this run: no run id, resumed from a state saved"
+        r" before run ids\)\.",
+    ):
+        pre_protocol.run("post_hoc", 2, tmp_path / "new", ckpt_path=checkpoint)
+
+
+def test_a_snapshot_of_another_run_written_mid_fit_stops_the_fit_before_the_next_snapshot(tmp_path):
+    class Intruder(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:  # after the first step, 4 samples: the next snapshot falls at 16
+                averages = {name: value.clone() for name, value in pl_module.state_dict().items()}
+                write_snapshot(tmp_path, 2, (0.05, 0.1), [averages, averages], run_id="intruder")
+
+    callback = PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=rf"`directory`='{re.escape(os.fspath(tmp_path))}' holds post-hoc snapshots of another run:"
+        r" post_hoc-000000000000002.pt \(run intruder; this run: run [0-9a-f]{32}\)",
+    ):
+        make_trainer([callback, Intruder()]).fit(TinyModel())
+    assert callback.samples_seen == 12  # refused before the step to 16 samples
+    assert [path.name for path in tmp_path.iterdir()] == ["post_hoc-000000000000002.pt"]
+
+
+def test_a_leftover_temporary_file_is_no_snapshot_of_another_run(tmp_path):
+    (tmp_path / "post_hoc-000000000000016.tmp").write_bytes(b"")  # a write killed before its rename
     make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
-    with pytest.raises(ValueError, match=r"already holds 2 post-hoc snapshots of another run"):
-        make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())
+    assert [path.name for path in sorted(tmp_path.glob("*.pt"))] == [
+        "post_hoc-000000000000016.pt", "post_hoc-000000000000032.pt"
+    ]  # fmt: skip
 
 
 def test_a_smoke_test_writes_no_post_hoc_snapshots(tmp_path):
