@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from lightning_emascale._checks import as_real
 from lightning_emascale.functional import scale_ema_momentum
 
@@ -43,6 +45,11 @@ class MomentumAttribute:
         number = as_real(value)
         if number is None:
             raise ValueError(f"`momentum_attributes` names {path!r}, which holds {value!r}, not a number")
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            raise ValueError(
+                f"`momentum_attributes` names {path!r}, a {value.dtype} tensor, which cannot hold a scaled momentum"
+                " (it would be truncated): make it a floating-point tensor or a float"
+            )
         declared = getattr(type(owner), attribute, None)
         if isinstance(declared, property) and declared.fset is None:
             raise ValueError(

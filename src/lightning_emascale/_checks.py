@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Optional
 
@@ -259,3 +260,23 @@ def check_saved_state(state: Any, where: str, version: int, keys: Collection[str
     missing = [key for key in keys if key not in state]
     if missing:
         raise KeyError(f"{where} lacks {missing}")
+
+
+def check_directory(value: Any, name: str) -> str:
+    """A path a directory can be made at (it is one already, or its nearest existing parent is one), as a str: no
+    NUL byte, no existing file at it or above it. Nothing is created."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"`{name}` must be a directory path (a str or os.PathLike), got {show(value)}")
+    path = os.fspath(value)
+    if isinstance(path, bytes):
+        raise ValueError(f"`{name}` must be a str or os.PathLike path, got bytes {path!r}")
+    if "\x00" in path:
+        raise ValueError(f"`{name}`={path!r} holds a NUL byte, which no file system allows in a path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`{name}`={path!r} is an existing file, not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"`{name}`={path!r} lies below {parent!r}, an existing file: no directory can be made there")
+    return path

@@ -143,7 +143,7 @@ class FlatGroup:
             for model in self.models
             if model.numel()
         )
-        for (storage, _, end), (next_storage, next_start, _) in zip(spans, spans[1:]):
+        for (storage, _, end), (next_storage, next_start, _) in itertools.pairwise(spans):
             if storage == next_storage and next_start < end:
                 raise ValueError(
                     "`flat_parameters=True` would untie tensors that share memory through separate Parameter"

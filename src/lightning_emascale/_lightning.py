@@ -63,18 +63,20 @@ def derive_total_samples(trainer: Optional[pl.Trainer]) -> tuple[Optional[int], 
         return None, "the train dataloader is not loaded yet"
     if not isinstance(loader, torch.utils.data.DataLoader):
         return None, f"the train dataloader is a {type(loader).__name__}, not a single DataLoader"
-    batches = loader.batch_sampler
-    if batches is not None and type(batches) is not torch.utils.data.BatchSampler:
+    batch_sampler = loader.batch_sampler
+    # A BatchSampler (torch's, or a subclass such as torchdata's stateful one) forms `batch_size` batches of its
+    # sampler's indices; another batch sampler may yield any number of samples per epoch.
+    if batch_sampler is not None and not isinstance(batch_sampler, torch.utils.data.BatchSampler):
         return None, (
-            f"the train dataloader's `batch_sampler` is a {type(batches).__name__}, whose batches may hold any number"
-            " of samples"
+            f"the train dataloader's `batch_sampler` is a {type(batch_sampler).__name__}, whose batches may hold any"
+            " number of samples"
         )
-    sampler = getattr(batches, "sampler", loader.sampler)
+    sampler = getattr(batch_sampler, "sampler", loader.sampler)
     if isinstance(loader.dataset, torch.utils.data.IterableDataset) or not hasattr(sampler, "__len__"):
         return None, "the train dataset has no length (an IterableDataset)"
     per_epoch = len(sampler)  # type: ignore[arg-type]
-    if batches is not None and batches.drop_last:
-        per_epoch -= per_epoch % batches.batch_size  # the last, partial batch is dropped
+    if isinstance(batch_sampler, torch.utils.data.BatchSampler) and batch_sampler.drop_last:
+        per_epoch -= per_epoch % batch_sampler.batch_size  # the last, partial batch is dropped
     return trainer.max_epochs * per_epoch * data_parallel_size(trainer), ""
 
 
@@ -260,8 +262,10 @@ def spawn_directory() -> str:
     directory = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{user}")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     info = os.lstat(directory)
-    if not os.path.isdir(directory) or os.path.islink(directory) or (
-        hasattr(os, "getuid") and info.st_uid != os.getuid()
+    if (
+        not os.path.isdir(directory)
+        or os.path.islink(directory)
+        or (hasattr(os, "getuid") and info.st_uid != os.getuid())
     ):
         raise RuntimeError(
             f"{directory!r} is not a directory of this user's own (it is a link, a file or another user's): remove"

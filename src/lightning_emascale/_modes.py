@@ -63,7 +63,8 @@ def build_averager(module: torch.nn.Module, options: EMAOptions, copy_on_swap: b
 def saved_mode(options: EMAOptions) -> tuple[Optional[str], str]:
     """The key under which the mode ``options`` choose saves its tensors in ``ScaledEMA.state_dict()`` (``None``:
     teacher mode saves none), and the mode in words, for checking a saved state before anything is built."""
-    key = {"polyak": _polyak.PolyakEMA, "teacher": _teacher.TeacherEMA, "post_hoc": _power.PowerEMAs}[
-        options.mode
-    ].state_key
+    averagers: dict[str, type[Averager]] = {
+        "polyak": _polyak.PolyakEMA, "teacher": _teacher.TeacherEMA, "post_hoc": _power.PowerEMAs
+    }  # fmt: skip
+    key = averagers[options.mode].state_key
     return key, SAVED_MODES[key] if key is not None else "in teacher mode"

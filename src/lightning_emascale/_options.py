@@ -13,6 +13,7 @@ from lightning_emascale._checks import (
     as_str,
     check_bool,
     check_choice,
+    check_directory,
     check_momentum,
     check_names,
     check_paths,
@@ -74,7 +75,7 @@ class EMAOptions:
             store("sigma_rels", _check_sigma_rels(self.sigma_rels))
             every = check_positive_int(self.snapshot_every_samples, "snapshot_every_samples")
             store("snapshot_every_samples", every)
-            store("snapshot_dir", _check_directory(self.snapshot_dir, "snapshot_dir"))
+            store("snapshot_dir", check_directory(self.snapshot_dir, "snapshot_dir"))
         elif self.snapshot_every_samples is not None or self.snapshot_dir is not None:
             raise ValueError("`snapshot_every_samples` and `snapshot_dir` belong to a post-hoc EMA: give `sigma_rels`")
         elif callable(schedule):
@@ -118,10 +119,10 @@ class EMAOptions:
         check_choice(self.ema_precision, "ema_precision", ("fp32", "model"))
         store("total_samples", check_positive_int(self.total_samples, "total_samples", allow_none=True))
         store("teachers", check_paths(self.teachers, "teachers", as_str, "strings"))
-        attributes = check_paths(self.momentum_attributes, "momentum_attributes", as_real, "numbers") or {}
+        numbers = check_paths(self.momentum_attributes, "momentum_attributes", _real_as_given, "numbers") or {}
         store(
             "momentum_attributes",
-            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in attributes.items()},
+            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in numbers.items()},
         )
         store("include", check_names(self.include, "include"))
         store("exclude", check_names(self.exclude, "exclude"))
@@ -184,12 +185,9 @@ def _check_sigma_rels(value: Any) -> tuple[float, ...]:
     return checked
 
 
-def _check_directory(value: Any, name: str) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ValueError(f"`{name}` must be a directory path, got {value!r}")
-    if os.path.exists(value) and not os.path.isdir(value):
-        raise ValueError(f"`{name}`={os.fspath(value)!r} is an existing file, not a directory")
-    return os.fspath(value)
+def _real_as_given(value: Any) -> Any:
+    """``value`` itself if it is a real number (so that a message shows it as given: ``10**400``, not ``inf``)."""
+    return value if as_real(value) is not None else None
 
 
 def _option(name: str) -> property:

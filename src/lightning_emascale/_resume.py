@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_emascale._modes import saved_mode
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._saved_state import check_mode
+from lightning_emascale._selection import select_tensors
 from lightning_emascale.core import ScaledEMA
 
 #: The entry of the callback's saved state that says what the checkpoint's model entries hold: ``"ema"`` or
@@ -63,6 +64,15 @@ def check_resumed_state(
     for label, tensors in (("ema", state.get("ema", {})), ("raw_state_dict", raw or {})):
         for name, value in tensors.items():
             _check_entry(where, label, name, value, entries.get(name), type(module).__name__)
+    if key == "ema":
+        selected, _ = select_tensors(module, options.include, options.exclude)
+        first = {id(tensor): name for name, tensor in reversed(selected)}  # a tied tensor under its first name
+        missing = sorted(set(first.values()) - set(state["ema"]))
+        if missing:
+            raise KeyError(
+                f"{where} lacks the EMA of {missing[:5]}{' and more' if len(missing) > 5 else ''}, which this"
+                " callback averages: was the checkpoint written for another model, or with other `include`/`exclude`?"
+            )
 
 
 def _check_entry(where: str, label: str, name: str, value: Any, entry: Optional[Tensor], model: str) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from lightning_emascale._averager import SAVED_MODES
-
 from lightning_emascale._checks import MAX_COUNT, as_int, as_real, check_saved_state, show
 from lightning_emascale._sharded import is_sharded, local_piece
 

@@ -41,6 +41,11 @@ def select_tensors(
     def matches(name: str, entries: Sequence[str]) -> bool:
         return any(name == entry or name.startswith(entry + ".") for entry in entries)
 
+    if not named:
+        raise ValueError(
+            f"{type(module).__name__} has no parameters or buffers, so there is nothing to average: pass the module"
+            " that holds the weights"
+        )
     for option, entries in (("include", include), ("exclude", exclude)):
         for entry in entries or ():
             if not any(matches(name, [entry]) for name, _ in named):

@@ -298,6 +298,13 @@ class TensorStore:
         """Raise ``ValueError`` for a saved value that does not fit its tensor (a sharded tensor's: its global
         shape, and a ``DTensor``'s layout)."""
         for name, ema, source, value in zip(self.names, self.averages, self.sources, values):
+            if value.is_floating_point() != ema.is_floating_point() or (value.dtype == torch.bool) != (
+                ema.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"The saved EMA of {name!r} has dtype {value.dtype}, the model's is {ema.dtype}: a"
+                    f" {'floating-point' if ema.is_floating_point() else 'non-floating-point'} dtype is allowed"
+                )
             if source is not None:
                 local_piece_of(value, source, name)  # raises for a shape or a layout that differs
             elif value.shape != ema.shape:

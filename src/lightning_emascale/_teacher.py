@@ -143,8 +143,8 @@ class TeacherEMA(Averager):
 class Frozen:
     """The ``requires_grad`` flags that :func:`freeze_teachers` turned off, to :meth:`undo` after a failure."""
 
-    def __init__(self, tensors: list[Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
 
     def undo(self) -> None:
         for tensor in self.tensors:

@@ -530,9 +530,12 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        states = checkpoint.get("callbacks", {})
+        state = states.get(self.state_key)
         where = f"The checkpoint's {self.state_key} state"
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if state is None and self.state_key in states:
+            check_callback_state(state, where)  # None under this callback's key: edited, not missing
         if state is None:
             others = ema_states_of_others(checkpoint, self.state_key) if fitting else []
             if others and not self.resume_from_ema:
@@ -557,6 +560,10 @@ class EMAScalingCallback(OptionsView, Callback):
         sharded = (ema.is_sharded if ema is not None else False) or is_sharded_module(trainer, pl_module)
         check_resumed_state(state, pl_module, self._options, sharded, where)
         lacks_weights = state.get("raw_state_dict") is None and not state.get("sharded_ema_in_state_dict")
-        if lacks_weights and not self.resume_from_ema and model_entries_hold_ema(state, checkpoint.get("state_dict", {})):
+        if (
+            lacks_weights
+            and not self.resume_from_ema
+            and model_entries_hold_ema(state, checkpoint.get("state_dict", {}))
+        ):
             refuse_resume_from_ema(self.state_key, self.state_key, own_state_lacks_weights=True)
         load_ema(ema, pl_module, state, trainer.ckpt_path)

@@ -369,15 +369,17 @@ class ScaledEMA:
         key = (self._samples_seen, self._step_samples, self._base)
         if self._momentum_key == key:
             return self._momentum_of_key
-        kappa = self._step_kappa()
-        assert self._base is not None
+        if self._step_samples == 0:
+            self._step_kappa()  # raises: no samples counted
+        base = self._base if self._base is not None else self._step_samples  # resolved by the step, not by a refusal
+        kappa = self._step_samples / base
         after = self._samples_seen + self._step_samples
         momentum = self.averager.momentum_between(self._samples_seen, after)  # a mode with its own decay
         if momentum is None:
             momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
             assert momentum is not None
             if self.options.warmup:
-                momentum = warmup_momentum(momentum, base_steps=self._samples_seen / self._base)
+                momentum = warmup_momentum(momentum, base_steps=self._samples_seen / base)
             momentum = scale_ema_momentum(momentum, kappa)
         self._momentum_key, self._momentum_of_key = key, momentum
         return momentum

@@ -83,9 +83,25 @@ class SampleClockLR(LRScheduler):
             raise ValueError(f"`last_epoch` must be an integer >= -1 (-1 starts afresh), got {show(last_epoch)}")
         if epoch > MAX_COUNT:
             raise ValueError(f"`last_epoch` must be an integer >= -1 up to {MAX_COUNT_TEXT}, got {show(last_epoch)}")
+        lacking = [i for i, group in enumerate(optimizer.param_groups) if "initial_lr" not in group]
+        if epoch >= 0 and lacking:
+            raise ValueError(
+                f"`last_epoch`={epoch} resumes a schedule, which needs `initial_lr` in every param group (param group"
+                f" {lacking[0]} has none): load the optimizer's state dict first (it holds them), or pass"
+                " `last_epoch=-1` to start afresh"
+            )
         self.schedule = schedule
         self.clock = _check_clock(clock, allow_none=True)
-        super().__init__(optimizer, last_epoch)
+        # torch writes `initial_lr` (and the first rates) into the groups before it calls `get_lr`: a schedule or
+        # clock refused there must leave the groups as they were, so that a corrected retry starts from them.
+        groups = [dict(group) for group in optimizer.param_groups]
+        try:
+            super().__init__(optimizer, last_epoch)
+        except BaseException:
+            for group, before in zip(optimizer.param_groups, groups):
+                group.clear()
+                group.update(before)
+            raise
 
     def attach(self, clock: SampleClock) -> None:
         """Read progress from ``clock`` from now on (``EMAScalingCallback`` calls this at fit start)."""

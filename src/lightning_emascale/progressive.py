@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_emascale._checks import as_int, check_choice, check_name, check_saved_state
+from lightning_emascale._checks import MAX_COUNT, as_int, check_choice, check_name, check_saved_state, show
 from lightning_emascale._lightning import data_parallel_size, is_one_of
 from lightning_emascale.schedules import batch_size_at, check_batch_schedule
 
@@ -250,8 +250,11 @@ class ProgressiveBatchCallback(Callback):
         check_saved_state(state_dict, where, _FORMAT, ("epoch", "initial"))
         for key, lowest in (("epoch", 0), ("initial", 1)):  # both None before the first fit
             value = state_dict[key]
-            if value is not None and (as_int(value) is None or value < lowest):
-                raise ValueError(f"{where} has {key}={value!r}; None or an integer >= {lowest} is allowed")
+            if value is not None and (as_int(value) is None or not lowest <= value <= MAX_COUNT):
+                raise ValueError(
+                    f"{where} has {key}={show(value)}; None or an integer >= {lowest} and at most {MAX_COUNT} is"
+                    " allowed"
+                )
         self._epoch = None if state_dict["epoch"] is None else int(state_dict["epoch"])
         self._initial = None if state_dict["initial"] is None else int(state_dict["initial"])
 

@@ -135,13 +135,20 @@ class AdamScalingRule(OptimizerRule):
         root = math.sqrt(kappa)
         out: dict[str, Any] = {"lr": _lr(group, self) * root}
         if "betas" in group:
-            out["betas"] = tuple(_scale_beta(beta, kappa, f"betas[{i}]") for i, beta in enumerate(group["betas"]))
+            betas = group["betas"]
+            if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence):
+                raise ValueError(
+                    f"{self!r} scales `betas`, but this param group holds {show(betas)}; a tuple of numbers is allowed"
+                )
+            out["betas"] = tuple(
+                _scale_beta(_number(betas[i], f"betas[{i}]", self), kappa, f"betas[{i}]") for i in range(len(betas))
+            )
         if "alpha" in group:
-            out["alpha"] = _scale_beta(group["alpha"], kappa, "alpha")
+            out["alpha"] = _scale_beta(_number(group["alpha"], "alpha", self), kappa, "alpha")
         if "eps" in group:
-            out["eps"] = group["eps"] / root
+            out["eps"] = _number(group["eps"], "eps", self) / root
         if group.get("weight_decay") and group.get("decoupled_weight_decay", False):
-            out["weight_decay"] = group["weight_decay"] * root
+            out["weight_decay"] = _number(group["weight_decay"], "weight_decay", self) * root
         return out
 
 
@@ -149,7 +156,20 @@ def _lr(group: Mapping[str, Any], rule: OptimizerRule) -> Any:
     if "lr" not in group:
         keys = sorted(key for key in group if key != "params")
         raise KeyError(f"{rule!r} scales `lr`, which this param group does not have (its keys: {keys})")
-    return group["lr"]
+    return _number(group["lr"], "lr", rule)
+
+
+def _number(value: Any, key: str, rule: OptimizerRule) -> Any:
+    """A param group's hyperparameter ``key`` that a rule scales: a finite number (a tensor learning rate, as
+    ``capturable`` optimizers hold, is taken as it is: reading it would sync the device)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value
+    number = as_real(value)
+    if number is None or not math.isfinite(number):
+        raise ValueError(
+            f"{rule!r} scales `{key}`, but this param group holds {show(value)}; a finite number is allowed"
+        )
+    return value
 
 
 def _scale_beta(beta: float, kappa: float, name: str) -> float:

@@ -17,8 +17,10 @@ from lightning_emascale._checks import (
     MAX_COUNT,
     MAX_COUNT_TEXT,
     as_int,
+    check_count,
     check_finite,
     check_fraction,
+    check_positive_int,
     check_progress,
     show,
 )
@@ -151,8 +153,10 @@ def batch_size_at(schedule: Mapping[int, int], epoch: int, default: int) -> int:
         >>> [batch_size_at(schedule, epoch, default=32) for epoch in range(6)]
         [32, 32, 64, 64, 256, 256]
     """
-    size = default
-    for start, value in sorted(schedule.items()):
+    schedule = check_batch_schedule(schedule)
+    epoch = check_count(epoch, "epoch")
+    size = check_positive_int(default, "default")
+    for start, value in schedule.items():
         if start > epoch:
             break
         size = value

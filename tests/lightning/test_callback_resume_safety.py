@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_emascale import EMAScalingCallback, PostHocEMACallback
 from lightning_emascale._lightning import SpawnedFitFile, spawn_directory
+
 MODEL_ENTRIES = "model_entries"  # what the checkpoint's model entries hold, in the callback's state
 
 KEY = "EMAScalingCallback{'name': 'ema'}"
@@ -91,7 +92,9 @@ def test_a_resume_with_another_callback_is_refused(saved, tmp_path, other):
     else:
         callback = PostHocEMACallback(sigma_rels=(0.05,), snapshot_every_samples=8, directory=tmp_path / "s")
     _, _, fit = _resume(path, callback)
-    with pytest.raises(RuntimeError, match=r"its training weights are in the state \"EMAScalingCallback\{'name': 'ema'\}\""):
+    with pytest.raises(
+        RuntimeError, match=r"its training weights are in the state \"EMAScalingCallback\{'name': 'ema'\}\""
+    ):
         fit()
 
 
@@ -197,7 +200,10 @@ def test_teachers_frozen_by_a_fit_that_fails_before_it_starts_are_unfrozen():
 
 def test_a_run_shorter_than_total_samples_warns_that_the_schedule_did_not_finish():
     callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0, total_samples=320)
-    with pytest.warns(UserWarning, match=r"the momentum schedule stopped at progress 0.1: the run trained on 32 samples of `total_samples`=320"):
+    with pytest.warns(
+        UserWarning,
+        match=r"the momentum schedule stopped at progress 0.1: the run trained on 32 samples of `total_samples`=320",
+    ):
         make_trainer([callback]).fit(TinyModel())
 
 
@@ -220,3 +226,23 @@ def test_the_ddp_spawn_hand_off_file_is_private_and_stale_ones_are_removed(tmp_p
     assert stat.S_IMODE(os.stat(handoff.path).st_mode) == 0o600
     assert handoff.read(torch.device("cpu"))["state"] == {"format": 1}
     assert sorted(os.listdir(spawn_directory())) == sorted([os.path.basename(live), os.path.basename(handoff.path)])
+
+
+def test_a_state_that_lacks_an_ema_tensor_is_refused_before_anything_is_written(saved, tmp_path):
+    checkpoint = copy.deepcopy(saved)
+    del checkpoint["callbacks"][KEY]["ema"]["net.2.bias"]
+    path = _write(checkpoint, tmp_path / "missing.ckpt")
+    model, _, fit = _resume(path, EMAScalingCallback(momentum=0.9, optimizer_rule="sgd"))
+    with pytest.raises(KeyError, match=r"lacks the EMA of \['net.2.bias'\], which this callback averages"):
+        fit()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][name]), name
+
+
+def test_a_state_of_none_under_the_callbacks_key_is_refused_as_corrupt(saved, tmp_path):
+    checkpoint = copy.deepcopy(saved)
+    checkpoint["callbacks"][KEY] = None
+    path = _write(checkpoint, tmp_path / "none.ckpt")
+    _, _, fit = _resume(path, EMAScalingCallback(momentum=0.9, optimizer_rule="sgd"))
+    with pytest.raises(TypeError, match=r"state must be a dict .*got NoneType"):
+        fit()

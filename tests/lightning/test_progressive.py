@@ -384,6 +384,11 @@ def test_a_checkpoint_of_another_format_is_refused():
         ({"format": 1}, KeyError, r"lacks \['epoch', 'initial'\]"),
         ({"format": 1, "epoch": "x", "initial": 4}, ValueError, r"has epoch='x'; None or an integer >= 0"),
         ({"format": 1, "epoch": 3, "initial": -3}, ValueError, r"has initial=-3; None or an integer >= 1"),
+        (
+            {"format": 1, "epoch": 10**400, "initial": 4},
+            ValueError,
+            r"has epoch=1e\+400 .* and at most 9007199254740992",
+        ),
         (None, TypeError, r"must be a dict, got NoneType"),
     ],
 )

@@ -85,7 +85,9 @@ def test_freeze_teachers_then_a_refusal_leaves_the_teachers_trainable():
 def test_an_optimizer_that_holds_none_of_the_module_parameters_is_refused():
     model, other = Annealed(), torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"`optimizers` \(SGD\) hold none of the parameters of the module \(Annealed\)"):
+    with pytest.raises(
+        ValueError, match=r"`optimizers` \(SGD\) hold none of the parameters of the module \(Annealed\)"
+    ):
         ScaledEMA(model, optimizer, momentum=0.9)
     extra = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # beside one that trains the module
     ScaledEMA(model, [torch.optim.SGD(model.parameters(), lr=0.1), extra], momentum=0.9, auto_end_step=False)
@@ -124,3 +126,57 @@ def test_a_schedule_that_fails_mid_run_raises_before_the_step_moves_the_weights(
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name  # the step never ran
     assert (ema.optimizer_steps, ema.samples_seen) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "name, value, dtype",
+    [
+        ("generator.0.weight", torch.zeros(4, 3, dtype=torch.int64), "torch.int64"),
+        ("generator.1.num_batches_tracked", torch.tensor(True), "torch.bool"),
+    ],
+)
+def test_a_saved_ema_of_the_wrong_kind_of_dtype_is_refused_not_cast(name, value, dtype):
+    model = Annealed()
+    ema = ScaledEMA(model, None, momentum=0.9)
+    state = ema.state_dict()
+    state = {**state, "ema": {**state["ema"], name: value}}
+    before = {key: tensor.clone() for key, tensor in ema.ema_state_dict().items()}
+    with pytest.raises(TypeError, match=rf"The saved EMA of '{name}' has dtype {dtype}, the model's is torch"):
+        ema.load_state_dict(state)
+    for key, tensor in ema.ema_state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+def test_a_snapshot_dir_that_no_directory_can_be_made_at_is_refused_when_built(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for bad, message in [
+        (str(tmp_path / "a\x00b"), r"`snapshot_dir`=.* holds a NUL byte"),
+        (afile / "below", r"`snapshot_dir`=.* lies below .*afile', an existing file"),
+        (afile, r"`snapshot_dir`=.* is an existing file, not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ScaledEMA(Annealed(), None, sigma_rels=(0.05,), snapshot_every_samples=8, snapshot_dir=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+class _IntegerCenter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+        self.register_buffer("center_momentum", torch.tensor(1))
+
+
+def test_an_integer_tensor_momentum_attribute_is_refused_not_truncated():
+    with pytest.raises(ValueError, match=r"names 'center_momentum', a torch.int64 tensor, which cannot hold"):
+        ScaledEMA(_IntegerCenter(), None, base_batch_size=4, momentum_attributes={"center_momentum": 0.9})
+
+
+def test_a_module_without_tensors_is_refused():
+    with pytest.raises(ValueError, match=r"ReLU has no parameters or buffers, so there is nothing to average"):
+        ScaledEMA(torch.nn.ReLU(), None, momentum=0.9)
+
+
+def test_a_huge_momentum_attribute_is_shown_as_given():
+    with pytest.raises(ValueError, match=r"momentum_attributes\['c'\].* got 1e\+400 \(an integer of 401 digits\)"):
+        ScaledEMA(Annealed(), None, base_batch_size=4, momentum_attributes={"c": 10**400})

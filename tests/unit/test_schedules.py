@@ -267,3 +267,34 @@ def test_sample_clock_lr_refuses_a_last_epoch_past_max_count():
         r" integer up to it exactly\), got 1e\+400 \(an integer of 401 digits\)",
     ):
         SampleClockLR(optimizer(), WarmupCosine(), last_epoch=10**400)
+
+
+def test_a_refused_sample_clock_lr_leaves_the_param_groups_as_they_were():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    before = [dict(group) for group in optimizer.param_groups]
+    with pytest.raises(ValueError, match=r"`schedule` must return a finite number >= 0, got nan at progress 0.0"):
+        SampleClockLR(optimizer, lambda progress: float("nan"))
+    assert optimizer.param_groups == before  # no `initial_lr` left behind to stand in for the base rate
+    optimizer.param_groups[0]["lr"] = 0.2  # the corrected retry starts from the rate the user set
+    scheduler = SampleClockLR(optimizer, lambda progress: 1.0)
+    assert scheduler.base_lrs == [0.2]
+
+
+@pytest.mark.parametrize(
+    "schedule, epoch, default, error, message",
+    [
+        ({"a": 4}, 0, 2, ValueError, r"`schedule` keys must be epochs \(integers >= 0\), got 'a'"),
+        ({0: 4}, "1", 2, ValueError, r"`epoch` must be .*got '1'"),
+        ({0: 4}, None, 2, ValueError, r"`epoch` must be .*got None"),
+        ({2: 4}, 0, 0, ValueError, r"`default` must be .*got 0"),
+    ],
+)
+def test_batch_size_at_names_a_bad_argument(schedule, epoch, default, error, message):
+    with pytest.raises(error, match=message):
+        batch_size_at(schedule, epoch, default=default)
+
+
+def test_sample_clock_lr_resumed_without_initial_rates_names_last_epoch():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    with pytest.raises(ValueError, match=r"`last_epoch`=5 resumes a schedule, which needs `initial_lr` .*group 0"):
+        SampleClockLR(optimizer, lambda progress: 1.0, last_epoch=5)
