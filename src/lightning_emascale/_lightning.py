@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import math
 import os
+import socket
+import stat
 import tempfile
 import uuid
 import weakref
@@ -206,15 +208,15 @@ class SpawnedFitFile:
     of the training weights (one hash per tensor) to a path fixed when the callback was built, so every copy of it
     finds the file (a deep copy gets a file of its own); the main process deletes the file when it exits.
 
-    The file lives in a directory of this user's own (mode 0700) under the temporary directory, is created 0600
-    through a unique temporary name and renamed into place; its name holds the main process's id, so that files
-    left by a process killed before it could delete them are removed when the next one starts.
+    Nothing is touched on disk unless fit runs in spawned workers. The file lives in a directory of this user's own
+    (mode 0700) under the temporary directory, is created 0600 through a unique temporary name and renamed into
+    place; its name holds the host and the main process's id, so that files left on this host by a process killed
+    before it could delete them are removed when the next spawned fit starts.
     """
 
     def __init__(self) -> None:
-        directory = spawn_directory()
-        remove_stale_spawn_files(directory)
-        self.path = os.path.join(directory, f"{_SPAWN_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.pt")
+        name = f"{_SPAWN_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex}.pt"
+        self.path = os.path.join(spawn_directory(create=False), name)
         weakref.finalize(self, _remove, self.path)
 
     def __reduce__(self) -> Any:
@@ -224,21 +226,24 @@ class SpawnedFitFile:
         return SpawnedFitFile()  # a copied callback is another run
 
     def clear(self, trainer: pl.Trainer) -> None:
-        """At the start of a spawned fit: an earlier fit's file must not stand in for this one's."""
+        """At the start of a spawned fit: an earlier fit's file must not stand in for this one's; files of killed
+        processes on this host go too."""
         if trainer.local_rank == 0:
+            remove_stale_spawn_files(spawn_directory(create=True))
             _remove(self.path)
 
     def write(self, trainer: pl.Trainer, state: dict[str, Any], raw: dict[str, torch.Tensor]) -> None:
-        if trainer.local_rank == 0:  # every node: evaluation workers read the file on their own machine
-            directory = spawn_directory()  # again: a worker may run after the directory was cleaned up
-            handle, partial = tempfile.mkstemp(dir=directory, prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", suffix=".pt")
-            try:
-                with os.fdopen(handle, "wb") as file:
-                    torch.save({"state": state, "fingerprint": fingerprint(raw)}, file)  # hashes: plain strings
-                os.replace(partial, self.path)
-            except BaseException:
-                _remove(partial)
-                raise
+        if trainer.local_rank != 0:  # every node: evaluation workers read the file on their own machine
+            return
+        directory = spawn_directory(create=True)
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=f"{_PARTIAL_PREFIX}{_host()}-{os.getpid()}-")
+        try:  # mkstemp creates it 0600
+            with os.fdopen(handle, "wb") as file:
+                torch.save({"state": state, "fingerprint": fingerprint(raw)}, file)  # hashes: plain strings
+            os.replace(partial, self.path)
+        except BaseException:
+            _remove(partial)
+            raise
 
     def read(self, device: torch.device) -> Optional[dict[str, Any]]:
         if not os.path.exists(self.path):
@@ -252,33 +257,44 @@ class _SpawnedFitFileCopy(SpawnedFitFile):
 
 
 _SPAWN_PREFIX = "spawned-fit-"
-_PARTIAL_PREFIX = ".partial-"  # a file being written (mkstemp: created 0600)
+_PARTIAL_PREFIX = ".partial-"  # a file being written
 
 
-def spawn_directory() -> str:
-    """This user's directory for the files that carry an EMA out of ``ddp_spawn`` workers (made 0700; refused
-    if another user owns it, or it is a link)."""
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def spawn_directory(create: bool) -> str:
+    """This user's directory for the files that carry an EMA out of ``ddp_spawn`` workers; with ``create``, made
+    (or tightened to) 0700, and refused if it is a link, not a directory, or another user's."""
     user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
     directory = os.path.join(tempfile.gettempdir(), f"lightning_emascale-{user}")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.lstat(directory)
-    if (
-        not os.path.isdir(directory)
-        or os.path.islink(directory)
-        or (hasattr(os, "getuid") and info.st_uid != os.getuid())
-    ):
+    if not create:
+        return directory
+    fix = "remove it, or point TMPDIR at another temporary directory"
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError as error:
         raise RuntimeError(
-            f"{directory!r} is not a directory of this user's own (it is a link, a file or another user's): remove"
-            " it, or point TMPDIR elsewhere"
+            f"Cannot make {directory!r}, where ddp_spawn's workers leave the EMA for later evaluations ({error}): {fix}"
+        ) from error
+    if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+        raise RuntimeError(
+            f"{directory!r}, where ddp_spawn's workers leave the EMA for later evaluations, is a link, a file or"
+            f" another user's: {fix}"
         )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)  # ours, but readable by others: tighten it
     return directory
 
 
 def remove_stale_spawn_files(directory: str) -> None:
-    """Delete the files of main processes that no longer run (killed before they could delete their own)."""
-    for name in os.listdir(directory):  # "<prefix><pid>-...": the main process's id, or the writing worker's
-        prefix = next((p for p in (_SPAWN_PREFIX, _PARTIAL_PREFIX) if name.startswith(p)), None)
-        pid = name[len(prefix) :].split("-", 1)[0] if prefix is not None else ""
+    """Delete the files of this host's processes that no longer run (killed before they could delete their own)."""
+    host = _host()
+    for name in os.listdir(directory):  # "<prefix><host>-<pid>-...": the main process's id, or the writer's
+        prefix = next((p for p in (_SPAWN_PREFIX, _PARTIAL_PREFIX) if name.startswith(p + host + "-")), None)
+        pid = name[len(prefix) + len(host) + 1 :].split("-", 1)[0] if prefix is not None else ""
         if pid.isdigit() and not _running(int(pid)):
             _remove(os.path.join(directory, name))
 

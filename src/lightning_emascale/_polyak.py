@@ -21,7 +21,7 @@ from lightning_emascale._averager import Averager, Update, all_finite
 from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
-from lightning_emascale._sharded import clean_name
+from lightning_emascale._sharded import clean_name, is_sharded, local_piece
 from lightning_emascale._store import TensorStore
 from lightning_emascale._warnings import caller_level
 
@@ -344,6 +344,11 @@ class PolyakEMA(Averager):
                 " Was the checkpoint written for another model?"
             )
         self.store.check_values([saved[name] for name in self.names])
+        for name, is_buffer in zip(self.names, self.is_buffer):
+            value = saved[name]
+            local = local_piece(value) if is_sharded(value) else value  # this rank's shard: no communication
+            if not is_buffer and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                raise ValueError(f"The saved EMA of {name!r} (a parameter) is not finite; the checkpoint is corrupt")
 
     @torch.no_grad()
     def load_averages(self, saved: Mapping[str, Tensor]) -> None:

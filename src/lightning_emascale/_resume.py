@@ -15,7 +15,7 @@ Lightning only reads the checkpoint here; no hook is called.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Optional
 
 import torch
@@ -25,6 +25,7 @@ from lightning_emascale._modes import saved_mode
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._saved_state import check_mode
 from lightning_emascale._selection import select_tensors
+from lightning_emascale._sharded import clean_name
 from lightning_emascale.core import ScaledEMA
 
 #: The entry of the callback's saved state that says what the checkpoint's model entries hold: ``"ema"`` or
@@ -60,10 +61,23 @@ def check_resumed_state(
         raise TypeError(f"{where} has raw_state_dict of type {type(raw).__name__}; a dict of tensors is allowed")
     if sharded:
         return
-    entries = module.state_dict()
-    for label, tensors in (("ema", state.get("ema", {})), ("raw_state_dict", raw or {})):
-        for name, value in tensors.items():
-            _check_entry(where, label, name, value, entries.get(name), type(module).__name__)
+    # The EMA's names are those the averager selects (a non-persistent buffer named in `include` too), the training
+    # weights' those of the module's own `state_dict`. Only parameters must be finite (a buffer may hold a mask).
+    named = {
+        clean_name(name): tensor
+        for name, tensor in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    }
+    parameters = {clean_name(name) for name, _ in module.named_parameters(remove_duplicate=False)}
+    model = type(module).__name__
+    for name, value in state.get("ema", {}).items():
+        _check_entry(where, "ema", name, value, named.get(name), model, parameters)
+    if raw:
+        entries = module.state_dict()
+        for name, value in raw.items():
+            _check_entry(where, "raw_state_dict", name, value, entries.get(name), model, parameters)
     if key == "ema":
         selected, _ = select_tensors(module, options.include, options.exclude)
         first = {id(tensor): name for name, tensor in reversed(selected)}  # a tied tensor under its first name
@@ -75,7 +89,9 @@ def check_resumed_state(
             )
 
 
-def _check_entry(where: str, label: str, name: str, value: Any, entry: Optional[Tensor], model: str) -> None:
+def _check_entry(
+    where: str, label: str, name: str, value: Any, entry: Optional[Tensor], model: str, parameters: Collection[str]
+) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{where} has {label}[{name!r}] of type {type(value).__name__}; a tensor is allowed")
     if entry is None:
@@ -93,8 +109,8 @@ def _check_entry(where: str, label: str, name: str, value: Any, entry: Optional[
             f"{where} has {label}[{name!r}] of dtype {value.dtype}; the model's is {entry.dtype} (a"
             f" {'floating-point' if entry.is_floating_point() else 'non-floating-point'} dtype is allowed)"
         )
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{where} has a non-finite {label}[{name!r}]; the checkpoint is corrupt")
+    if value.is_floating_point() and name in parameters and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where} has a non-finite {label}[{name!r}] (a parameter); the checkpoint is corrupt")
 
 
 def model_entries_hold_ema(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> bool:
@@ -120,13 +136,14 @@ def model_entries_hold_ema(state: Mapping[str, Any], model_state: Mapping[str, A
     )
 
 
-def ema_states_of_others(checkpoint: Mapping[str, Any], own_key: str) -> list[str]:
-    """The keys of other callbacks' states in ``checkpoint`` whose EMA its model entries hold."""
+def ema_states_of_others(checkpoint: Mapping[str, Any], present: Collection[str]) -> list[str]:
+    """The keys of states in ``checkpoint`` whose EMA its model entries hold and whose callback is not among the
+    Trainer's (``present``: their state keys), so that nothing will put its training weights back."""
     model_state = checkpoint.get("state_dict", {})
     return [
         key
         for key, state in checkpoint.get("callbacks", {}).items()
-        if key != own_key
+        if key not in present
         and isinstance(state, Mapping)
         and "format" in state
         and "ema_updates" in state

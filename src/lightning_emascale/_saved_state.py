@@ -54,8 +54,9 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{where} has {key}[{name!r}] of type {type(tensor).__name__}; a tensor is allowed")
             local = local_piece(tensor) if is_sharded(tensor) else tensor  # this rank's shard: no communication
-            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                raise ValueError(f"{where} has a non-finite EMA of {name!r}; the checkpoint is corrupt")
+            # NaN here; infinities where a parameter's average holds them (a buffer may be a mask: -inf is kept)
+            if local.is_floating_point() and bool(torch.isnan(local).any()):
+                raise ValueError(f"{where} has a non-finite EMA of {name!r} (NaN); the checkpoint is corrupt")
     if "power_ema" in state:
         if "samples_at_update" not in state:
             raise KeyError(f"{where} lacks ['samples_at_update']")

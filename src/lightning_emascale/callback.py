@@ -376,7 +376,9 @@ class EMAScalingCallback(OptionsView, Callback):
         ema = self._ema
         if ema is not None:
             ema.wait()  # before Lightning moves the module off the GPU
-        if ema is not None and self._progress_needed(trainer) and not trainer.interrupted:
+        # Not after a smoke test or a stop a callback asked for (early stopping): the schedule was cut on purpose.
+        cut = trainer.interrupted or trainer.should_stop or getattr(trainer, "fast_dev_run", False)
+        if ema is not None and self._progress_needed(trainer) and not cut:
             total = ema.resolved_total_samples
             if ema.samples_seen < total:
                 given = self._options.total_samples is not None
@@ -537,7 +539,8 @@ class EMAScalingCallback(OptionsView, Callback):
         if state is None and self.state_key in states:
             check_callback_state(state, where)  # None under this callback's key: edited, not missing
         if state is None:
-            others = ema_states_of_others(checkpoint, self.state_key) if fitting else []
+            present = {callback.state_key for callback in trainer.callbacks}  # type: ignore[attr-defined]
+            others = ema_states_of_others(checkpoint, present) if fitting else []
             if others and not self.resume_from_ema:
                 refuse_resume_from_ema(self.state_key, others[0], own_state_lacks_weights=False)
             rank_zero_warn(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -30,6 +31,7 @@ from lightning_emascale._module_layout import ModuleLayout, unwrap_module
 from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule
 from lightning_emascale._saved_state import STATE_FORMAT, check_mode, check_state
 from lightning_emascale._scaled_optimizers import ScaledOptimizers
+from lightning_emascale._warnings import caller_level
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.rules import RuleLike
 
@@ -255,10 +257,13 @@ class ScaledEMA:
         held = {id(p) for optimizer in unwrapped for group in optimizer.param_groups for p in group["params"]}
         if owned and held and not owned & held:
             names = [type(optimizer).__name__ for optimizer in unwrapped]
-            raise ValueError(
+            warnings.warn(
                 f"`optimizers` ({', '.join(names)}) hold none of the parameters of the module"
-                f" ({type(self.module).__name__}): their steps would never move the weights this EMA averages."
-                " Pass the optimizer that trains this module"
+                f" ({type(self.module).__name__}): unless they train copies that are written back into it (master"
+                " weights), their steps never move the weights this EMA averages. Pass the optimizer that trains this"
+                " module",
+                UserWarning,
+                stacklevel=caller_level(),
             )
         current = {attribute.path: attribute.original for attribute in self._attributes}
         attributes = [MomentumAttribute.resolve(self.module, path, base, current.get(path)) for path, base in
@@ -339,7 +344,8 @@ class ScaledEMA:
                 "optimizer.step() while the EMA weights are swapped into the module: the step would train the EMA"
                 " and be lost at swap_out(). Call swap_out() (or leave the swapped() block) before training"
             )
-        self._step_momentum_checked()  # a schedule that fails raises now, before the step moves the weights
+        if not self._step_on_clock:  # the step's first optimizer (another one of it found it counted)
+            self._step_momentum_checked()  # a schedule that fails raises now, before the step moves the weights
         self._steps.scale(optimizer, self._step_kappa())
 
     def _after_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:

@@ -73,7 +73,7 @@ def test_callback_states_and_directories_of_the_wrong_type_are_named(tmp_path):
         EMAScalingCallback(momentum=0.9).load_state_dict("x")
     existing = tmp_path / "file"
     existing.write_text("")
-    with pytest.raises(ValueError, match=r"`directory` must be a directory path \(not an existing file\), got"):
+    with pytest.raises(ValueError, match=r"`directory`=.*file' is an existing file, not a directory"):
         PostHocEMACallback(directory=existing)
     with pytest.raises(ValueError, match=r"`include` is empty"):
         EMAScalingCallback(include=[])

@@ -22,7 +22,7 @@ from helpers import TinyBYOL, TinyModel, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_emascale import EMAScalingCallback, PostHocEMACallback
-from lightning_emascale._lightning import SpawnedFitFile, spawn_directory
+from lightning_emascale._lightning import SpawnedFitFile, _host, spawn_directory
 
 MODEL_ENTRIES = "model_entries"  # what the checkpoint's model entries hold, in the callback's state
 
@@ -209,23 +209,40 @@ def test_a_run_shorter_than_total_samples_warns_that_the_schedule_did_not_finish
 
 def test_the_ddp_spawn_hand_off_file_is_private_and_stale_ones_are_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = os.path.join(spawn_directory(), f"spawned-fit-{int(dead.stdout)}-0123.pt")  # left after a SIGKILL
-    partial = os.path.join(spawn_directory(), f".partial-{int(dead.stdout)}-x.pt")
-    live = os.path.join(spawn_directory(), f"spawned-fit-{os.getpid()}-4567.pt")  # a run going on
-    for path in (stale, partial, live):
-        open(path, "w").close()
     handoff = SpawnedFitFile()
-    assert not os.path.exists(stale) and not os.path.exists(partial) and os.path.exists(live)
-    assert stat.S_IMODE(os.stat(spawn_directory()).st_mode) == 0o700
+    assert not os.path.exists(spawn_directory(create=False))  # nothing on disk without ddp_spawn
+    directory = spawn_directory(create=False)
+    os.makedirs(directory, mode=0o755)  # left readable by others: tightened
+    host = _host()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = os.path.join(directory, f"spawned-fit-{host}-{int(dead.stdout)}-0123.pt")  # left after a SIGKILL
+    partial = os.path.join(directory, f".partial-{host}-{int(dead.stdout)}-x")
+    live = os.path.join(directory, f"spawned-fit-{host}-{os.getpid()}-4567.pt")  # a run going on
+    elsewhere = os.path.join(directory, f"spawned-fit-otherhost-{int(dead.stdout)}-89.pt")  # another host's
+    for path in (stale, partial, live, elsewhere):
+        open(path, "w").close()
 
     class Rank0:
         local_rank = 0
 
+    handoff.clear(Rank0())
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert sorted(os.listdir(directory)) == sorted(os.path.basename(p) for p in (live, elsewhere))
     handoff.write(Rank0(), {"format": 1}, {"w": torch.ones(2)})
     assert stat.S_IMODE(os.stat(handoff.path).st_mode) == 0o600
     assert handoff.read(torch.device("cpu"))["state"] == {"format": 1}
-    assert sorted(os.listdir(spawn_directory())) == sorted([os.path.basename(live), os.path.basename(handoff.path)])
+
+
+def test_a_hand_off_directory_that_is_a_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    SpawnedFitFile()  # built without touching the disk
+    open(spawn_directory(create=False), "w").close()
+
+    class Rank0:
+        local_rank = 0
+
+    with pytest.raises(RuntimeError, match=r"where ddp_spawn's workers leave the EMA .* point TMPDIR"):
+        SpawnedFitFile().clear(Rank0())
 
 
 def test_a_state_that_lacks_an_ema_tensor_is_refused_before_anything_is_written(saved, tmp_path):
@@ -246,3 +263,37 @@ def test_a_state_of_none_under_the_callbacks_key_is_refused_as_corrupt(saved, tm
     _, _, fit = _resume(path, EMAScalingCallback(momentum=0.9, optimizer_rule="sgd"))
     with pytest.raises(TypeError, match=r"state must be a dict .*got NoneType"):
         fit()
+
+
+def test_a_resume_that_adds_a_second_ema_callback_is_not_refused(saved, tmp_path):
+    path = _write(saved, tmp_path / "ema.ckpt")
+    first = EMAScalingCallback(momentum=0.9, optimizer_rule="sgd")
+    second = EMAScalingCallback(momentum=0.5, name="b", evaluate_with_ema=False)  # new: starts from the weights
+    model = TinyModel()
+    with pytest.warns(UserWarning, match=r"no EMAScalingCallback\{'name': 'b'\} state .* from the loaded weights\.$"):
+        make_trainer([first, second], max_epochs=2).fit(model, ckpt_path=path)
+    assert first.scaled_ema.optimizer_steps == 16 and second.scaled_ema.optimizer_steps == 8
+
+
+class _Annealed(TinyModel):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("temperature", torch.tensor(2.0), persistent=False)
+        self.register_buffer("mask", torch.tensor([0.0, -math.inf]))
+
+
+def test_a_resume_keeps_working_with_a_non_persistent_buffer_in_include_and_an_infinite_mask(tmp_path):
+    callback = EMAScalingCallback(momentum=0.9, include=["net", "temperature", "mask"])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer([callback, checkpoint], enable_checkpointing=True).fit(_Annealed())
+    resumed = EMAScalingCallback(momentum=0.9, include=["net", "temperature", "mask"])
+    make_trainer([resumed], max_epochs=2).fit(_Annealed(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.scaled_ema.optimizer_steps == 16
+
+
+def test_no_unfinished_schedule_warning_after_a_smoke_test():
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer([callback], fast_dev_run=True).fit(TinyModel())
+    assert not [w for w in record if "stopped at progress" in str(w.message)]

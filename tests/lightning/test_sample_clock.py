@@ -229,3 +229,18 @@ def test_a_custom_batch_sampler_needs_total_samples_at_the_start_not_at_step_nin
     callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0, total_samples=64)
     make_trainer([callback]).fit(_OversampledModel())
     assert callback.scaled_ema.samples_seen == 64 and callback.scaled_ema.progress == 1.0
+
+
+class _DropLast(TinyModel):
+    def train_dataloader(self):
+        return DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=5, drop_last=True)
+
+
+def test_the_derived_total_leaves_out_the_batches_drop_last_drops():
+    callback = EMAScalingCallback(momentum=0.99, momentum_schedule="cosine", final_momentum=1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer([callback], max_epochs=2).fit(_DropLast())
+    assert callback.resolved_total_samples == 2 * 30  # 6 batches of 5 per epoch, the last 2 samples dropped
+    assert callback.scaled_ema.progress == 1.0
+    assert no_warning_matching(record, "stopped at progress")

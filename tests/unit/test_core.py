@@ -449,7 +449,7 @@ def test_saved_states_are_checked_value_by_value_and_mode_by_mode():
         with pytest.raises(ValueError, match=rf"The saved ScaledEMA state has {key}={shown}; {allowed} is allowed"):
             ema.load_state_dict({**good, key: value})
     poisoned = {**good["ema"], "0.bias": torch.full((4,), float("nan"))}
-    with pytest.raises(ValueError, match=r"has a non-finite EMA of '0.bias'; the checkpoint is corrupt"):
+    with pytest.raises(ValueError, match=r"has a non-finite EMA of '0.bias' \(NaN\); the checkpoint is corrupt"):
         ema.load_state_dict({**good, "ema": poisoned})
     assert torch.isfinite(ema.ema_state_dict()["0.bias"]).all() and ema.samples_seen == 0
     teacher = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})

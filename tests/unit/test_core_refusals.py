@@ -82,15 +82,35 @@ def test_freeze_teachers_then_a_refusal_leaves_the_teachers_trainable():
     assert all(p.requires_grad for p in module["teacher"].parameters())
 
 
-def test_an_optimizer_that_holds_none_of_the_module_parameters_is_refused():
+def test_an_optimizer_that_holds_none_of_the_module_parameters_warns():
     model, other = Annealed(), torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    with pytest.raises(
-        ValueError, match=r"`optimizers` \(SGD\) hold none of the parameters of the module \(Annealed\)"
+    with pytest.warns(
+        UserWarning, match=r"`optimizers` \(SGD\) hold none of the parameters of the module \(Annealed\)"
     ):
-        ScaledEMA(model, optimizer, momentum=0.9)
+        ScaledEMA(model, optimizer, momentum=0.9)  # master weights written back stay possible: a warning
     extra = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # beside one that trains the module
-    ScaledEMA(model, [torch.optim.SGD(model.parameters(), lr=0.1), extra], momentum=0.9, auto_end_step=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ScaledEMA(model, [torch.optim.SGD(model.parameters(), lr=0.1), extra], momentum=0.9, auto_end_step=False)
+
+
+def _nan_after_one_step(progress: float) -> float:
+    return math.nan if 0.3 < progress < 0.9 else 0.9
+
+
+def test_a_second_optimizer_of_a_step_does_not_check_the_next_steps_momentum():
+    model = Annealed()
+    first = torch.optim.SGD(model.generator.parameters(), lr=0.1)
+    second = torch.optim.SGD(model.discriminator.parameters(), lr=0.1)
+    ema = ScaledEMA(model, [first, second], momentum_schedule=_nan_after_one_step, total_samples=8,
+                    auto_end_step=False)  # fmt: skip
+    model(torch.randn(4, 3)).pow(2).mean().backward()
+    ema.count_samples(4)
+    first.step()  # counts the step: the clock reads 0.5 now
+    second.step()  # the same step: not refused for the momentum of the next one
+    ema.end_step()
+    assert (ema.optimizer_steps, ema.ema_updates) == (1, 1)
 
 
 class _ReadOnlyCenter(torch.nn.Module):
@@ -180,3 +200,14 @@ def test_a_module_without_tensors_is_refused():
 def test_a_huge_momentum_attribute_is_shown_as_given():
     with pytest.raises(ValueError, match=r"momentum_attributes\['c'\].* got 1e\+400 \(an integer of 401 digits\)"):
         ScaledEMA(Annealed(), None, base_batch_size=4, momentum_attributes={"c": 10**400})
+
+
+def test_an_infinite_average_of_a_parameter_is_refused_and_of_a_mask_buffer_kept():
+    model = Annealed()
+    model.register_buffer("mask", torch.tensor([0.0, -math.inf]))
+    ema = ScaledEMA(model, None, momentum=0.9)
+    state = ema.state_dict()
+    ema.load_state_dict(state)  # the mask's -inf is copied, not averaged: no corruption
+    bad = {**state, "ema": {**state["ema"], "discriminator.bias": torch.tensor([math.inf])}}
+    with pytest.raises(ValueError, match=r"The saved EMA of 'discriminator.bias' \(a parameter\) is not finite"):
+        ema.load_state_dict(bad)
