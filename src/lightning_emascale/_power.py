@@ -7,7 +7,8 @@ written every ``snapshot_every_samples`` samples crossed (rank 0), for
 
 Every run has an id (:attr:`PowerEMAs.run_id`, made when the power EMAs are built, kept in their state so that a
 resumed run keeps it) that its snapshots carry; a snapshot directory holding a snapshot of another run is refused
-before the first step (and before every write), so that two runs never mix their snapshots.
+before the first step (and before every write), so that two runs never mix their snapshots. A snapshot due is written
+even where the run wrote one of that name before (an attempt abandoned by a resume from an earlier state).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 from lightning_emascale._averager import Averager, Update
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._polyak import PolyakEMA, refuse_polyak_only
-from lightning_emascale.post_hoc import describe_run, load_snapshot, snapshot_files, snapshot_path, write_snapshot
+from lightning_emascale.post_hoc import describe_run, load_snapshot, scan_directory, snapshot_path, write_snapshot
 from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 
 #: The options a post-hoc EMA has no use for, and their defaults.
@@ -61,10 +62,22 @@ class PowerEMAs(Averager):
 
     A directory that holds a snapshot of another run (another :attr:`run_id`) is refused with a ``ValueError``
     before the first update moves anything: where the optimizer's hook sees the step, before the step itself (the
-    core asks :meth:`momentum_between` first); and again before every snapshot written. Snapshots without a run id
-    (written before run ids) count as another run's, except to a run resumed from a state saved before run ids
-    (:attr:`run_id` ``None``): it wrote them, and writes its own without an id too. Only rank 0 checks, as only it
-    writes.
+    core asks :meth:`momentum_between` first); and again before every snapshot written, at the first step that
+    crosses its sample count. The directory is listed only then (once per snapshot, and once before the first step).
+    Snapshots without a run id (written before run ids) count as another run's, except to a run resumed from a
+    state saved before run ids (:attr:`run_id` ``None``): it wrote them, and writes its own without an id too.
+
+    A snapshot due is written even where a file of this run has its name: a resume from an earlier state rewrites
+    what the abandoned attempt wrote after it (an uninterrupted resume writes the same values again). The first
+    check of a run (built, resumed or reset) removes the temporary files that its killed writes left
+    (``post_hoc-<samples>-<run id>-<random>.tmp``), never another run's, which may be writing.
+
+    Only rank 0 checks, as only it writes, so under DDP only rank 0 raises: the Lightning callback broadcasts the
+    outcome of its check at the start of fit, so that every rank raises. In a loop of your own, call
+    ``ema.averager.check_directory()`` on rank 0 before the first step and share its outcome (e.g.
+    ``torch.distributed.broadcast_object_list``) so that every rank stops; a refusal at a later snapshot (a snapshot
+    of another run written into the directory mid-run) is raised on rank 0 only, and the other ranks wait in their
+    next collective until its timeout.
     """
 
     state_key = "power_ema"
@@ -92,7 +105,10 @@ class PowerEMAs(Averager):
         self.run_id: Optional[str] = _new_run_id()
         #: The directory's argument in messages (an adapter sets its own name for it, e.g. ``"directory"``).
         self.directory_argument = "snapshot_dir"
-        self._directory_checked = False  # snapshot_dir was found to hold no other run's snapshots
+        self._checked = False  # snapshot_dir was checked in this run (before its first step)
+        self._write_checked_at: Optional[int] = None  # samples_at_update when checked for the next update's snapshot
+        self._written_at: Optional[int] = None  # the samples of the last snapshot written (None: none since it began)
+        self._swept = False  # the temporary files this run's killed writes left were removed
         self._ours: dict[str, tuple[int, int, int]] = {}  # snapshots found to be this run's: name -> stat signature
 
     def describe(self) -> str:
@@ -108,26 +124,35 @@ class PowerEMAs(Averager):
         """The first power EMA's :math:`\\beta` over the step (what is logged as the momentum).
 
         The core asks it first for every step, before the optimizer moves the weights where a hook sees the step:
-        ``snapshot_dir`` is checked here (:meth:`check_directory`) before the first step and before every step that
-        writes a snapshot, so that a directory of another run is refused before anything moves.
+        ``snapshot_dir`` is checked here (:meth:`check_directory`) before the first step and at the first step that
+        crosses the sample count of the next snapshot, so that a directory of another run is refused before anything
+        moves.
         """
-        if not self._directory_checked or self._writes_between(self.samples_at_update, samples_after):
-            self.check_directory()
+        self._check_if_due(samples_after)
         return power_beta(samples_before, samples_after, self.gammas[0])
 
     def update(self, step: Update, only_if: Optional[Tensor] = None) -> None:
         """Move every power EMA from the samples seen at the last update to ``step.samples_seen``; write the
         snapshot of every multiple of ``snapshot_every_samples`` crossed (``snapshot_dir`` checked before anything
-        moves, also where no hook saw the step)."""
+        moves where no hook saw the step; not again where :meth:`momentum_between` checked it for this update)."""
         before, after = self.samples_at_update, step.samples_seen
-        writes = self._writes_between(before, after)
-        if writes or not self._directory_checked:
-            self.check_directory()
+        self._check_if_due(after)
         for gamma, state in zip(self.gammas, self.states):
             state.update(Update(power_beta(before, after, gamma)), only_if)
         self.samples_at_update = after
+        if self._writes_between(before, after):
+            self._write()
+
+    def _check_if_due(self, samples_after: int) -> None:
+        """Check ``snapshot_dir`` before a step to ``samples_after`` if it was not checked in this run yet, or if the
+        next update writes a snapshot (a multiple of snapshot_every_samples crossed since the last update) and it was
+        not checked for that snapshot yet: one listing per snapshot, at the first step that crosses its samples."""
+        writes = self._writes_between(self.samples_at_update, samples_after)
+        if self._checked and (not writes or self._write_checked_at == self.samples_at_update):
+            return
+        self.check_directory()
         if writes:
-            self.save_snapshot()
+            self._write_checked_at = self.samples_at_update
 
     def _writes_between(self, before: int, after: int) -> bool:
         """Whether an update from ``before`` to ``after`` samples seen crosses a multiple of snapshot_every_samples."""
@@ -136,14 +161,18 @@ class PowerEMAs(Averager):
 
     def check_directory(self) -> None:
         """Raise ``ValueError`` if ``snapshot_dir`` holds a snapshot that is not this run's (rank 0, with snapshots
-        enabled; each file is read once, while it stays unchanged). The message names the directory as
-        :attr:`directory_argument`."""
+        enabled; one listing, each file read once while it stays unchanged). The message names the directory as
+        :attr:`directory_argument`. The first check of a run that passes removes the temporary files its killed
+        writes left."""
+        if self.snapshots_enabled and _is_rank_zero():  # otherwise nothing is written (enable_snapshots: check again)
+            self._check_files()
+        self._checked = True
+
+    def _check_files(self) -> None:
         argument = self.directory_argument
-        if not self.snapshots_enabled or not _is_rank_zero():
-            self._directory_checked = True  # nothing is written (enable_snapshots asks for a check again)
-            return
         assert self.snapshot_dir is not None
-        for _, path in snapshot_files(self.snapshot_dir):
+        snapshots, leftovers = scan_directory(self.snapshot_dir, None if self._swept else self.run_id)
+        for _, path in snapshots:
             signature = _signature(path)
             if signature is None or self._ours.get(path.name) == signature:
                 continue  # gone since it was listed, or read before
@@ -164,7 +193,10 @@ class PowerEMAs(Averager):
                     " them from its own checkpoint"
                 )
             self._ours[path.name] = signature
-        self._directory_checked = True
+        if not self._swept:  # after the check: a refused directory is left as it was
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+            self._swept = True
 
     def finite(self) -> Tensor:
         return self.states[0].finite()
@@ -190,28 +222,39 @@ class PowerEMAs(Averager):
     def _new_run(self, run_id: Optional[str]) -> None:
         self.run_id = run_id
         self._ours.clear()
-        self._directory_checked = False
+        self._checked, self._write_checked_at, self._written_at, self._swept = False, None, None, False
 
     def enable_snapshots(self, enabled: bool) -> None:
         self.snapshots_enabled = bool(enabled)
-        self._directory_checked = False  # checked again before the next step
+        self._checked, self._write_checked_at = False, None  # checked again before the next step
 
     def save_snapshot(self) -> Optional[str]:
         """Write the power EMAs' snapshot at the samples of the last update (rank 0 only) and return its path;
-        nothing is written before the first update, with snapshots disabled, or again for the same samples."""
+        nothing is written before the first update, with snapshots disabled, or again for the samples of the
+        snapshot written last. A file of this run of that name is replaced (an attempt abandoned by a resume from
+        an earlier state wrote it); ``snapshot_dir`` is checked first."""
         if self.samples_at_update == 0 or not self.snapshots_enabled:
             return None
         assert self.snapshot_dir is not None
         path = snapshot_path(self.snapshot_dir, self.samples_at_update)
-        if _is_rank_zero():
-            self.check_directory()  # a snapshot of another run refuses the write (this run's own: not written again)
-            if not path.exists():
-                averages = [state.averages_state_dict() for state in self.states]
-                write_snapshot(self.snapshot_dir, self.samples_at_update, self.sigma_rels, averages, run_id=self.run_id)
-                signature = _signature(path)
-                if signature is not None:
-                    self._ours[path.name] = signature
+        if self._written_at != self.samples_at_update:
+            self.check_directory()  # a snapshot of another run refuses the write
+            self._write()
         return str(path)
+
+    def _write(self) -> None:
+        """Write the snapshot at the samples of the last update (rank 0, with snapshots enabled), over a file of the
+        same name."""
+        if self.snapshots_enabled and _is_rank_zero():
+            assert self.snapshot_dir is not None
+            averages = [state.averages_state_dict() for state in self.states]
+            path = write_snapshot(
+                self.snapshot_dir, self.samples_at_update, self.sigma_rels, averages, run_id=self.run_id
+            )
+            signature = _signature(path)
+            if signature is not None:
+                self._ours[path.name] = signature
+        self._written_at = self.samples_at_update
 
     def state_dict(self) -> dict[str, Any]:
         """The averages of every power EMA, keyed by its ``sigma_rel`` (as a string), live tensors; the clock; and

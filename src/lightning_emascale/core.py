@@ -440,7 +440,8 @@ class ScaledEMA:
 
         Called on the sample clock every ``snapshot_every_samples``; call it once more when training ends (the
         Lightning callback does), so that the reconstruction can end at the last sample. Nothing is written
-        again for a sample count that already has its snapshot, nor before the first update.
+        again for the samples of the snapshot written last, nor before the first update; a snapshot due after a
+        resume replaces the file an abandoned attempt of the same run left under its name.
         """
         return self.averager.save_snapshot()
 

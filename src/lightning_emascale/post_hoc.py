@@ -37,6 +37,8 @@ __all__ = ["PostHocReconstruction", "reconstruct_post_hoc"]
 
 _FORMAT = 1
 _NAME = re.compile(r"^post_hoc-(\d+)\.pt$")
+_TAG = re.compile(r"^[0-9A-Za-z_-]{1,64}$")  # a run id that may stand in a file name
+_TOKEN_BYTES = 8  # the random part of a temporary file's name: 16 hex digits
 
 
 def snapshot_path(directory: Union[str, os.PathLike], samples: int) -> Path:
@@ -46,10 +48,32 @@ def snapshot_path(directory: Union[str, os.PathLike], samples: int) -> Path:
 
 def snapshot_files(directory: Union[str, os.PathLike]) -> list[tuple[int, Path]]:
     """The snapshots in ``directory`` as ``(samples in the name, path)``, in order; none where it is no directory."""
+    return scan_directory(directory)[0]
+
+
+def scan_directory(
+    directory: Union[str, os.PathLike], run_id: Optional[str] = None
+) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """One listing of ``directory``: its snapshots (as :func:`snapshot_files`) and the temporary files that writes of
+    the run ``run_id`` left there (killed before their rename; none for a run id that no name carries)."""
     folder = Path(directory)
     if not folder.is_dir():
-        return []
-    return sorted((int(match.group(1)), path) for path in folder.iterdir() if (match := _NAME.match(path.name)))
+        return [], []
+    tag = _tag(run_id)
+    leftover = re.compile(rf"^post_hoc-\d+-{re.escape(tag)}-[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp$") if tag else None
+    snapshots, temporary = [], []
+    for path in folder.iterdir():
+        if match := _NAME.match(path.name):
+            snapshots.append((int(match.group(1)), path))
+        elif leftover is not None and leftover.match(path.name):
+            temporary.append(path)
+    return sorted(snapshots), sorted(temporary)
+
+
+def _tag(run_id: Optional[str]) -> Optional[str]:
+    """The run id as it stands in a temporary file's name: ``None`` for none, or one that is no plain name (a state
+    edited by hand: letters, digits, ``_`` and ``-`` only, at most 64)."""
+    return run_id if run_id is not None and _TAG.match(run_id) else None
 
 
 def describe_run(run_id: Optional[str]) -> str:
@@ -70,8 +94,10 @@ def write_snapshot(
     With a run id the EMAs are written in ascending ``sigma_rel`` (what :func:`reconstruct_post_hoc` checks); without
     one (a run resumed from a state saved before run ids) in the given order, as that run's earlier snapshots. The
     file is written through a temporary file created exclusively in the same directory (with the permissions a plain
-    ``torch.save`` gives: 0o666 less the umask), then renamed: a crash mid-write never leaves a truncated snapshot
-    under the final name, and two writers never share a temporary file. The temporary file is removed on failure.
+    ``torch.save`` gives: 0o666 less the umask), then renamed over ``post_hoc-<samples>.pt`` (replacing a file there
+    atomically): a crash mid-write never leaves a truncated snapshot under the final name, and two writers never
+    share a temporary file. The temporary file, ``post_hoc-<samples>-<run id>-<random>.tmp``, is removed on failure;
+    one that a killed process left is found by :func:`scan_directory` with the run's id.
     """
     path = snapshot_path(directory, samples)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +112,7 @@ def write_snapshot(
     }
     if run_id is not None:
         snapshot["run_id"] = run_id
-    descriptor, partial = _create_exclusively(path)
+    descriptor, partial = _create_exclusively(path, _tag(run_id))
     try:
         with os.fdopen(descriptor, "wb") as stream:
             torch.save(snapshot, stream)
@@ -97,12 +123,13 @@ def write_snapshot(
     return path
 
 
-def _create_exclusively(path: Path) -> tuple[int, Path]:
-    """A new temporary file beside ``path`` (``<stem>-<random>.tmp``), created exclusively (``O_EXCL``) with mode
-    0o666 less the umask, and its open descriptor."""
+def _create_exclusively(path: Path, tag: Optional[str]) -> tuple[int, Path]:
+    """A new temporary file beside ``path`` (``<stem>-<tag>-<random>.tmp``, or ``<stem>-<random>.tmp`` without a
+    tag), created exclusively (``O_EXCL``) with mode 0o666 less the umask, and its open descriptor."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    prefix = f"{path.stem}-{tag}-" if tag else f"{path.stem}-"
     for _ in range(100):
-        partial = path.with_name(f"{path.stem}-{secrets.token_hex(8)}.tmp")
+        partial = path.with_name(f"{prefix}{secrets.token_hex(_TOKEN_BYTES)}.tmp")
         try:
             return os.open(partial, flags, 0o666), partial
         except FileExistsError:

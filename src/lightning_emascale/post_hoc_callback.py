@@ -41,7 +41,8 @@ class PostHocEMACallback(EMAScalingCallback):
             each costs one file of ``len(sigma_rels)`` fp32 copies of the model.
         directory: where the snapshots go (``post_hoc-<samples>.pt``), one directory per run: a directory that
             holds a snapshot of another run (its run id, saved in the checkpoint, differs; or it has none, written
-            before run ids) is refused when fit starts. A run resumed from its checkpoint writes on into its own.
+            before run ids) is refused when fit starts, on every rank. A run resumed from its checkpoint writes on
+            into its own, over the snapshots an abandoned attempt wrote after that checkpoint.
         base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite,
             side_stream, resume_from_ema: as in ``EMAScalingCallback`` (``resume_from_ema``: resume from a checkpoint
             whose ``state_dict`` another callback filled with its EMA).
@@ -100,6 +101,7 @@ class PostHocEMACallback(EMAScalingCallback):
         The run is the one resumed from the checkpoint (its state carries its id), the one this callback ran
         before on the same Trainer, or a new one, for which any snapshot there is another run's (also one written
         before run ids). Refused before the first step: the module's weights and the directory are left as they were.
+        Rank 0 checks (it writes) and broadcasts the outcome, so that every rank raises, none waits for the others.
         """
         smoke = bool(getattr(trainer, "fast_dev_run", False))  # writes no snapshots, as it saves nothing
         super().on_fit_start(trainer, pl_module)
@@ -107,7 +109,22 @@ class PostHocEMACallback(EMAScalingCallback):
         averager = self.scaled_ema.averager
         assert isinstance(averager, PowerEMAs)
         averager.directory_argument = "directory"  # this callback's name for it, in every message
-        averager.check_directory()
+        refusal: Optional[Exception] = None
+        try:
+            averager.check_directory()  # reads the directory on rank 0 only
+        except Exception as error:  # any failure: the other ranks must hear of it, not wait in the next collective
+            refusal = error
+        outcome = None
+        if refusal is not None:
+            outcome = ("ValueError" if isinstance(refusal, ValueError) else type(refusal).__name__, str(refusal))
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if refusal is not None:
+            raise refusal  # rank 0 (the source): its own error, with its cause
+        if outcome is not None:
+            kind, message = outcome
+            if kind == "ValueError":
+                raise ValueError(message)
+            raise RuntimeError(f"Rank 0 could not check `directory`={self.directory!r}: {kind}: {message}")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

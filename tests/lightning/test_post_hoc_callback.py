@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import TinyModel, make_trainer
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_emascale import PostHocEMACallback, ProgressiveBatchCallback, reconstruct_post_hoc
 from lightning_emascale.post_hoc import write_snapshot
@@ -196,3 +197,80 @@ def test_a_smoke_test_writes_no_post_hoc_snapshots(tmp_path):
     assert not list(tmp_path.iterdir())
     make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)]).fit(TinyModel())  # not refused
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_resume_from_an_earlier_checkpoint_rewrites_the_snapshots_of_the_abandoned_attempt(tmp_path):
+    directory = tmp_path / "snapshots"
+
+    class SetLR(L.Callback):
+        def __init__(self, lr):
+            self.lr = lr
+
+        def on_train_start(self, trainer, pl_module):  # after the optimizer's state (its lr) is restored
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+
+    def attempt(lr):
+        """The run resumed from its checkpoint at 32 samples, to 64 with ``lr`` (a snapshot at 48 and at the end)."""
+        L.seed_everything(0)
+        callback = PostHocEMACallback(snapshot_every_samples=24, directory=directory, base_batch_size=8)
+        trainer = make_trainer([callback, SetLR(lr)], max_epochs=2, accumulate_grad_batches=2)
+        trainer.fit(TinyModel(n_samples=32, batch_size=4), ckpt_path=tmp_path / "32.ckpt")
+        return [state.averages_by_name() for state in callback.scaled_ema.averager.states]
+
+    fit(directory, max_epochs=1, save=tmp_path / "32.ckpt")
+    first = attempt(lr=0.1)
+    second = attempt(lr=0.3)  # the same run from 32 samples again, with another lr: its own snapshots from there
+    assert not torch.equal(first[0]["net.0.weight"], second[0]["net.0.weight"])
+    written = snapshots(directory)
+    assert [int(name[9:-3]) for name in written] == [24, 32, 48, 64]
+    for saved, tracked in zip(written["post_hoc-000000000000064.pt"]["averages"], second):  # the end: the last EMAs
+        assert all(torch.equal(saved[name], value) for name, value in tracked.items())
+    for saved, tracked in zip(written["post_hoc-000000000000048.pt"]["averages"], first):
+        assert not torch.equal(saved["net.0.weight"], tracked["net.0.weight"])
+
+
+class RecordingStrategy(SingleDeviceStrategy):
+    """One process, whose ``broadcast`` records what is sent; ``said``: what rank 0 answers to the outcome of a check
+    (this is another rank). Lightning broadcasts its root directory (a str) too."""
+
+    def __init__(self, said=None):
+        super().__init__(device=torch.device("cpu"))
+        self.sent, self.said = [], said
+
+    def broadcast(self, obj, src=0):
+        self.sent.append((obj, src))
+        return self.said if self.said is not None and not isinstance(obj, str) else obj
+
+    def outcomes(self):
+        return [(obj, src) for obj, src in self.sent if not isinstance(obj, str)]
+
+
+def test_the_refusal_of_a_directory_is_broadcast_from_rank_zero_so_that_every_rank_raises_it(tmp_path):
+    first = PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)
+    make_trainer([first]).fit(TinyModel())
+    strategy = RecordingStrategy()
+    refused = rf"`directory`='.*' holds post-hoc snapshots of another run: post_hoc-0+16.pt \(run {run_id(first)};"
+    with pytest.raises(ValueError, match=refused):
+        make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path)], strategy=strategy).fit(
+            TinyModel()
+        )
+    (((kind, message), src),) = strategy.outcomes()
+    assert kind == "ValueError" and re.match(refused, message) and src == 0
+    # another rank, whose own check reads nothing, raises what rank 0 found, before any step
+    said = ("ValueError", "`directory`='elsewhere' holds post-hoc snapshots of another run: post_hoc-0016.pt")
+    model = TinyModel()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    callback = PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path / "clean")
+    with pytest.raises(ValueError, match=re.escape(said[1])):
+        make_trainer([callback], strategy=RecordingStrategy(said=said)).fit(model)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
+    said = ("PermissionError", "[Errno 13] Permission denied: 'snapshots'")  # rank 0 could not list it
+    with pytest.raises(RuntimeError, match=r"Rank 0 could not check `directory`='.*clean': PermissionError: \[Errno"):
+        make_trainer([callback], strategy=RecordingStrategy(said=said)).fit(model)
+    # a clean directory: the outcome (none) is broadcast all the same, and the fit goes on
+    strategy = RecordingStrategy()
+    make_trainer([PostHocEMACallback(snapshot_every_samples=16, directory=tmp_path / "clean")], strategy=strategy).fit(
+        TinyModel()
+    )
+    assert strategy.outcomes() == [(None, 0)]

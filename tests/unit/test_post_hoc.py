@@ -132,7 +132,9 @@ def test_kappa_times_the_batch_keeps_the_profile_in_samples(gamma):
 
 def test_snapshots_come_on_the_sample_clock_and_reconstruct_the_tracked_emas(tmp_path):
     _, _, ema = run(tmp_path, batches([8] * 20))  # 160 samples, a snapshot every 32
+    last = (tmp_path / "post_hoc-000000000000160.pt").stat()
     ema.save_snapshot()  # the end of training (a multiple already: nothing new is written)
+    assert (tmp_path / "post_hoc-000000000000160.pt").stat().st_ino == last.st_ino  # not written again
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"post_hoc-{s:015d}.pt" for s in (32, 64, 96, 128, 160)]
     for sigma_rel, state in zip(SIGMA_RELS, ema.averager.states):
         rebuilt = reconstruct_post_hoc(tmp_path, sigma_rel=sigma_rel)
@@ -181,7 +183,11 @@ def test_post_hoc_options_and_reconstruction_errors(tmp_path):
         ({"sigma_rels": (0.05, 0.05)}, ValueError, r"`sigma_rels` must be distinct, got \[0.05, 0.05\]"),
         ({"sigma_rels": (0.5,)}, ValueError, r"`sigma_rel` must be in \(0, 1/sqrt\(12\) = 0.288675\] .*, got 0.5"),
         ({"snapshot_every_samples": 0}, ValueError, r"`snapshot_every_samples` must be a positive integer, got 0"),
-        ({"snapshot_dir": None}, ValueError, r"`snapshot_dir` must be a directory path, got None"),
+        (
+            {"snapshot_dir": None},
+            ValueError,
+            r"`snapshot_dir` must be a directory path \(a str or os.PathLike\), got None",
+        ),
         ({"momentum": 0.99}, ValueError, r"\{'momentum': 0.99\} have no effect on a post-hoc EMA"),
     ]:
         with pytest.raises(error, match=match):

@@ -405,9 +405,9 @@ def averages_of(ema) -> list[dict[str, torch.Tensor]]:
 def test_a_snapshot_is_written_through_a_temporary_file_of_its_own(tmp_path, monkeypatch):
     _, _, ema = run(tmp_path / "unused", steps=1)  # 8 samples: nothing written
     (tmp_path / "post_hoc-000000000000032.tmp").mkdir()  # the fixed name the writer used before: now unused
-    stale = tmp_path / "post_hoc-000000000000032-taken.tmp"
+    stale = tmp_path / "post_hoc-000000000000032-mine-taken.tmp"
     stale.write_bytes(b"another writer's")  # the first random name drawn: created exclusively, so not reused
-    names = iter(["taken", "free"])
+    names = iter(["taken", "free", "free"])
     monkeypatch.setattr(post_hoc.secrets, "token_hex", lambda _: next(names))
     opened = []
     open_file = os.open
@@ -419,10 +419,13 @@ def test_a_snapshot_is_written_through_a_temporary_file_of_its_own(tmp_path, mon
     monkeypatch.setattr(post_hoc.os, "open", recording_open)
     path = write_snapshot(tmp_path, 32, SIGMA_RELS, averages_of(ema), run_id="mine")
     assert path == tmp_path / FIRST and torch.load(path, weights_only=True)["run_id"] == "mine"
-    assert [name for name, _, _ in opened] == [stale.name, "post_hoc-000000000000032-free.tmp"]
+    assert [name for name, _, _ in opened] == [stale.name, "post_hoc-000000000000032-mine-free.tmp"]  # the run's id
     assert all(flags & os.O_EXCL and flags & os.O_CREAT and mode == 0o666 for _, flags, mode in opened)
     assert stale.read_bytes() == b"another writer's"
     assert {p.name for p in tmp_path.iterdir()} == {FIRST, stale.name, "post_hoc-000000000000032.tmp"}
+    opened.clear()  # a run id that is no plain name (a state edited by hand) stays out of the name
+    write_snapshot(tmp_path, 64, SIGMA_RELS, averages_of(ema), run_id="../elsewhere")
+    assert [name for name, _, _ in opened] == ["post_hoc-000000000000064-free.tmp"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -448,3 +451,125 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left on device"):
         write_snapshot(tmp_path, 32, SIGMA_RELS, averages_of(ema), run_id="mine")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- what a step costs
+@pytest.mark.parametrize(
+    ("update_every", "batch", "listed", "written"),
+    [
+        (1, 8, [1, 0, 0, 1, 0, 0, 0, 1], [32, 64]),  # a snapshot at the 4th and 8th steps
+        (4, 12, [1, 0, 1, 0, 0, 1, 0, 0], [48, 96]),  # 32 crossed at the 3rd step, 64 at the 6th: written at updates
+    ],
+    ids=["every-step", "update_every-4"],
+)
+def test_the_directory_is_listed_once_before_the_first_step_and_once_per_snapshot_written(
+    tmp_path, monkeypatch, update_every, batch, listed, written
+):
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ema = ScaledEMA(
+        model, optimizer, sigma_rels=SIGMA_RELS, snapshot_every_samples=32, snapshot_dir=tmp_path, base_batch_size=4,
+        update_every=update_every,
+    )  # fmt: skip
+    listings = []
+    iterdir = Path.iterdir
+
+    def counting_iterdir(path):
+        if path == tmp_path:
+            listings.append(ema.optimizer_steps)
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", counting_iterdir)
+    per_step = []
+    for index in range(8):
+        before = len(listings)
+        step(model, optimizer, ema, batch, seed=index)
+        per_step.append(len(listings) - before)
+    monkeypatch.undo()
+    assert per_step == listed
+    assert sorted(int(path.name[9:-3]) for path in tmp_path.iterdir()) == written
+
+
+# ----------------------------------------------------------------------- a resume from an earlier state
+def test_a_resume_from_an_earlier_state_rewrites_the_snapshots_of_the_abandoned_attempt(tmp_path):
+    def attempt(state, lr):
+        """From ``state`` (40 samples) to 80 with ``lr``, then the end-of-training snapshot; the EMAs at 64 and 80."""
+        model, optimizer, ema = build(tmp_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        emas = {}
+        for index in range(5, 10):
+            step(model, optimizer, ema, seed=index)
+            if ema.samples_seen == 64:
+                emas[64] = copied(averages_of(ema))
+        assert ema.save_snapshot() == os.fspath(tmp_path / "post_hoc-000000000000080.pt")
+        emas[80] = copied(averages_of(ema))
+        return emas
+
+    def copied(averages):
+        return [{name: value.clone() for name, value in average.items()} for average in averages]
+
+    def saved(samples):
+        return torch.load(tmp_path / f"post_hoc-{samples:015d}.pt", weights_only=True)["averages"]
+
+    def same(a, b):
+        return all(torch.equal(x[name], y[name]) for x, y in zip(a, b) for name in x)
+
+    model, optimizer, ema = run(tmp_path, steps=5)  # 40 samples: a snapshot at 32
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()}
+    state = {key: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()} for key, value in
+             state.items()}  # fmt: skip
+    first_32 = (tmp_path / FIRST).read_bytes()
+    first = attempt(state, lr=0.05)  # to 80 samples: snapshots at 64 and, at the end, 80
+    second = attempt(state, lr=0.2)  # the same run (its id) from 40 samples again, with another lr: it overwrites
+    assert not same(first[64], second[64]) and not same(first[80], second[80])
+    assert same(saved(64), second[64]) and same(saved(80), second[80])
+    assert (tmp_path / FIRST).read_bytes() == first_32  # before the resumed state: not written again
+    third = attempt(state, lr=0.05)  # an uninterrupted resume rewrites what the first attempt wrote
+    assert same(third[64], first[64]) and same(saved(64), first[64]) and same(saved(80), first[80])
+    assert sorted(path.name for path in tmp_path.iterdir()) == [FIRST, "post_hoc-000000000000064.pt",
+                                                               "post_hoc-000000000000080.pt"]  # fmt: skip
+
+
+# -------------------------------------------------------------------------- temporary files a kill leaves
+class Killed(BaseException):
+    """The process killed mid-write (SIGKILL): nothing cleans up after it."""
+
+
+def test_a_resumed_run_removes_the_temporary_files_of_its_killed_writes_and_no_other_runs(tmp_path, monkeypatch):
+    model, optimizer, ema = run(tmp_path, steps=3)  # 24 samples: nothing written yet
+    run_id = ema.averager.run_id
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()}
+
+    def killed_save(obj, stream):
+        stream.write(b"half a snapshot")
+        raise Killed
+
+    with monkeypatch.context() as patch:  # killed in the write of the snapshot at 32: its temporary file stays
+        patch.setattr(post_hoc.torch, "save", killed_save)
+        patch.setattr(Path, "unlink", lambda path, missing_ok=False: None)
+        with pytest.raises(Killed):
+            step(model, optimizer, ema, seed=3)
+    (mine,) = list(tmp_path.iterdir())
+    assert re.fullmatch(rf"post_hoc-000000000000032-{run_id}-[0-9a-f]{{16}}\.tmp", mine.name)
+    others = [
+        f"post_hoc-000000000000032-{'f' * 32}-0123456789abcdef.tmp",  # another run's: it may be writing it now
+        "post_hoc-000000000000032-0123456789abcdef.tmp",  # no run id in the name (before run ids): whose is unknown
+        "post_hoc-000000000000032.tmp",  # the name older versions wrote through
+    ]
+    for name in others:
+        (tmp_path / name).write_bytes(b"")
+    model, optimizer, resumed = build(tmp_path)  # resumed from 24 samples: its leftover is removed
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    resumed.load_state_dict(state["ema"])
+    step(model, optimizer, resumed, seed=3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([FIRST, *others])
+    # a new run finds nothing of its own to remove
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / mine.name).write_bytes(b"")  # the other run's, to this one
+    step(*build(tmp_path / "fresh"))
+    assert [path.name for path in (tmp_path / "fresh").iterdir()] == [mine.name]
