@@ -122,6 +122,10 @@ class Averager:
         """Write a snapshot of the averages (post-hoc mode) and return its path."""
         raise RuntimeError("`save_snapshot()` belongs to a post-hoc EMA (`sigma_rels=...`)")
 
+    def check_directory(self) -> None:
+        """Raise if the snapshot directory holds another run's snapshots (post-hoc mode)."""
+        raise RuntimeError("`check_snapshot_dir()` belongs to a post-hoc EMA (`sigma_rels=...`)")
+
 
 def all_finite(tensors: list[Tensor], nan_only: Optional[list[bool]] = None) -> Tensor:
     """A 0-d bool tensor: whether every floating-point tensor of ``tensors`` is finite (only free of NaN where

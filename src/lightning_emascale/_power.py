@@ -74,7 +74,7 @@ class PowerEMAs(Averager):
 
     Only rank 0 checks, as only it writes, so under DDP only rank 0 raises: the Lightning callback broadcasts the
     outcome of its check at the start of fit, so that every rank raises. In a loop of your own, call
-    ``ema.averager.check_directory()`` on rank 0 before the first step and share its outcome (e.g.
+    ``ema.check_snapshot_dir()`` on rank 0 before the first step and share its outcome (e.g.
     ``torch.distributed.broadcast_object_list``) so that every rank stops; a refusal at a later snapshot (a snapshot
     of another run written into the directory mid-run) is raised on rank 0 only, and the other ranks wait in their
     next collective until its timeout.

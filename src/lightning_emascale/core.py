@@ -445,6 +445,12 @@ class ScaledEMA:
         """
         return self.averager.save_snapshot()
 
+    def check_snapshot_dir(self) -> None:
+        """Post-hoc EMA: raise ``ValueError`` if ``snapshot_dir`` holds another run's snapshots (done before the
+        first step anyway). Only rank 0 reads the directory: in a DDP loop of your own, call it before training and
+        share the outcome with the other ranks, so that they do not wait for rank 0 in a collective."""
+        self.averager.check_directory()
+
     def momentum_at(self, progress: float) -> float:
         """The momentum at the base batch size at ``progress``, before warm-up and kappa (not a hook: pass
         ``momentum_schedule`` to shape it)."""

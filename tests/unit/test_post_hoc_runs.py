@@ -573,3 +573,15 @@ def test_a_resumed_run_removes_the_temporary_files_of_its_killed_writes_and_no_o
     (tmp_path / "fresh" / mine.name).write_bytes(b"")  # the other run's, to this one
     step(*build(tmp_path / "fresh"))
     assert [path.name for path in (tmp_path / "fresh").iterdir()] == [mine.name]
+
+
+def test_check_snapshot_dir_is_public_and_belongs_to_the_post_hoc_mode(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    first = ScaledEMA(model, None, sigma_rels=(0.05,), snapshot_every_samples=4, snapshot_dir=tmp_path)
+    first.count_samples(4)
+    first.end_step()  # writes a snapshot of the first run
+    second = ScaledEMA(model, None, sigma_rels=(0.05,), snapshot_every_samples=4, snapshot_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"holds post-hoc snapshots of another run"):
+        second.check_snapshot_dir()
+    with pytest.raises(RuntimeError, match=r"`check_snapshot_dir\(\)` belongs to a post-hoc EMA"):
+        ScaledEMA(model, None, momentum=0.9).check_snapshot_dir()
