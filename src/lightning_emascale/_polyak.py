@@ -348,7 +348,9 @@ class PolyakEMA(Averager):
             value = saved[name]
             local = local_piece(value) if is_sharded(value) else value  # this rank's shard: no communication
             if not is_buffer and local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                raise ValueError(f"The saved EMA of {name!r} (a parameter) is not finite; the checkpoint is corrupt")
+                raise ValueError(
+                    f"The saved EMA of {name!r} (a parameter) is non-finite (inf); the checkpoint is corrupt"
+                )
 
     @torch.no_grad()
     def load_averages(self, saved: Mapping[str, Tensor]) -> None:

@@ -867,7 +867,8 @@ def _reg_scaled_ema_init() -> None:
             ema.count_samples(8)
             opt.step()
 
-    add(area, "optimizer holds none of the module's parameters", foreign_optimizer, "raise",
+    # A warning, not an error: an optimizer of master weights written back into the module is legitimate.
+    add(area, "optimizer holds none of the module's parameters", foreign_optimizer, "warn",
         [("optimizer",), ("parameters", "module")])  # fmt: skip
 
     def two_rules(p: Probe) -> None:
