@@ -209,5 +209,7 @@ def test_an_infinite_average_of_a_parameter_is_refused_and_of_a_mask_buffer_kept
     state = ema.state_dict()
     ema.load_state_dict(state)  # the mask's -inf is copied, not averaged: no corruption
     bad = {**state, "ema": {**state["ema"], "discriminator.bias": torch.tensor([math.inf])}}
-    with pytest.raises(ValueError, match=r"The saved EMA of 'discriminator.bias' \(a parameter\) is non-finite \(inf\)"):
+    with pytest.raises(
+        ValueError, match=r"The saved EMA of 'discriminator.bias' \(a parameter\) is non-finite \(inf\)"
+    ):
         ema.load_state_dict(bad)
