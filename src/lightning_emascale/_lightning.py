@@ -245,6 +245,10 @@ class SpawnedFitFile:
             _remove(partial)
             raise
 
+    def exists(self) -> bool:
+        """Whether a spawned fit left its EMA in the file (this process did not hold it)."""
+        return os.path.exists(self.path)
+
     def read(self, device: torch.device) -> Optional[dict[str, Any]]:
         if not os.path.exists(self.path):
             return None

@@ -53,10 +53,18 @@ _BEFORE_FIT = "before fit"  # the "format" of the state of a callback whose fit 
 
 
 def _from_core(name: str, before_fit: Any) -> property:
-    """A property of the ScaledEMA, or ``before_fit`` while fit has not built it."""
-    return property(
-        lambda self: before_fit if self._ema is None else getattr(self._ema, name), doc=getattr(ScaledEMA, name).__doc__
-    )
+    """A property of the ScaledEMA, or ``before_fit`` while fit has not built it; after a ``ddp_spawn`` fit, whose
+    EMA stayed in the workers, it raises what :attr:`EMAScalingCallback.scaled_ema` raises rather than answer
+    ``before_fit``."""
+
+    def get(self: EMAScalingCallback) -> Any:
+        if self._ema is not None:
+            return getattr(self._ema, name)
+        if self._spawn_file.exists():
+            return self.scaled_ema  # raises: the values are the workers'
+        return before_fit
+
+    return property(get, doc=getattr(ScaledEMA, name).__doc__)
 
 
 class EMAScalingCallback(OptionsView, Callback):
@@ -67,7 +75,7 @@ class EMAScalingCallback(OptionsView, Callback):
     :meth:`batch_size_of` × the data-parallel size (the world size; fewer under tensor parallelism, whose ranks
     share their samples); the total samples come from ``max_epochs``; every
     :class:`~lightning_emascale.SampleClockLR` without a clock gets this one; evaluation runs on the EMA; the
-    keys of :meth:`ScaledEMA.metrics` are logged (``<name>/kappa`` and ``/momentum`` in the progress bar).
+    keys of :meth:`ScaledEMA.metrics` are logged (``<name>/kappa`` and ``/half_life`` in the progress bar).
 
     Args:
         momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, final_momentum,
@@ -169,6 +177,13 @@ class EMAScalingCallback(OptionsView, Callback):
     @property
     def scaled_ema(self) -> ScaledEMA:
         """The :class:`~lightning_emascale.ScaledEMA` this callback drives (built when fit starts)."""
+        if self._ema is None and self._spawn_file.exists():
+            raise RuntimeError(
+                "The EMA and its clock (samples seen, kappa, ...) stayed in the worker processes of the"
+                " `strategy='ddp_spawn'` fit: this process never held them. Evaluate with"
+                " `trainer.validate/test/predict`, which get the EMA back, or load the checkpoint, whose `state_dict`"
+                " is the EMA (and its callback state the clock)."
+            )
         if self._ema is None:
             raise RuntimeError(
                 "The EMA does not exist yet: it is created when `trainer.fit` starts. Call this inside or after fit."
@@ -182,6 +197,7 @@ class EMAScalingCallback(OptionsView, Callback):
     optimizer_steps = _from_core("optimizer_steps", 0)
     kappa = _from_core("kappa", math.nan)
     ema_momentum = _from_core("ema_momentum", math.nan)
+    momentum_per_update = _from_core("momentum_per_update", math.nan)
     progress = _from_core("progress", 0.0)
     ema_updates = _from_core("ema_updates", 0)
     global_batch_size = _from_core("global_batch_size", 0)

@@ -233,6 +233,7 @@ class ScaledEMA:
         self._ended_by_hook = False  # the optimizer's post-hook ended the last step (auto_end_step)
         self._kappa = math.nan
         self._step_momentum = math.nan
+        self._last_update_decay = math.nan
         self._momentum_key: tuple[int, int, Optional[int]] = (-1, -1, None)  # the clock the cached momentum is for
         self._momentum_of_key = math.nan
         self._step_batch = 0
@@ -411,6 +412,7 @@ class ScaledEMA:
             if self.averager.writes_module:
                 self.reshard()  # a teacher left gathered must gather its moved shards again
             self._ema_updates += 1
+            self._last_update_decay = self._decay_since_update
             self._decay_since_update = 1.0
 
     def wait(self) -> None:
@@ -474,13 +476,23 @@ class ScaledEMA:
 
     @property
     def kappa(self) -> float:
-        """:math:`\\kappa` of the latest optimizer step (``nan`` before the first)."""
+        """:math:`\\kappa` of the latest optimizer step (``nan`` before the first step this object counted, also
+        right after :meth:`load_state_dict`: a step's :math:`\\kappa` is not saved)."""
         return self._kappa
 
     @property
     def ema_momentum(self) -> float:
-        """:math:`\\hat\\rho` of the latest optimizer step (``nan`` before the first)."""
+        """:math:`\\hat\\rho` of the latest optimizer step, per step (``nan`` before the first step this object
+        counted). With ``update_every`` = T an update applies the product of its T steps' values:
+        :attr:`momentum_per_update`."""
         return self._step_momentum
+
+    @property
+    def momentum_per_update(self) -> float:
+        """The momentum the latest EMA update applied: the product of :attr:`ema_momentum` over the steps since
+        the update before (equal to it with ``update_every=1``; ``nan`` before the first update this object made).
+        """
+        return self._last_update_decay
 
     @property
     def global_batch_size(self) -> int:
@@ -531,8 +543,10 @@ class ScaledEMA:
         return {attribute.path: attribute.value for attribute in self._attributes}
 
     def metrics(self, prefix: str = "ema") -> dict[str, float]:
-        r"""What the latest step did, for a logger: ``<prefix>/kappa``, ``/momentum`` (:math:`\hat\rho`),
-        ``/half_life`` (:attr:`half_life`, in samples), ``/batch_size`` (global), ``/samples_seen``,
+        r"""What the latest step did, for a logger: ``<prefix>/kappa``, ``/momentum`` (:math:`\hat\rho` of the
+        step), with ``update_every`` > 1 ``/momentum_per_update`` (what the latest update applied:
+        :attr:`momentum_per_update`), ``/half_life`` (:attr:`half_life`, in samples), ``/batch_size`` (global),
+        ``/samples_seen``,
         ``/lr-<Optimizer>`` (the effective learning rate, named as Lightning's ``LearningRateMonitor`` names it:
         ``-1``, ``-2`` for the second and third optimizer of a type, ``/pg1``, ``/pg2`` or the group's ``"name"``
         with several param groups), ``/<path>`` for every momentum attribute and ``/skipped_updates`` with
@@ -553,6 +567,7 @@ class ScaledEMA:
         metrics = {
             f"{prefix}/kappa": self._kappa,
             f"{prefix}/momentum": self._step_momentum,
+            **({f"{prefix}/momentum_per_update": self._last_update_decay} if self.options.update_every > 1 else {}),
             f"{prefix}/half_life": self.half_life,
             f"{prefix}/batch_size": float(self._step_batch),
             f"{prefix}/samples_seen": float(self._samples_seen),

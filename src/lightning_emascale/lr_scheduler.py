@@ -57,6 +57,7 @@ class SampleClockLR(LRScheduler):
         >>> optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.4)
         >>> scheduler = SampleClockLR(optimizer, WarmupCosine(warmup=0.1), clock=clock)
         >>> clock.progress = 0.05
+        >>> optimizer.step()  # a training step, then the scheduler's
         >>> scheduler.step()
         >>> optimizer.param_groups[0]["lr"]
         0.2

@@ -31,8 +31,9 @@ class ProgressiveBatchCallback(Callback):
     ``hparams``), and rebuilds the train dataloader at the transition; Lightning re-injects the
     ``DistributedSampler``, which keeps shuffling per epoch. ``mode="accumulation"`` keeps the dataloader
     and sets ``Trainer.accumulate_grad_batches`` to ``value // micro-batch``, for batches that do not fit in
-    memory. Either way the value is the **per-device batch per optimizer step** (with
-    ``mode="batch_size"`` and ``Trainer(accumulate_grad_batches=k)``, ``k`` times it).
+    memory. The value is a per-device batch: in ``mode="batch_size"`` the dataloader's batch, a micro-batch (with
+    ``Trainer(accumulate_grad_batches=k)`` an optimizer step takes ``k`` of them); in ``mode="accumulation"`` the
+    samples per device per optimizer step.
 
     Epochs before the schedule's first key keep the batch size the run was configured with. The batch size
     takes effect at the start of the epoch; a resumed run, mid-epoch or after a transition, gets the size of

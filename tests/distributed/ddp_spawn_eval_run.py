@@ -31,6 +31,12 @@ def main(out_dir: str) -> None:
         message = ""
     except RuntimeError as error:  # this process never held the EMA: the workers did
         message = str(error)
+    clock = []
+    for name in ("samples_seen", "kappa", "momentum_per_update"):
+        try:
+            clock.append(repr(getattr(callback, name)))  # not 0 or nan: the values are the workers'
+        except RuntimeError as error:
+            clock.append(str(error))
     validated = trainer.validate(model, verbose=False)[0]["val_loss"]
     # the reference: the EMA from the checkpoint (its state_dict), evaluated here on one process
     ema_model = TinyModel.load_from_checkpoint(f"{out_dir}/last.ckpt", n_samples=24, batch_size=3)
@@ -52,6 +58,7 @@ def main(out_dir: str) -> None:
             "expected": expected,
             "raw": raw,
             "message": message,
+            "clock": clock,
             "stale": stale,
             "loaded": loaded,
         },

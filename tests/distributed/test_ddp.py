@@ -102,4 +102,6 @@ def test_ddp_spawn_evaluation_after_fit_uses_the_ema_from_the_workers(tmp_path):
     assert result["single"] == pytest.approx(result["expected"], rel=1e-5)  # one device, in the main process
     assert result["validated"] != pytest.approx(result["raw"], rel=1e-3)
     assert "ddp_spawn" in result["message"] and "checkpoint" in result["message"]
+    for said in result["clock"]:  # the clock's properties say so too, rather than 0 or nan
+        assert said.startswith("The EMA and its clock (samples seen, kappa, ...) stayed in the worker processes"), said
     assert result["stale"] == pytest.approx(result["loaded"], rel=1e-5)  # not the workers' stale EMA

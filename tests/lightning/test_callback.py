@@ -498,3 +498,16 @@ def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_shardin
     validating = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
     callback.on_load_checkpoint(validating, TinyModel(), {"callbacks": {callback.state_key: dict(state)}})
     assert callback._module_loaded_from_ema
+
+
+def test_the_progress_bar_and_the_logs_show_what_the_docstring_says():
+    callback = EMAScalingCallback(momentum=0.99, update_every=4)
+    trainer = make_trainer([callback])
+    trainer.fit(TinyModel())  # 8 steps of 4 samples: two updates
+    bar = {key for key in trainer.progress_bar_metrics if key.startswith("ema/")}
+    assert bar == {"ema/kappa", "ema/half_life"}
+    assert "``<name>/kappa`` and ``/half_life`` in the progress bar" in " ".join(EMAScalingCallback.__doc__.split())
+    logged = trainer.logged_metrics
+    assert float(logged["ema/momentum"]) == pytest.approx(0.99)  # per step
+    assert float(logged["ema/momentum_per_update"]) == pytest.approx(0.99**4)  # what each update applied
+    assert callback.momentum_per_update == pytest.approx(0.99**4)

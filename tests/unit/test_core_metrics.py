@@ -43,3 +43,21 @@ def test_lr_keys_follow_lightnings_learning_rate_monitor():
     ema.end_step()
     lrs = {key: value for key, value in ema.metrics().items() if "/lr-" in key}
     assert lrs == pytest.approx({"ema/lr-SGD/pg1": 0.2, "ema/lr-SGD/pg2": 0.02, "ema/lr-SGD-1/extra": 2.0})
+
+
+def test_with_update_every_the_momentum_an_update_applies_is_logged_beside_the_per_step_one():
+    model = Annealed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=0.99, base_batch_size=4, update_every=4)
+    assert math.isnan(ema.momentum_per_update)
+    start = {k: v.clone() for k, v in ema.ema_state_dict().items()}
+    for _ in range(4):
+        step(ema, model, optimizer)
+    metrics = ema.metrics()
+    assert metrics["ema/momentum"] == pytest.approx(0.99)  # per step
+    assert metrics["ema/momentum_per_update"] == pytest.approx(0.99**4) == ema.momentum_per_update
+    weight = "discriminator.weight"  # and it is what the update applied
+    expected = 0.99**4 * start[weight] + (1 - 0.99**4) * model.state_dict()[weight]
+    torch.testing.assert_close(ema.ema_state_dict()[weight], expected, rtol=0, atol=1e-7)
+    plain = ScaledEMA(Annealed(), None, momentum=0.99)
+    assert "ema/momentum_per_update" not in plain.metrics()  # update_every=1: the same as ema/momentum

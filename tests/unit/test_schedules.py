@@ -86,6 +86,7 @@ def test_sample_clock_lr_follows_the_clock_not_the_step_count():
     scheduler = SampleClockLR(opt, WarmupCosine(warmup=0.5), clock=clock)
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
     clock.progress = 0.25
+    opt.step()  # a training step first, as torch expects
     scheduler.step()
     scheduler.step()  # twice at the same progress: the same LR
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.25, 0.025])
@@ -107,6 +108,7 @@ def test_sample_clock_lr_errors():
     with pytest.raises(TypeError, match="`schedule` must be a callable of progress in"):
         SampleClockLR(optimizer(), schedule=0.5)
     scheduler = SampleClockLR(optimizer(), WarmupCosine())  # no clock: progress 0 while it is built
+    scheduler.optimizer.step()
     with pytest.raises(RuntimeError, match="SampleClockLR has no clock: add an EMAScalingCallback"):
         scheduler.step()
     with pytest.raises(ValueError, match=r"`schedule` must return a finite number >= 0, got -1.0 at progress 0.0"):
@@ -251,6 +253,7 @@ def test_sample_clock_lr_refuses_a_clock_reading_outside_0_1(progress):
     scheduler = SampleClockLR(optimizer(), lambda p: 1.0, clock=clock)
     before = [group["lr"] for group in scheduler.optimizer.param_groups]
     clock.progress = progress
+    scheduler.optimizer.step()
     with pytest.raises(
         ValueError,
         match=rf"`clock` \(Clock\) reported progress {re.escape(repr(progress))}; SampleClockLR needs a number in"
