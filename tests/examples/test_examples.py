@@ -34,13 +34,18 @@ def test_quickstart_runs_and_reports_the_scaled_momentum(tmp_path):
 
 
 def test_progressive_example_writes_the_plot_and_reports_transitions(tmp_path):
-    args = "--epochs 3 --schedule 0:32,1:64,2:128 --samples 1280 --out plot.png"
+    args = "--epochs 3 --schedule 0:32,1:64,2:128 --samples 1300 --out plot.png"
     proc = run_example("progressive.py", args, tmp_path)
-    lines = proc.stdout.splitlines()
-    # 90% of 1280 = 1152 training samples per epoch; one row per epoch, kappa from the base batch 32
-    first_steps = [line.split()[:4] for line in lines if line.split()[:1] in (["0"], ["1"], ["2"])]
-    assert first_steps == [["0", "0", "32", "1"], ["1", "1152", "64", "2"], ["2", "2304", "128", "4"]]
-    assert "total: 3456 samples in 63 optimizer steps, progress 1.000" in proc.stdout
+    # 90% of 1300 = 1170 training samples per epoch; a row per epoch's first step, kappa from the base batch 32
+    first, short = proc.stdout.split("first step of each epoch")[1].split("short last step of each epoch")
+    first_steps = [line.split()[:4] for line in first.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert first_steps == [["0", "0", "32", "1"], ["1", "1170", "64", "2"], ["2", "2340", "128", "4"]]
+    # 1170 = 36 x 32 + 18 = 18 x 64 + 18 = 9 x 128 + 18: each epoch's last step has 18 samples, kappa 18/32, and
+    # the output says so (the figure marks these steps apart from the line instead of drawing them as spikes)
+    short_steps = [line.split()[:4] for line in short.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]
+    assert short_steps == [["0", "1152", "18", "0.5625"], ["1", "2322", "18", "0.5625"], ["2", "3492", "18", "0.5625"]]
+    assert "rho-hat = rho^kappa is nearer 1" in short
+    assert "total: 3510 samples in 66 optimizer steps, progress 1.000" in proc.stdout
     png = tmp_path / "plot.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -86,6 +91,34 @@ def test_every_shipped_config_parses_and_runs_one_step(tmp_path, config):
     assert "samples per optimizer step, kappa 1 for 'ema'" in proc.stderr
 
 
+def test_cli_saves_each_runs_config_in_its_own_log_dir_and_never_overwrites_one(tmp_path):
+    # A user's own config named config.yaml, in the directory they run from
+    user_config = tmp_path / "config.yaml"
+    user_config.write_bytes((EXAMPLES / "configs" / "supervised.yaml").read_bytes() + b"# my own copy\n")
+    original = user_config.read_bytes()
+    small = "--trainer.max_epochs=1 --data.samples=256"
+    run_example("cli.py", f"fit --config config.yaml {small} --model.lr=0.03", tmp_path)
+    run_example("cli.py", f"fit --config config.yaml {small} --model.lr=0.04", tmp_path)
+    assert user_config.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "lightning_logs"]
+    # one directory per run, each with the config it ran with (overrides included) next to its metrics
+    runs = tmp_path / "lightning_logs" / "supervised"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    for version, lr in (("version_0", "0.03"), ("version_1", "0.04")):
+        assert f"lr: {lr}" in (runs / version / "config.yaml").read_text()
+        assert (runs / version / "metrics.csv").is_file()
+
+    # Saved into the working directory itself (no logger, default_root_dir "."): refused before training
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", "config.yaml", *small.split(),
+         "--trainer.logger=false", "--trainer.default_root_dir=."],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Aborting to avoid overwriting" in proc.stderr, proc.stderr[-3000:]
+    assert user_config.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "lightning_logs"]
+
+
 def test_plain_pytorch_loop_scales_the_step_and_imports_no_lightning(tmp_path):
     script = EXAMPLES / "plain_pytorch.py"
     code = (
@@ -121,10 +154,22 @@ def test_fabric_loop_grows_the_batch_and_runs_the_lr_on_the_sample_clock(tmp_pat
 def test_post_hoc_example_sweeps_lengths_after_one_run(tmp_path):
     args = "--epochs 2 --samples 2048 --snapshot-every 512 --snapshots snaps --out plot.png"
     proc = run_example("post_hoc.py", args, tmp_path)
+    # the run's kappa: 1 on its full steps of 32 (base 32), the short last step of each epoch (1844 = 57 x 32 + 20)
+    # apart, rather than the last step's kappa alone
+    assert (
+        "trained on 3688 samples in 116 optimizer steps, base batch 32: kappa 1 on 114 steps of 32 samples;"
+        " kappa 0.625 on 2 short last steps of an epoch (20 samples)\n"
+    ) in proc.stdout
     rows = re.findall(r"^\s+(sigma_rel|half_life_samples) ([\d.]+)\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M)
     assert len(rows) == 12
     residuals = {(kind, float(value)): float(residual) for kind, value, residual, _ in rows}
     assert residuals[("sigma_rel", 0.05)] < 1e-4 and residuals[("sigma_rel", 0.1)] < 1e-4  # the tracked lengths
+    # every fit with residual > 0.1, and only those, is flagged in the table as drawn apart in the figure
+    flagged = re.findall(
+        r"^\s+(\w+) ([\d.]+) .*\(residual > 0\.1: poor fit, not chosen; hollow grey", proc.stdout, re.M
+    )
+    assert {(kind, float(value)) for kind, value in flagged} == {key for key, r in residuals.items() if r > 0.1}
+    assert flagged, "this run has poor fits (the longest half-lives): the check above must not pass vacuously"
     assert re.search(r"^best: \w+ [\d.]+ \(validation accuracy 0\.\d+, residual 0\.0\d+\)$", proc.stdout, re.M)
     # 2 epochs of the 1844 training samples (random_split of 90 % of 2048): a snapshot every 512, one at the end
     assert sorted(p.name for p in (tmp_path / "snaps").iterdir())[-1] == "post_hoc-000000000003688.pt"
