@@ -109,12 +109,15 @@ class UnlabeledEMA(EMAScalingCallback):
 
 class PseudoLabelProbe(L.Callback):
     """At the start and after every epoch: samples seen (unlabelled), the teacher's pseudo-label accuracy on the
-    whole unlabelled pool, the share it labels confidently and how accurate those are, and validation accuracy
-    of the teacher and the student."""
+    whole unlabelled pool, the share it labels confidently and how accurate those are, the share of the pool it
+    gives its most common label (``top_label``: about 0.1 for ten balanced classes, 1 for a teacher collapsed to
+    one class), validation accuracy of the teacher and the student, and the L2 norm of the student's parameters
+    (``student_norm``: it grows by orders of magnitude when SGD diverges)."""
 
     def __init__(self, teacher: EMAScalingCallback, unlabeled: TensorDataset, val: TensorDataset) -> None:
         self.teacher, self.unlabeled, self.val = teacher, unlabeled, val
-        keys = ("samples", "pseudo_acc", "confident", "confident_acc", "teacher_acc", "student_acc")
+        keys = ("samples", "pseudo_acc", "confident", "confident_acc", "top_label", "teacher_acc", "student_acc",
+                "student_norm")  # fmt: skip
         self.records: dict[str, list[float]] = {key: [] for key in keys}
 
     @torch.no_grad()
@@ -130,10 +133,12 @@ class PseudoLabelProbe(L.Callback):
         self.records["confident_acc"].append(
             float((pseudo[confident] == y_u[confident]).float().mean()) if confident.any() else 0.0
         )
+        self.records["top_label"].append(float(pseudo.bincount().max()) / len(pseudo))
         self.records["teacher_acc"].append(
             float((self.teacher.functional_call(pl_module, (x_v,)).argmax(1) == y_v).float().mean())
         )
         self.records["student_acc"].append(float((pl_module(x_v).argmax(1) == y_v).float().mean()))
+        self.records["student_norm"].append(float(torch.cat([p.flatten() for p in pl_module.parameters()]).norm()))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record(pl_module)  # type: ignore[arg-type]

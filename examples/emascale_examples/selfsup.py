@@ -6,6 +6,7 @@ import argparse
 import copy
 import itertools
 import json
+import textwrap
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
@@ -132,19 +133,22 @@ def teacher_lag(model: torch.nn.Module, teachers: dict[str, str]) -> float:
 class RunTrace(Trace):
     """``Trace``'s mechanics, plus what the run does with them.
 
-    Per optimizer step (the rows of ``Trace``): the training loss (mean over the step's micro-batches) and the
-    teacher's lag after the step (``teacher_lag``). At the start and at every epoch end: the kNN accuracy of the
-    online ``backbone`` and of its teacher (``ema.teachers[backbone]``), with the random state put back afterwards
-    so that measuring does not change the run.
+    Per optimizer step (the rows of ``Trace``): the training loss (mean over the step's micro-batches), any other
+    number the ``training_step`` returns beside ``"loss"`` (``extras``, e.g. DINO's teacher entropy; mean over the
+    micro-batches) and the teacher's lag after the step (``teacher_lag``). At the start and at every epoch end: the
+    kNN accuracy of the online ``backbone`` and of its teacher (``ema.teachers[backbone]``), with the random state
+    put back afterwards so that measuring does not change the run.
     """
 
     def __init__(self, ema: EMAScalingCallback, data: ImageData, backbone: str) -> None:
         super().__init__(ema)
         self.data, self.backbone = data, backbone
         self.losses: list[float] = []
+        self.extras: dict[str, list[float]] = {}
         self.lags: list[float] = []
         self.knn: list[tuple[int, float, float]] = []  # (samples seen, online accuracy, teacher accuracy)
         self._micro_losses: list[float] = []
+        self._micro_extras: dict[str, list[float]] = {}
 
     def measure_knn(self, pl_module: L.LightningModule) -> None:
         online = pl_module.get_submodule(self.backbone)
@@ -159,12 +163,17 @@ class RunTrace(Trace):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Lightning divides the returned loss by accumulate_grad_batches for the backward pass
         self._micro_losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        for key, value in outputs.items():
+            if key != "loss":
+                self._micro_extras.setdefault(key, []).append(float(value))
         rows = len(self.rows)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if len(self.rows) > rows:  # an optimizer step, and the EMA callback (listed first) has moved the teacher
             self.losses.append(sum(self._micro_losses) / len(self._micro_losses))
+            for key, values in self._micro_extras.items():
+                self.extras.setdefault(key, []).append(sum(values) / len(values))
             self.lags.append(teacher_lag(pl_module, self.ema.teachers))
-            self._micro_losses = []
+            self._micro_losses, self._micro_extras = [], {}
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.measure_knn(pl_module)
@@ -178,21 +187,30 @@ class RunTrace(Trace):
     def record(self) -> dict[str, Any]:
         """What the figure draws, as JSON-ready lists: one entry per optimizer step, one per kNN measurement."""
         keys = ("samples_before", "global_batch", "kappa", "rho_hat", "lr", "epoch")
+        extras = [dict(zip(self.extras, values)) for values in zip(*self.extras.values())] or [{}] * len(self.rows)
         steps = [
-            {**dict(zip(keys, row)), "loss": loss, "teacher_lag": lag}
-            for row, loss, lag in zip(self.rows, self.losses, self.lags, strict=True)
+            {**dict(zip(keys, row)), "loss": loss, **extra, "teacher_lag": lag}
+            for row, loss, extra, lag in zip(self.rows, self.losses, extras, self.lags, strict=True)
         ]
         knn = [{"samples_seen": s, "online": o, "teacher": t} for s, o, t in self.knn]
         return {"backbone": self.backbone, "teacher": self.ema.teachers[self.backbone], "steps": steps, "knn": knn}
 
-    def plot_run(self, path: str, title: str, loss_label: str) -> None:
-        """The mechanics (left column, ``Trace.draw``) beside the run (right): loss, kNN accuracy, teacher lag."""
+    def plot_run(
+        self, path: str, title: str, loss_label: str, extra_labels: Optional[dict[str, str]] = None, note: str = ""
+    ) -> None:
+        """The mechanics (left column, ``Trace.draw``) beside the run (right): loss, kNN accuracy, teacher lag.
+
+        ``extra_labels`` plots those ``extras`` on the loss axis under those labels; ``note`` is a caption under the
+        figure (what the run shows, and what it does not).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(13, 9), layout="constrained")
+        caption = note.count("\n") + 1 if note else 0  # lines
+        caption_height = caption * 9 * 1.35 / 72 + 0.15 if note else 0.0  # inches, at 9 points
+        fig = plt.figure(figsize=(13, 9 + caption_height), layout="constrained")
         grid = fig.add_gridspec(12, 2)
         left = [fig.add_subplot(grid[3 * i : 3 * i + 3, 0]) for i in range(4)]
         right = [fig.add_subplot(grid[4 * i : 4 * i + 4, 1]) for i in range(3)]
@@ -206,12 +224,18 @@ class RunTrace(Trace):
         after = [row[0] + row[1] for row in self.rows]  # samples seen once the step is done
         loss, knn, lag = right
         loss.plot(after, self.losses, label="training loss of each optimizer step")
+        for key, label in (extra_labels or {}).items():
+            loss.plot(after, self.extras[key], linewidth=1, label=label)
+        if extra_labels:  # room above the lines for the longer legend
+            bottom, top = loss.get_ylim()
+            loss.set_ylim(bottom, top + 0.6 * (top - bottom))
         loss.set_ylabel(loss_label)
         loss.set_title("the run: what the model does")
         samples = [point[0] for point in self.knn]
         teacher = self.ema.teachers[self.backbone]
         knn.plot(samples, [point[1] for point in self.knn], "o-", label=f"online network ({self.backbone})")
         knn.plot(samples, [point[2] for point in self.knn], "s--", label=f"teacher ({teacher})")
+        knn.axhline(self.knn[0][1], color="C2", linestyle=":", label=f"untrained backbone ({self.knn[0][1]:.2f})")
         knn.axhline(1 / 10, color="grey", linestyle=":", label="chance (10 classes)")
         knn.set_ylim(0, 1)
         knn.set_ylabel(f"kNN accuracy (k=20)\non {len(self.data.val)} held-out images")
@@ -229,6 +253,10 @@ class RunTrace(Trace):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
         fig.suptitle(title)
+        if note:  # the caption below the panels, in the height added for it
+            share = caption_height / (9 + caption_height)
+            fig.text(0.01, 0.005, note, fontsize=9, va="bottom", ha="left")
+            fig.get_layout_engine().set(rect=(0, share, 1, 1 - share))
         fig.savefig(path, dpi=120)
 
 
@@ -244,6 +272,33 @@ def parse_args(doc: str, out: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def knn_reading(trace: RunTrace, generated: bool, study: str) -> str:
+    """What the kNN panel shows, in words and the run's numbers. On the generated images (``generated``) an
+    untrained ResNet-18 already scores high; if the run ends below its start, say so and where to look instead
+    (``study``: the evidence study of the same method)."""
+    (_, start, _), (_, online, teacher) = trace.knn[0], trace.knn[-1]
+    online_name, teacher_name = trace.backbone, trace.ema.teachers[trace.backbone]
+    numbers = f"{start:.2f} at the start, {online:.2f} ({online_name}) and {teacher:.2f} ({teacher_name}) at the end"
+    if not generated:
+        return f"kNN accuracy: {numbers}."
+    text = f"kNN accuracy: {numbers}. The start is an untrained ResNet-18's"
+    if start >= 0.5:
+        text += (
+            ": each class of these generated images is one fixed colour pattern at a random shift, which random"
+            " features already separate well (chance 0.10)."
+        )
+    else:
+        text += " (chance 0.10)."
+    if max(online, teacher) < start:
+        text += (
+            f" {len(trace.rows)} optimizer steps on {len(trace.data.train)} images do not learn better features than"
+            " these random ones, so the kNN falls. This demo shows the mechanics (left) and the teacher trailing"
+            f" the online network (bottom right), not feature learning: for that see examples/studies/{study}"
+            " (generated shapes that random features do not separate) or --cifar10."
+        )
+    return text
+
+
 def fit(
     model: L.LightningModule,
     data: ImageData,
@@ -251,10 +306,15 @@ def fit(
     args: argparse.Namespace,
     backbone: str,
     loss_label: str,
+    study: str,
+    extra_labels: Optional[dict[str, str]] = None,
+    loss_reading: Optional[Callable[[RunTrace], str]] = None,
 ) -> tuple[L.Trainer, RunTrace]:
     """Fit with the batch-size schedule and the EMA callback; print the dynamics per epoch and plot them.
 
-    ``backbone`` names the online backbone whose kNN accuracy (and its teacher's) is measured every epoch.
+    ``backbone`` names the online backbone whose kNN accuracy (and its teacher's) is measured every epoch;
+    ``extra_labels`` the ``extras`` drawn on the loss axis. What the run shows (``loss_reading`` of the trace, if
+    given, and ``knn_reading``) is printed and written under the figure.
     """
     trace = RunTrace(ema, data, backbone)
     trainer = L.Trainer(
@@ -271,8 +331,13 @@ def fit(
     trace.print_epochs()
     print(f"total: {ema.samples_seen} samples in {ema.optimizer_steps} optimizer steps, progress {ema.progress:.3f}")
     trace.print_knn()
+    readings = [*([loss_reading(trace)] if loss_reading else []), knn_reading(trace, not args.cifar10, study)]
+    print("\nwhat the run shows:")
+    for text in readings:
+        print(textwrap.fill(text, width=118, initial_indent="- ", subsequent_indent="  "))
+    note = "\n".join(textwrap.fill(text, width=185) for text in readings)
     title = f"{type(model).__name__} teacher, progressive batch growth, on the sample clock (x: samples seen)"
-    trace.plot_run(args.out, title, loss_label)
+    trace.plot_run(args.out, title, loss_label, extra_labels, note)
     print(f"wrote {args.out}")
     if args.record:
         with open(args.record, "w") as file:
@@ -350,9 +415,25 @@ class DINO(L.LightningModule):
         views = batch[0]
         teacher_out = [self.forward_teacher(view) for view in views[:2]]  # global views only
         student_out = [self.forward(view) for view in views]
+        targets = self.target_entropies(teacher_out)  # added for the figure, before the loss moves the centre
         loss = self.criterion(teacher_out, student_out, epoch=self.current_epoch)
         self.log("loss", loss, prog_bar=True)
-        return loss
+        # the loss is the cross-entropy H(teacher targets, student) = H(targets) + KL(targets || student)
+        return {"loss": loss, **targets, "kl": float(loss.detach()) - targets["teacher_entropy"]}
+
+    @torch.no_grad()
+    def target_entropies(self, teacher_out: list[torch.Tensor]) -> dict[str, float]:
+        """Not in lightly's example: the targets the loss makes of the teacher's output (centred, sharpened at the
+        teacher temperature of this epoch), as ``probes.entropies`` measures them: the mean per-image entropy and
+        the entropy of their batch mean, in nats (both log(output_dim) for uniform targets); and the per-image
+        entropy the same outputs would give without the centre subtracted (``uncentred_entropy``)."""
+        criterion, epoch = self.criterion, self.current_epoch
+        warming = epoch < criterion.warmup_teacher_temp_epochs
+        temperature = float(criterion.teacher_temp_schedule[epoch]) if warming else criterion.teacher_temp
+        logits = torch.cat(teacher_out)
+        per_image, batch_mean = probes.entropies(logits, temperature, criterion.center)
+        uncentred, _ = probes.entropies(logits, temperature, torch.zeros_like(criterion.center))
+        return {"teacher_entropy": per_image, "teacher_mean_entropy": batch_mean, "uncentred_entropy": uncentred}
 
     def on_after_backward(self):
         self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)

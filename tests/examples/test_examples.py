@@ -71,6 +71,9 @@ def test_self_supervised_examples_run_on_generated_images(tmp_path, script, onli
     assert all(math.isfinite(s["loss"]) for s in steps)
     if script == "byol.py":  # the negative cosine similarity of the prediction and the teacher's projection
         assert all(-1.0 <= s["loss"] <= 1.0 for s in steps)
+    else:  # the loss the figure splits: the targets' entropy plus the KL the student can reduce
+        assert all(s["loss"] == pytest.approx(s["teacher_entropy"] + s["kl"], abs=1e-4) for s in steps)
+    assert "what the run shows:" in proc.stdout  # the output says what the user is looking at
     # after every step the teacher trails the online network, by a small fraction of its weights
     assert all(0.0 < s["teacher_lag"] < 0.5 for s in steps), [s["teacher_lag"] for s in steps]
     knn = run["knn"]
@@ -182,6 +185,7 @@ def test_pseudo_label_counts_kappa_on_the_unlabeled_stream_and_pseudo_labels_hel
     assert len(lines) == 2 and all("kappa 2, rho-hat 0.980100" in line for line in lines)  # 64 unlabelled / 32
     final = [float(line.split("teacher validation accuracy ")[1].split()[0]) for line in lines]
     assert final[1] > final[0] + 0.05  # pseudo-labels beat the labels alone on this task
+    assert proc.stdout.count("no collapse: the teacher's most common label covers") == 2  # said for each arm
 
 
 @pytest.mark.parametrize(
