@@ -48,6 +48,14 @@ def block_elements(device_type: str, total: int) -> int:
     return min(_CPU_BLOCK, max(1 << 18, -(-total // 8)))
 
 
+def same_dtype_kind(saved: Tensor, model: Tensor) -> bool:
+    """Whether a saved value can stand for ``model``'s without a lossy cast: both floating point, or both not (and
+    bool only for bool)."""
+    return saved.is_floating_point() == model.is_floating_point() and (saved.dtype == torch.bool) == (
+        model.dtype == torch.bool
+    )
+
+
 def ema_dtype_for(dtype: torch.dtype, precision: EMAPrecision) -> torch.dtype:
     """The dtype of the EMA of a floating-point tensor of ``dtype``."""
     if precision == "fp32" and dtype in _LOW_PRECISION:

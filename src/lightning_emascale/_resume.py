@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_emascale._flat_group import same_dtype_kind
 from lightning_emascale._modes import saved_mode
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._saved_state import check_mode
@@ -102,15 +103,19 @@ def _check_entry(
         raise ValueError(
             f"{where} has {label}[{name!r}] of shape {tuple(value.shape)}; the model's is {tuple(entry.shape)}"
         )
-    if value.is_floating_point() != entry.is_floating_point() or (value.dtype == torch.bool) != (
-        entry.dtype == torch.bool
-    ):
+    if not same_dtype_kind(value, entry):
         raise TypeError(
             f"{where} has {label}[{name!r}] of dtype {value.dtype}; the model's is {entry.dtype} (a"
             f" {'floating-point' if entry.is_floating_point() else 'non-floating-point'} dtype is allowed)"
         )
     if value.is_floating_point() and name in parameters and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{where} has a non-finite {label}[{name!r}] (a parameter); the checkpoint is corrupt")
+
+
+def ema_put_into_model(state: Mapping[str, Any]) -> bool:
+    """Whether the callback that wrote ``state`` put its EMA into the checkpoint's model entries (its training
+    weights in ``"raw_state_dict"``, or beside a distributed checkpoint's shards)."""
+    return state.get("raw_state_dict") is not None or bool(state.get("model_holds_ema"))
 
 
 def model_entries_hold_ema(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> bool:
@@ -122,7 +127,7 @@ def model_entries_hold_ema(state: Mapping[str, Any], model_state: Mapping[str, A
     said = state.get(MODEL_ENTRIES)
     if said is not None:
         return said == "ema"
-    if state.get("raw_state_dict") is not None or state.get("model_holds_ema"):
+    if ema_put_into_model(state):
         return True
     averages = state.get("ema")
     if not isinstance(averages, Mapping) or not averages or not state.get("ema_updates"):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_emascale._cpu_split import Share, deal, run_split
-from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_for, is_dense, lerp_cast
+from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_for, is_dense, lerp_cast, same_dtype_kind
 from lightning_emascale._offload import Offload
 from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
 from lightning_emascale._side_stream import SideStream
@@ -298,9 +298,7 @@ class TensorStore:
         """Raise ``ValueError`` for a saved value that does not fit its tensor (a sharded tensor's: its global
         shape, and a ``DTensor``'s layout)."""
         for name, ema, source, value in zip(self.names, self.averages, self.sources, values):
-            if value.is_floating_point() != ema.is_floating_point() or (value.dtype == torch.bool) != (
-                ema.dtype == torch.bool
-            ):
+            if not same_dtype_kind(value, ema):
                 raise TypeError(
                     f"The saved EMA of {name!r} has dtype {value.dtype}, the model's is {ema.dtype}: a"
                     f" {'floating-point' if ema.is_floating_point() else 'non-floating-point'} dtype is allowed"

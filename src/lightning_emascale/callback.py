@@ -38,6 +38,7 @@ from lightning_emascale._resume import (
     MODEL_ENTRIES,
     check_callback_state,
     check_resumed_state,
+    ema_put_into_model,
     ema_states_of_others,
     model_entries_hold_ema,
     refuse_resume_from_ema,
@@ -541,8 +542,7 @@ class EMAScalingCallback(OptionsView, Callback):
         elif self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and ema.swappable:
             put_ema(ema, checkpoint, state)  # `Model.load_from_checkpoint` reads the EMA from "state_dict"
         if state is not None and ema is not None and not self._fit_starting:
-            held = state.get("raw_state_dict") is not None or state.get("model_holds_ema")
-            state[MODEL_ENTRIES] = "ema" if held else "training"  # read when a fit resumes
+            state[MODEL_ENTRIES] = "ema" if ema_put_into_model(state) else "training"  # read when a fit resumes
 
     @override
     def on_load_checkpoint(
@@ -569,7 +569,7 @@ class EMAScalingCallback(OptionsView, Callback):
         if not fitting:
             # validate/test/predict(ckpt_path=...): the module holds the checkpoint's model entries, the EMA where
             # this callback put it there; this run's own EMA stays as it is
-            if state.get("raw_state_dict") is not None or state.get("model_holds_ema"):
+            if ema_put_into_model(state):
                 self._module_loaded_from_ema = True
             return
         if not state or state.get("format") == _BEFORE_FIT:

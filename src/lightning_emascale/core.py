@@ -323,15 +323,16 @@ class ScaledEMA:
         """Samples counted into the optimizer step under way (not yet on the clock)."""
         return 0 if self._step_on_clock else self._step_samples
 
-    def _step_kappa(self) -> float:
+    def _step_kappa(self, resolve: bool = True) -> float:
+        """The step's kappa; with ``resolve``, an unset base batch becomes this step's (a refusal resolves none)."""
         if self._step_samples == 0:
             raise RuntimeError(
                 "No samples were counted for this optimizer step: call `count_samples(n)` with every micro-batch's"
                 " global size before `optimizer.step()` (or before `end_step()`)"
             )
-        if self._base is None:
+        if self._base is None and resolve:
             self._base = self._step_samples
-        return self._step_samples / self._base
+        return self._step_samples / (self._base or self._step_samples)
 
     def _before_optimizer_step(self, optimizer: Optimizer, *_: Any) -> None:
         if self._step_samples == 0 and _initializes_state(optimizer):
@@ -376,16 +377,14 @@ class ScaledEMA:
         key = (self._samples_seen, self._step_samples, self._base)
         if self._momentum_key == key:
             return self._momentum_of_key
-        if self._step_samples == 0:
-            self._step_kappa()  # raises: no samples counted
-        base = self._base if self._base is not None else self._step_samples  # resolved by the step, not by a refusal
-        kappa = self._step_samples / base
+        kappa = self._step_kappa(resolve=False)  # resolved by the step, not by a refusal
         after = self._samples_seen + self._step_samples
         momentum = self.averager.momentum_between(self._samples_seen, after)  # a mode with its own decay
         if momentum is None:
             momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
             assert momentum is not None
             if self.options.warmup:
+                base = self._base or self._step_samples  # this step's, where the step resolves it
                 momentum = warmup_momentum(momentum, base_steps=self._samples_seen / base)
             momentum = scale_ema_momentum(momentum, kappa)
         self._momentum_key, self._momentum_of_key = key, momentum

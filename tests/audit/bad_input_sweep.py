@@ -566,20 +566,13 @@ def _train(p: Probe, model: Any, optimizer: Any, ema: Any, steps: int = 2, batch
 
 
 def _trainer(callbacks: list[Any], **kwargs: Any) -> Any:
-    args: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-    )
-    args.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **args)
+    """The tests' Trainer (``tests/helpers.py``), stopped after 4 optimizer steps unless a case says otherwise."""
+    tests = str(Path(__file__).resolve().parents[1])
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from helpers import make_trainer
+
+    return make_trainer(callbacks, **{"max_steps": 4, "max_epochs": None, **kwargs})
 
 
 def _floats_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
