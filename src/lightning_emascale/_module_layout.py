@@ -1,9 +1,9 @@
 """The module an EMA averages, as its tensors are laid out: unwrapped from its wrappers, sharded or not.
 
-Pure torch, no Lightning. :class:`ModuleLayout` is built once per EMA: it finds the module inside DDP, Fabric and
-``torch.compile`` wrappers, an FSDP1 root (whose checkpoints and reshards go through it), whether the parameters
-are sharded (``DTensor`` or FSDP1: each rank averages its own shards), and reshards the strategy's modules after
-the EMA wrote their shards.
+Pure torch, no Lightning. :class:`ModuleLayout` is built once per EMA: it finds the module inside DDP, Fabric,
+DeepSpeed and ``torch.compile`` wrappers, an FSDP1 root (whose checkpoints and reshards go through it), whether the
+parameters are sharded (``DTensor``, FSDP1 or ZeRO-3: each rank averages its own shards), and reshards the
+strategy's modules after the EMA wrote their shards (for ZeRO-3: drops the engine's gathered copies).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lightning_emascale._sharded import (
     reshard,
     reshard_fsdp1,
 )
+from lightning_emascale._zero import is_deepspeed_engine, is_zero3
 
 if TYPE_CHECKING:
     from lightning_emascale._options import EMAOptions
@@ -35,20 +36,38 @@ class ModuleLayout:
         module: the module itself (its names are the checkpoint's keys), inside any DDP, Fabric or compile wrapper
             and inside an FSDP1 root wrapper.
         fsdp1_root: FSDP1: the root wrapper, or the module whose submodules were wrapped by hand; else ``None``.
-        is_sharded: whether each rank holds only shards of the parameters (``DTensor`` ones, or FSDP1).
+        is_sharded: whether each rank holds only shards of the parameters (``DTensor`` ones, FSDP1, ZeRO-3).
+        deepspeed_engine: DeepSpeed: the engine the module was given in; ``None`` otherwise.
     """
 
     def __init__(self, module: Any, options: EMAOptions) -> None:
-        module = unwrap_module(module)
+        wrappers = _wrappers(module)
+        #: DeepSpeed: the engine (it drops the gathered copies of ZeRO-3 parameters); ``None`` otherwise.
+        self.deepspeed_engine: Optional[torch.nn.Module] = next(
+            (wrapper for wrapper in wrappers if is_deepspeed_engine(wrapper)), None
+        )
+        module = wrappers[-1]
+        zero3 = any(is_zero3(p) for p in module.parameters())
+        if zero3 and self.deepspeed_engine is None:
+            raise ValueError(
+                f"The parameters of `module` ({type(module).__name__}) are partitioned by DeepSpeed ZeRO-3, but"
+                " the module was given without its engine: pass the `DeepSpeedEngine` that `deepspeed.initialize`"
+                " returned (the EMA drops the engine's gathered copies before it writes a partition, or the next"
+                " forward would use stale ones)"
+            )
         self.fsdp1_root: Optional[torch.nn.Module] = module if fsdp1_modules(module) else None
         if self.fsdp1_root is not None:
             module = _check_fsdp1(self.fsdp1_root, options)
-        sharded = self.fsdp1_root is not None or any(is_sharded(t) for t in [*module.parameters(), *module.buffers()])
+        sharded = (
+            zero3
+            or self.fsdp1_root is not None
+            or any(is_sharded(t) for t in [*module.parameters(), *module.buffers()])
+        )
         if sharded and (options.flat_parameters or options.sigma_rels):
             option = "flat_parameters=True" if options.flat_parameters else "a post-hoc EMA (`sigma_rels`)"
             raise ValueError(
                 f"{option} is not supported for a sharded module (DTensor parameters of FSDP2 or tensor"
-                " parallelism, FSDP1): "
+                " parallelism, FSDP1, DeepSpeed ZeRO-3): "
                 + (
                     "the strategy gathers each parameter from its own storage, so the parameters cannot be moved"
                     " into one buffer. Leave it False: the per-shard update needs no gather."
@@ -67,6 +86,8 @@ class ModuleLayout:
         if self.is_sharded:
             reshard(self._fsdp_modules)
             reshard_fsdp1(self._fsdp1_modules)
+            if self.deepspeed_engine is not None:
+                self.deepspeed_engine.empty_partition_cache()  # type: ignore[operator]
 
     def reshard_fsdp1(self) -> None:
         """FSDP1 only: read the shards, not a gathered copy (before an update, a reset, a read of the weights)."""
@@ -83,11 +104,24 @@ class ModuleLayout:
 
 
 def unwrap_module(module: Any) -> torch.nn.Module:
-    """The module inside DDP, Fabric or ``torch.compile`` wrappers (names and checkpoints are the module's own)."""
+    """The module inside DDP, Fabric, DeepSpeed or ``torch.compile`` wrappers (names and checkpoints are the
+    module's own)."""
+    return _wrappers(module)[-1]
+
+
+def _wrappers(module: Any) -> list[torch.nn.Module]:
+    """``module`` and every wrapper inside it, outermost first; the last is the module itself."""
+    chain = [module]
     while True:
         if type(module).__name__ == "_FabricModule" and is_fsdp1(getattr(module, "_forward_module", None)):
             module = module._forward_module  # FSDP1 under Fabric: its root wrapper (checkpoints, resharding)
-        elif isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "_FabricModule":
+        elif type(module).__name__ == "_FabricModule" and is_deepspeed_engine(getattr(module, "_forward_module", None)):
+            module = module._forward_module  # DeepSpeed under Fabric: its engine (drops gathered ZeRO-3 copies)
+        elif (
+            isinstance(module, torch.nn.parallel.DistributedDataParallel)
+            or type(module).__name__ == "_FabricModule"
+            or is_deepspeed_engine(module)
+        ):
             module = module.module
         elif type(module).__name__ == "OptimizedModule" and isinstance(
             getattr(module, "_orig_mod", None), torch.nn.Module
@@ -95,9 +129,10 @@ def unwrap_module(module: Any) -> torch.nn.Module:
             module = module._orig_mod
         else:
             break
+        chain.append(module)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
-    return module
+    return chain
 
 
 def _check_fsdp1(root: torch.nn.Module, options: EMAOptions) -> torch.nn.Module:

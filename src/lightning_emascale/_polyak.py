@@ -22,8 +22,9 @@ from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
 from lightning_emascale._sharded import clean_name, is_sharded, local_piece
-from lightning_emascale._store import TensorStore
+from lightning_emascale._store import store_for
 from lightning_emascale._warnings import caller_level
+from lightning_emascale._zero import PARTITIONS_KEY, check_layout
 
 
 def refuse_polyak_only(options: EMAOptions) -> None:
@@ -100,7 +101,7 @@ class PolyakEMA(Averager):
         #: Whether each tracked tensor is a buffer (``skip_non_finite`` allows an infinite buffer, not a NaN one).
         self.is_buffer = [name in buffer_names for name in self.names]
         #: Where the averages live and how an update moves them.
-        self.store = TensorStore(unique, precision, self.is_buffer, flat_parameters, offload)
+        self.store = store_for(unique, precision, self.is_buffer, flat_parameters, offload)
         #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
         self.untracked_names: frozenset[str] = frozenset()
         #: Those tensors (a swap copies a tracked tensor that shares memory with one of them, so they stay tied).
@@ -230,14 +231,14 @@ class PolyakEMA(Averager):
         backup: list[Tensor] = []
         point_to: dict[int, Tensor] = {}
         with torch.inference_mode(False):  # a swap inside inference mode must not make inference tensors
-            for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
+            for index, (tensor, average) in enumerate(zip(self.store.targets, self.averages)):
                 if index in pointed:
                     backup.append(tensor.data)  # the training storage itself: no copy
                     same = average.dtype == tensor.dtype and average.device == tensor.device
                     point_to[index] = average if same else average.to(tensor.device, tensor.dtype)
                 else:
                     backup.append(tensor.detach().clone())
-        for index, (tensor, average) in enumerate(zip(self.tracked, self.averages)):
+        for index, (tensor, average) in enumerate(zip(self.store.targets, self.averages)):
             if index in point_to:
                 tensor.data = point_to[index]
             else:
@@ -258,7 +259,7 @@ class PolyakEMA(Averager):
             if self.tracked[index]._version != version and self._shares_average(index)
         ]
         pointed = set(self._pointed)
-        for index, (tensor, raw) in enumerate(zip(self.tracked, self._raw_backup)):
+        for index, (tensor, raw) in enumerate(zip(self.store.targets, self._raw_backup)):
             if index in pointed:
                 tensor.data = raw
             else:
@@ -291,8 +292,14 @@ class PolyakEMA(Averager):
 
     # ----------------------------------------------------------------------------------- reading it
     def raw_tensors(self) -> list[Tensor]:
-        """The training (raw) values of the tracked tensors, also while the EMA is swapped in."""
-        return self._raw_backup if self._raw_backup is not None else [t.detach() for t in self.tracked]
+        """The training (raw) values of the tracked tensors, also while the EMA is swapped in (a tracked tensor
+        that a swap does not write, a ZeRO-3 fp32 master, is read as it is)."""
+        if self._raw_backup is None:
+            return [t.detach() for t in self.tracked]
+        return [
+            raw if target is tracked else tracked.detach()
+            for raw, target, tracked in zip(self._raw_backup, self.store.targets, self.tracked)
+        ]
 
     def _by_name(self, tensors: Sequence[Tensor], names: Iterator[tuple[str, int]]) -> dict[str, Tensor]:
         views = self.store.views(tensors)
@@ -362,9 +369,22 @@ class PolyakEMA(Averager):
             average.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.averages_state_dict()}
+        state: dict[str, Any] = {"ema": self.averages_state_dict()}
+        if self.store.partition_layout is not None:  # ZeRO-3: each rank's pieces, and how to put them together
+            state[PARTITIONS_KEY] = self.store.partition_layout
+        return state
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get(PARTITIONS_KEY)
+        here = self.store.partition_layout
+        if saved is not None and here is None:
+            raise ValueError(
+                f"The saved EMA holds one rank's pieces of a DeepSpeed ZeRO-3 model (rank {saved.get('rank')!r} of"
+                f" {saved.get('world_size')!r}), and this model is not partitioned: consolidate the checkpoint"
+                " directory into one file with `lightning_emascale.consolidate_deepspeed_checkpoint` and load that"
+            )
+        if saved is not None and here is not None:
+            check_layout(saved, here, "The saved EMA")
         self.check_averages(state["ema"])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Where the averages of tracked tensors live and how one update moves them. Pure torch, no Lightning.
 
 The averagers (:mod:`lightning_emascale._polyak`, ``_power``) decide what is averaged and with which weight; a
-store holds the averages and moves them. :class:`TensorStore` is the one store today:
+store holds the averages and moves them. :class:`TensorStore` is the store of every layout but one:
 
 - dense floating-point tensors: one :class:`~lightning_emascale._flat_group.FlatGroup` per (device, model dtype,
   EMA dtype, buffer or not), moved by a few large ops; other floating-point tensors one by one; integer tensors (and
@@ -9,6 +9,8 @@ store holds the averages and moves them. :class:`TensorStore` is the one store t
 - a ``DTensor`` (FSDP2, tensor parallelism) through its rank-local piece: each rank keeps the averages of its own
   shards, followed when the strategy re-creates the piece, and seen from outside as ``DTensor`` views;
 - an FSDP1 parameter is a plain view of its flat parameter's shard: nothing special here (the owner reshards);
+- a DeepSpeed ZeRO-3 parameter through its rank's partition, in
+  :class:`~lightning_emascale._zero.ZeroPartitionStore` (a ``TensorStore`` of the pieces, and what a swap writes);
 - optionally on a CUDA side stream (:class:`~lightning_emascale._side_stream.SideStream`) or in CPU memory
   (:class:`~lightning_emascale._offload.Offload`).
 
@@ -31,15 +33,24 @@ from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_fo
 from lightning_emascale._offload import Offload
 from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
 from lightning_emascale._side_stream import SideStream
+from lightning_emascale._zero import ZeroPartitionStore, is_zero3
 
 
 class Store(Protocol):
-    """What an averager needs of the place its averages live: the next store (a ZeRO partition) implements it."""
+    """What an averager needs of the place its averages live (:class:`TensorStore`, and
+    :class:`~lightning_emascale._zero.ZeroPartitionStore` for DeepSpeed ZeRO-3)."""
 
     names: list[str]
     tracked: list[Tensor]  # the local tensors read by an update (a sharded tensor's rank-local piece)
     averages: list[Tensor]  # one per tracked tensor
+    sources: list[Optional[Tensor]]  # the sharded parameter of a tracked piece (``None`` for a whole tensor)
+    partition_layout: Optional[dict]  # ZeRO-3: what a checkpoint of the ranks' pieces needs; ``None`` otherwise
     use_side_stream: bool
+
+    @property
+    def targets(self) -> list[Tensor]:
+        """The tensors a swap writes, one per tracked tensor (the tracked tensor itself, except where the model
+        computes with another copy than the one the update reads: a ZeRO-3 piece read from its fp32 master)."""
 
     def update(self, weight: float, only_if: Optional[Tensor] = None) -> None:
         """``average.lerp_(tracked, weight)`` for every floating-point tensor, copy the rest; ``only_if`` (a 0-d
@@ -66,6 +77,20 @@ class Store(Protocol):
 
     def local_values(self, values: Sequence[Tensor]) -> list[Tensor]:
         """Saved values (full tensors or views) as this rank's pieces, ready to copy into local tensors."""
+
+
+def store_for(
+    named: Sequence[tuple[str, Tensor]],
+    precision: EMAPrecision = "fp32",
+    is_buffer: Optional[Sequence[bool]] = None,
+    flat_parameters: bool = False,
+    offload: bool = False,
+) -> Store:
+    """The store for ``named``: a :class:`~lightning_emascale._zero.ZeroPartitionStore` where DeepSpeed ZeRO-3
+    partitioned the tensors, a :class:`TensorStore` otherwise (arguments as :class:`TensorStore` takes them)."""
+    if any(is_zero3(tensor) for _, tensor in named):
+        return ZeroPartitionStore(named, precision, is_buffer, flat_parameters, offload)
+    return TensorStore(named, precision, is_buffer, flat_parameters, offload)
 
 
 class TensorStore:
@@ -95,6 +120,7 @@ class TensorStore:
         self.tracked: list[Tensor] = [local_piece(t) if is_sharded(t) else t for _, t in named]
         self.is_buffer = list(is_buffer) if is_buffer is not None else [False] * len(self.tracked)
         self._sharded = [index for index, source in enumerate(self.sources) if source is not None]
+        self.partition_layout: Optional[dict] = None  # the pieces of a DTensor carry their layout themselves
         #: The averages, one per tracked tensor: views into one flat buffer per group for dense ones.
         self.averages: list[Tensor] = [torch.empty(0)] * len(self.tracked)
         self.groups: list[FlatGroup] = []
@@ -149,6 +175,11 @@ class TensorStore:
         self._shares: list[Share] = []  # the CPU update's pieces, dealt to threads
         self._shares_threads = 0
         self._recorded = False  # every storage the update touches is recorded on the side stream
+
+    @property
+    def targets(self) -> list[Tensor]:
+        """The tensors a swap writes: the tracked tensors themselves."""
+        return self.tracked
 
     @property
     def side_stream(self) -> Optional[SideStream]:

@@ -32,6 +32,7 @@ from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedu
 from lightning_emascale._saved_state import STATE_FORMAT, check_mode, check_state
 from lightning_emascale._scaled_optimizers import ScaledOptimizers
 from lightning_emascale._warnings import caller_level
+from lightning_emascale._zero import is_deepspeed_optimizer
 from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
 from lightning_emascale.rules import RuleLike
 
@@ -182,8 +183,10 @@ class ScaledEMA:
         # its teachers: a construction that fails leaves the module as it was.
         attachment = self._checked_attachment([] if optimizers is None else optimizers)
         #: What is averaged: a Polyak copy, teacher pairs or power EMAs (an :class:`Averager`).
-        # FSDP1 gathers from the flat parameter: a swap copies
-        copy_on_swap = options.copy_on_swap or self.layout.fsdp1_root is not None
+        # FSDP1 gathers from the flat parameter, DeepSpeed keeps its own flat buffers: a swap copies
+        copy_on_swap = (
+            options.copy_on_swap or self.layout.fsdp1_root is not None or self.layout.deepspeed_engine is not None
+        )
         self.averager = build_averager(self.module, options, copy_on_swap)
         #: Whether the optimizer's pre-step hook waits for the side stream. An adapter whose loop runs the closure
         #: (forward and backward) inside ``optimizer.step()`` sets it False and calls :meth:`wait` after the
@@ -254,9 +257,17 @@ class ScaledEMA:
         """The torch optimizers of ``optimizers`` and the resolved momentum attributes, each checked; a refusal
         leaves the hooks and attributes in place."""
         unwrapped = self._steps.check(optimizers, self, self._auto_end_step)
+        given = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
+        deepspeed = [type(o).__name__ for o in given if is_deepspeed_optimizer(o)]
+        if deepspeed and self._auto_end_step:
+            raise ValueError(
+                f"`auto_end_step=True` ends the step when the torch optimizer inside DeepSpeed's {deepspeed[0]} has"
+                " stepped, before DeepSpeed copies the result into the parameters: pass `auto_end_step=False` and"
+                " call `end_step()` after each `engine.step()` that ends a gradient-accumulation window"
+            )
         owned = {id(tensor) for tensor in self.module.parameters()}
         held = {id(p) for optimizer in unwrapped for group in optimizer.param_groups for p in group["params"]}
-        if owned and held and not owned & held:
+        if owned and held and not owned & held and not deepspeed:  # DeepSpeed's optimizer trains master copies
             names = [type(optimizer).__name__ for optimizer in unwrapped]
             warnings.warn(
                 f"`optimizers` ({', '.join(names)}) hold none of the parameters of the module"

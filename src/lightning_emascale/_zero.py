@@ -1,0 +1,247 @@
+"""DeepSpeed ZeRO: what each rank averages, and how its partitions are written and put back together.
+
+Pure torch; DeepSpeed is imported only where a ZeRO-3 parameter is met (so it is installed).
+
+- ZeRO-1 and ZeRO-2 partition the optimizer state only: the parameters are whole on every rank and the EMA is an
+  ordinary one of them (in fp32 for bf16/fp16 parameters, by ``ema_precision``).
+- ZeRO-3 partitions the parameters. A parameter's ``.data`` is empty between steps (or a gathered copy, cached
+  after a forward); its rank's piece is ``param.ds_tensor``, 1-D and padded at the end to ``ceil(numel / world)``
+  elements. Each rank averages its own piece: the fp32 master partition the optimizer updates
+  (``deepspeed.utils.safe_get_local_fp32_param``) where the parameter is trained, ``ds_tensor`` otherwise (a
+  frozen teacher). No communication per step, and EMA memory per rank = the rank's partition.
+- A write into ``ds_tensor`` (an evaluation swap, a teacher update, a load) reaches the next forward only if no
+  gathered copy is cached: the engine's ``empty_partition_cache()`` drops them, before and after the write.
+- A checkpoint holds each rank's pieces with :func:`partition_layout` beside them; :func:`gather_partitions`
+  stitches the pieces of every rank into full tensors (padding stripped, shapes restored).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+#: The entry of a partitioned EMA state that says how to put it together: ``{"rank", "world_size", "shapes"}``.
+PARTITIONS_KEY = "zero3_partitions"
+
+
+def is_deepspeed_engine(module: object) -> bool:
+    """Whether ``module`` is a ``deepspeed.DeepSpeedEngine`` (or a subclass, such as the pipeline engine)."""
+    return any(
+        cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed.") for cls in type(module).__mro__
+    )
+
+
+def is_deepspeed_optimizer(optimizer: object) -> bool:
+    """Whether ``optimizer`` is one of DeepSpeed's wrappers (ZeRO, fp16, bf16) around a torch optimizer."""
+    return type(optimizer).__module__.startswith("deepspeed.")
+
+
+def is_zero3(tensor: object) -> bool:
+    """Whether ``tensor`` is a parameter partitioned by ZeRO-3 (it carries its rank's piece as ``ds_tensor``)."""
+    return isinstance(tensor, Tensor) and hasattr(tensor, "ds_id") and hasattr(tensor, "ds_tensor")
+
+
+def zero_stage(engine: Any) -> int:
+    """The ZeRO stage of a ``DeepSpeedEngine`` (0: none)."""
+    return int(engine.zero_optimization_stage())
+
+
+def written_piece(param: Tensor) -> Tensor:
+    """The rank's piece of a ZeRO-3 parameter that the next gather reads (its model dtype, padded, 1-D)."""
+    return param.ds_tensor  # type: ignore[attr-defined,no-any-return]
+
+
+def read_piece(param: Tensor) -> Tensor:
+    """The rank's piece of a ZeRO-3 parameter that an EMA update reads: the fp32 master partition the optimizer
+    updates in place, where the parameter is trained and the master lives where its piece is kept; ``ds_tensor``
+    otherwise (a frozen parameter, or masters offloaded away from it)."""
+    piece = written_piece(param)
+    if not param.requires_grad or getattr(param, "_z3_optimizer", None) is None:
+        return piece
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    master = safe_get_local_fp32_param(param)
+    # A view into the optimizer's flat fp32 group is updated in place; a copy (masters offloaded to another device)
+    # would go stale, and the piece itself is then the one to read.
+    if master is None or master._base is None or master.numel() != piece.numel() or master.device != piece.device:
+        return piece
+    return master  # type: ignore[no-any-return]
+
+
+def partition_layout(named: Sequence[tuple[str, Tensor]]) -> dict[str, Any]:
+    """What a checkpoint of per-rank pieces needs to put them back together: this rank, the world size and the
+    full shape of every partitioned tensor (by name)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    return {
+        "rank": dist.get_rank() if distributed else 0,
+        "world_size": dist.get_world_size() if distributed else 1,
+        "shapes": {name: list(param.ds_shape) for name, param in named if is_zero3(param)},  # type: ignore[attr-defined]
+    }
+
+
+def check_layout(saved: Mapping[str, Any], here: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` unless pieces saved with layout ``saved`` can be loaded by a rank with layout ``here``."""
+    if not isinstance(saved, Mapping) or not {"rank", "world_size", "shapes"} <= set(saved):
+        raise ValueError(f"{where}: its {PARTITIONS_KEY!r} entry is not a partition layout, got {saved!r}")
+    if (saved["rank"], saved["world_size"]) != (here["rank"], here["world_size"]):
+        raise ValueError(
+            f"{where} holds the ZeRO-3 partitions of rank {saved['rank']} of {saved['world_size']}, and this is rank"
+            f" {here['rank']} of {here['world_size']}: a partitioned EMA resumes at the world size it was saved with."
+            " To change the world size, consolidate the checkpoint directory into one file with"
+            " `lightning_emascale.consolidate_deepspeed_checkpoint` and load that"
+        )
+    changed = sorted(name for name, shape in here["shapes"].items() if saved["shapes"].get(name) != shape)
+    if changed:
+        raise ValueError(
+            f"{where}: the saved shapes of {changed[:5]} differ from the model's"
+            f" ({[saved['shapes'].get(name) for name in changed[:5]]} saved,"
+            f" {[here['shapes'][name] for name in changed[:5]]} now); was it written for another model?"
+        )
+
+
+def piece_length(numel: int, world_size: int) -> int:
+    """Elements in each rank's piece of a tensor of ``numel`` elements (ZeRO-3 pads the last piece)."""
+    return math.ceil(numel / world_size)
+
+
+def gather_partitions(pieces: Sequence[Mapping[str, Tensor]], shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Full tensors from every rank's pieces (``pieces[r]``: rank ``r``'s, by name): the pieces of a partitioned name
+    concatenated in rank order, the padding stripped and the shape restored; other names taken from rank 0."""
+    full: dict[str, Tensor] = {}
+    for name, value in pieces[0].items():
+        if name not in shapes:
+            full[name] = value
+            continue
+        shape = list(shapes[name])
+        numel = math.prod(shape)
+        joined = torch.cat([rank_pieces[name].reshape(-1) for rank_pieces in pieces])
+        if joined.numel() < numel:
+            raise ValueError(
+                f"The pieces of {name!r} hold {joined.numel()} elements over {len(pieces)} ranks, fewer than its"
+                f" shape {shape} needs ({numel}): a rank's file is missing or from another run"
+            )
+        full[name] = joined[:numel].reshape(shape).clone()
+    return full
+
+
+def check_pieces(names: Sequence[str], params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` for a saved value that is neither this rank's piece of its ZeRO-3 parameter (1-D, its
+    length) nor the full tensor (the parameter's shape)."""
+    for name, param, value in zip(names, params, values):
+        if param is None:
+            continue
+        expected = written_piece(param).numel()
+        full = list(param.ds_shape)  # type: ignore[attr-defined]
+        if not (value.dim() == 1 and value.numel() == expected) and list(value.shape) != full:
+            raise ValueError(
+                f"The saved EMA of {name!r} is a tensor of shape {list(value.shape)}: it is neither this rank's ZeRO-3"
+                f" piece of it ({expected} elements, 1-D) nor the full tensor ({full}). Was it saved at another world"
+                " size? Consolidate the checkpoint with `consolidate_deepspeed_checkpoint` and load the full EMA"
+            )
+
+
+def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -> list[Tensor]:
+    """Saved values (checked by :func:`check_pieces`) as this rank's pieces: a full tensor is cut where ZeRO-3 cuts
+    it (padded with zeros at the end), so a consolidated EMA loads at any world size, with no communication."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    pieces = []
+    for param, value in zip(params, values):
+        length = written_piece(param).numel() if param is not None else 0
+        if param is None or (
+            value.dim() == 1 and value.numel() == length and list(value.shape) != list(param.ds_shape)
+        ):  # type: ignore[attr-defined]
+            pieces.append(value)
+            continue
+        flat = value.reshape(-1)
+        padded = torch.nn.functional.pad(flat, (0, length * world - flat.numel()))
+        pieces.append(padded[rank * length : (rank + 1) * length])
+    return pieces
+
+
+class ZeroPartitionStore:
+    """The averages of a ZeRO-3 module's tensors, kept per rank: a partitioned parameter's piece (:func:`read_piece`),
+    every other tensor (buffers, parameters ZeRO-3 left whole) as it is, all in one
+    :class:`~lightning_emascale._store.TensorStore` (the same multi-tensor update). Implements
+    :class:`~lightning_emascale._store.Store`.
+
+    A swap writes :attr:`targets`: ``ds_tensor`` of a partitioned parameter, whose gathered copies the owner drops
+    (the engine's ``empty_partition_cache()``) before and after.
+    """
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, Tensor]],
+        precision: str = "fp32",
+        is_buffer: Optional[Sequence[bool]] = None,
+        flat_parameters: bool = False,
+        offload: bool = False,
+    ) -> None:
+        from lightning_emascale._store import TensorStore
+
+        if flat_parameters or offload:
+            option = "flat_parameters=True" if flat_parameters else "offload=True"
+            raise ValueError(
+                f"`{option}` does not apply to a module partitioned by DeepSpeed ZeRO-3: its parameters live in"
+                " DeepSpeed's own buffers and each rank averages only its partition (1/world of the EMA). Leave it"
+                " False" + (" (offload the optimizer with DeepSpeed's `offload_optimizer` instead)" if offload else "")
+            )
+        #: The ZeRO-3 parameter of each tracked tensor that is a rank's piece of one (``None`` for the others).
+        self.sources: list[Optional[Tensor]] = [tensor if is_zero3(tensor) else None for _, tensor in named]
+        #: What a checkpoint of these pieces needs to put them back together.
+        self.partition_layout: Optional[dict[str, Any]] = partition_layout(named)
+        self._store = TensorStore(
+            [(name, read_piece(tensor) if is_zero3(tensor) else tensor) for name, tensor in named],
+            precision,  # type: ignore[arg-type]
+            is_buffer,
+        )
+        self.names = self._store.names
+        self.tracked = self._store.tracked
+        self.averages = self._store.averages
+        #: The tensors a swap writes, one per tracked tensor: a partitioned parameter's ``ds_tensor``.
+        self.targets: list[Tensor] = [
+            tracked if source is None else written_piece(source) for tracked, source in zip(self.tracked, self.sources)
+        ]
+
+    @property
+    def use_side_stream(self) -> bool:
+        return self._store.use_side_stream
+
+    @use_side_stream.setter
+    def use_side_stream(self, enabled: bool) -> None:
+        self._store.use_side_stream = enabled
+
+    def update(self, weight: float, only_if: Optional[Tensor] = None) -> None:
+        self._store.update(weight, only_if)
+
+    def join(self) -> None:
+        self._store.join()
+
+    def flush(self) -> None:
+        self._store.flush()
+
+    def refresh(self) -> None:
+        self._store.refresh()
+
+    def follow(self) -> None:
+        """Nothing to follow: DeepSpeed keeps each piece in place (``ds_tensor`` and the fp32 masters are views into
+        its flat buffers)."""
+
+    def views(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``tensors`` as they are: a partitioned parameter's as its rank's 1-D piece (see :attr:`partition_layout`)."""
+        return list(tensors)
+
+    def check_values(self, values: Sequence[Tensor]) -> None:
+        check_pieces(self.names, self.sources, values)  # a piece's length, or a full tensor's shape
+        self._store.check_values(local_pieces(self.sources, values))  # dtypes, and the other tensors' shapes
+
+    def local_values(self, values: Sequence[Tensor]) -> list[Tensor]:
+        return local_pieces(self.sources, values)
