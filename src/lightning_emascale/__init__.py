@@ -23,6 +23,7 @@ from lightning_emascale.schedules import WarmupCosine, cosine_schedule
 
 if TYPE_CHECKING:
     from lightning_emascale.callback import EMAScalingCallback
+    from lightning_emascale.deepspeed_checkpoint import consolidate_deepspeed_checkpoint
     from lightning_emascale.post_hoc_callback import PostHocEMACallback
     from lightning_emascale.progressive import ProgressiveBatchCallback
 
@@ -40,6 +41,7 @@ __all__ = [
     "SampleClockLR",
     "ScaledEMA",
     "WarmupCosine",
+    "consolidate_deepspeed_checkpoint",
     "cosine_schedule",
     "half_life_from_momentum",
     "momentum_from_half_life",
@@ -53,6 +55,7 @@ _LIGHTNING = {
     "EMAScalingCallback": "lightning_emascale.callback",
     "PostHocEMACallback": "lightning_emascale.post_hoc_callback",
     "ProgressiveBatchCallback": "lightning_emascale.progressive",
+    "consolidate_deepspeed_checkpoint": "lightning_emascale.deepspeed_checkpoint",
 }
 
 

@@ -16,9 +16,11 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 from lightning_emascale._sharded import is_fsdp1, is_sharded
+from lightning_emascale._zero import is_zero3
 
 
 def is_one_of(instance: Any, classes: tuple[type, ...]) -> bool:
@@ -122,9 +124,14 @@ class RunLength:
 
 
 def is_sharded_module(trainer: pl.Trainer, module: torch.nn.Module) -> bool:
-    """Whether the fit shards ``module`` (``DTensor`` parameters, or an FSDP1 wrapper around it)."""
+    """Whether the fit shards ``module`` (``DTensor`` parameters, ZeRO-3 partitions, or an FSDP1 wrapper around it)."""
     wrapped = trainer.strategy.model
-    return (wrapped is not None and is_fsdp1(wrapped)) or any(is_sharded(p) for p in module.parameters())
+    return (wrapped is not None and is_fsdp1(wrapped)) or any(is_sharded(p) or is_zero3(p) for p in module.parameters())
+
+
+def uses_deepspeed(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer's strategy is DeepSpeed (it writes its own checkpoint directory, without ``state_dict``)."""
+    return is_one_of(trainer.strategy, (DeepSpeedStrategy,))
 
 
 def swap_ema_into(model_state: dict[str, Any], averages: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -31,6 +31,7 @@ from lightning_emascale._lightning import (
     is_one_of,
     is_sharded_module,
     spawned_workers,
+    uses_deepspeed,
 )
 from lightning_emascale._modes import options_from
 from lightning_emascale._options import EMAOptions, MomentumSchedule, OptionsView
@@ -46,6 +47,7 @@ from lightning_emascale._resume import (
 from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
 from lightning_emascale._teacher import Frozen, freeze_teachers
+from lightning_emascale._zero import is_deepspeed_engine
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.rules import OptimizerRule
@@ -244,14 +246,13 @@ class EMAScalingCallback(OptionsView, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         fsdp1_flat = is_one_of(strategy, (FSDPStrategy,)) and not getattr(strategy, "kwargs", {}).get("use_orig_params")
-        if is_one_of(strategy, (DeepSpeedStrategy,)) or fsdp1_flat:
-            what = "FSDPStrategy with use_orig_params=False" if fsdp1_flat else type(strategy).__name__
+        if fsdp1_flat:
             raise RuntimeError(
-                f"EMAScalingCallback supports single-device, DDP, ModelParallelStrategy (FSDP2 `fully_shard` and"
-                f" tensor parallelism) and FSDPStrategy with use_orig_params=True (its default), each rank"
-                f" averaging its own shards; got {what}. For a model that needs sharding, shard it with"
-                " `fully_shard` in `configure_model` and use `ModelParallelStrategy`, or keep FSDPStrategy's"
-                " `use_orig_params=True`."
+                "EMAScalingCallback supports single-device, DDP, ModelParallelStrategy (FSDP2 `fully_shard` and"
+                " tensor parallelism), DeepSpeedStrategy (ZeRO 1, 2 and 3) and FSDPStrategy with"
+                " use_orig_params=True (its default), each rank averaging its own shards; got FSDPStrategy with"
+                " use_orig_params=False. Keep FSDPStrategy's `use_orig_params=True`, or shard with `fully_shard` in"
+                " `configure_model` and use `ModelParallelStrategy`."
             )
         # Lightning itself rejects two instances with the same `name` (their state keys collide).
         swapping = [c.name for c in trainer.callbacks if isinstance(c, EMAScalingCallback) and c.evaluate_with_ema]  # type: ignore[attr-defined]
@@ -301,9 +302,11 @@ class EMAScalingCallback(OptionsView, Callback):
         continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
         if self._ema is None or self._ema.module is not pl_module or not continuing:
             # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors. Under
-            # FSDP1 the root wrapper is given: its checkpoints and reshards go through it.
+            # FSDP1 the root wrapper is given: its checkpoints and reshards go through it; under DeepSpeed the
+            # engine, which drops the gathered copies of ZeRO-3 parameters.
             wrapped = trainer.strategy.model
-            module = wrapped if wrapped is not None and is_fsdp1(wrapped) else pl_module
+            keep = wrapped is not None and (is_fsdp1(wrapped) or is_deepspeed_engine(wrapped))
+            module = wrapped if keep else pl_module
             self._ema = ScaledEMA.from_options(
                 module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
@@ -325,7 +328,7 @@ class EMAScalingCallback(OptionsView, Callback):
         self._first_batch_checked = False
         self._warned_no_update = False
         self._skipped_reported = self._ema.skipped_updates if self._options.skip_non_finite else 0
-        if self.evaluate_with_ema and self._ema.swappable:
+        if self.evaluate_with_ema and self._ema.swappable and not uses_deepspeed(trainer):
             self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
         self._fit_starting = False
         self._frozen = None  # the fit has started: the teachers stay frozen
@@ -537,7 +540,9 @@ class EMAScalingCallback(OptionsView, Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         ema, state = self._ema, checkpoint.get("callbacks", {}).get(self.state_key)
-        if ema is not None and ema.is_sharded and not self._fit_starting:
+        if uses_deepspeed(trainer):
+            pass  # DeepSpeed keeps no "state_dict": the EMA stays in this state (`consolidate_deepspeed_checkpoint`)
+        elif ema is not None and ema.is_sharded and not self._fit_starting:
             self._put(ema, checkpoint, state)
         elif self.evaluate_with_ema and ema is not None and ema.ema_updates > 0 and ema.swappable:
             put_ema(ema, checkpoint, state)  # `Model.load_from_checkpoint` reads the EMA from "state_dict"

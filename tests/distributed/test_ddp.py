@@ -1,6 +1,7 @@
 """2-process CPU DDP, run in a subprocess with a timeout so that a hang can never stall the suite."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,26 @@ import torch
 HERE = Path(__file__).parent
 
 
-def run_script(script: str, *args: object, cwd: Path, timeout: int = 300) -> None:
-    """Run ``script`` (beside this file) with ``args``; fail the test on a non-zero exit or after ``timeout``."""
-    # the runner scripts import helpers.py from tests/
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+#: What a gloo worker prints when it aborts at exit with threads still running, after it finished its work.
+SHUTDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_script(script: str, *args: object, cwd: Path, timeout: int = 300, torchrun: bool = False) -> None:
+    """Run ``script`` (beside this file) with ``args``; fail the test on a non-zero exit or after ``timeout``.
+
+    ``torchrun``: launch 2 processes with ``torch.distributed.run`` (the script does not launch its own). A run that
+    exits non-zero only because a worker aborted at shutdown (:data:`SHUTDOWN_ABORT`, no traceback) passes: its
+    results are written, and the test reading them decides.
+    """
+    # the runner scripts import helpers.py from tests/ and the DeepSpeed shim beside them
+    path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu"}
+    launch = [sys.executable]
+    if torchrun:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     try:
         proc = subprocess.run(
-            [sys.executable, str(HERE / script), *map(str, args)],
+            [*launch, str(HERE / script), *map(str, args)],
             env=env,
             cwd=cwd,
             capture_output=True,
@@ -26,9 +40,19 @@ def run_script(script: str, *args: object, cwd: Path, timeout: int = 300) -> Non
         )
     except subprocess.TimeoutExpired as err:  # pragma: no cover - a hang is a failure, never a stall
         pytest.fail(f"{script} did not finish in {timeout} s: {err.stdout!r} {err.stderr!r}")
-    if proc.returncode != 0:  # the first traceback names the cause; the tail is often warnings
+    # torchrun adds a traceback of its own when a worker exits non-zero: the workers' are the others
+    tracebacks = proc.stderr.count("Traceback (most recent call last)") - proc.stderr.count("ChildFailedError:")
+    aborted_at_exit = SHUTDOWN_ABORT in proc.stderr and tracebacks <= 0
+    if proc.returncode != 0 and not aborted_at_exit:  # the first traceback names the cause; the tail is warnings
         start = proc.stderr.find("Traceback")
         pytest.fail(f"{script} exited with {proc.returncode}:\n{proc.stderr[max(start, 0) :][:6000]}")
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_ddp_two_processes_kappa_counts_world_size(tmp_path):

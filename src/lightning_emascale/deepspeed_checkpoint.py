@@ -1,0 +1,111 @@
+"""One file from a DeepSpeed checkpoint directory, with the EMA put back together from every rank's partition.
+
+Under DeepSpeed, Lightning writes a checkpoint *directory*: the weights and optimizer state in DeepSpeed's files, and
+the callbacks' states beside them (ZeRO-3: every rank its own, ZeRO-1/2: rank 0's). An
+:class:`~lightning_emascale.EMAScalingCallback` keeps its EMA there: under ZeRO-3 each rank's file holds that rank's
+pieces, which resume only at the same world size. :func:`consolidate_deepspeed_checkpoint` writes one file in which
+the EMA is whole, so that ``Model.load_from_checkpoint`` gives the EMA weights and a
+:class:`~lightning_emascale.ScaledEMA` of any layout (one device, another world size) loads the EMA state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from lightning_emascale._lightning import swap_ema_into
+from lightning_emascale._resume import MODEL_ENTRIES
+from lightning_emascale._zero import PARTITIONS_KEY, gather_partitions
+
+__all__ = ["consolidate_deepspeed_checkpoint"]
+
+
+def consolidate_deepspeed_checkpoint(
+    checkpoint_dir: Union[str, os.PathLike],
+    output_file: Union[str, os.PathLike],
+    tag: Optional[str] = None,
+    ema_as_weights: bool = True,
+) -> dict[str, Any]:
+    """Write a DeepSpeed checkpoint directory (ZeRO 1, 2 or 3) as one Lightning checkpoint file, with the EMA whole.
+
+    The training weights are consolidated as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does (in
+    fp32); each EMA callback's state gets its full EMA, put together from every rank's pieces (ZeRO-3). Needs
+    DeepSpeed installed; reads every rank's file on this one process (no process group).
+
+    Args:
+        checkpoint_dir: the directory ``trainer.save_checkpoint`` (or ``ModelCheckpoint``) wrote.
+        output_file: the file to write.
+        tag: the checkpoint's tag inside the directory (Lightning writes ``"checkpoint"``); ``None`` reads ``latest``.
+        ema_as_weights: put the EMA into the file's ``state_dict`` (``Model.load_from_checkpoint`` then gives the
+            EMA weights), and the training weights into the callback state's ``raw_state_dict``, as
+            ``evaluate_with_ema`` does in an unsharded checkpoint. False: ``state_dict`` keeps the training weights.
+            Needs exactly one Polyak EMA callback in the checkpoint.
+
+    Returns:
+        The checkpoint written.
+
+    Raises:
+        FileNotFoundError: no DeepSpeed checkpoint in ``checkpoint_dir``.
+        ValueError: a rank's file is missing or from another run, or ``ema_as_weights`` with no or several EMAs.
+    """
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict, ds_checkpoint_dir
+
+    if not isinstance(ema_as_weights, bool):
+        raise TypeError(f"`ema_as_weights` must be True or False, got {ema_as_weights!r}")
+    if not Path(checkpoint_dir).is_dir():
+        raise FileNotFoundError(
+            f"`checkpoint_dir`={str(checkpoint_dir)!r} is not a directory: pass the directory a DeepSpeed fit saved"
+        )
+    checkpoint = convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag)
+    directory = Path(ds_checkpoint_dir(checkpoint_dir, tag))
+    states = checkpoint.get("callbacks", {})
+    emas = {key: state for key, state in states.items() if _is_ema_state(state)}
+    partitioned = {key: state for key, state in emas.items() if PARTITIONS_KEY in state}
+    if partitioned:
+        ranks = _rank_states(directory, int(next(iter(partitioned.values()))[PARTITIONS_KEY]["world_size"]))
+        for key, state in partitioned.items():
+            pieces = [rank_states[key] for rank_states in ranks]
+            for rank, piece in enumerate(pieces):
+                if piece[PARTITIONS_KEY]["rank"] != rank or piece.get("samples_seen") != state.get("samples_seen"):
+                    raise ValueError(
+                        f"The state of {key!r} in rank {rank}'s file is not rank {rank}'s piece of the same step (it"
+                        f" says rank {piece[PARTITIONS_KEY]['rank']}, {piece.get('samples_seen')} samples seen): the"
+                        " directory mixes checkpoints"
+                    )
+            state["ema"] = gather_partitions([piece["ema"] for piece in pieces], state[PARTITIONS_KEY]["shapes"])
+            del state[PARTITIONS_KEY]
+    if ema_as_weights:
+        if len(emas) != 1:
+            raise ValueError(
+                f"`ema_as_weights=True` puts one EMA into the file's state_dict, and the checkpoint holds"
+                f" {len(emas)} EMA callback states ({sorted(emas)}): pass `ema_as_weights=False`"
+            )
+        state = next(iter(emas.values()))
+        model_state = checkpoint["state_dict"]
+        state["raw_state_dict"] = swap_ema_into(model_state, state["ema"], dict(model_state))
+        state[MODEL_ENTRIES] = "ema"
+    torch.save(checkpoint, output_file)
+    return checkpoint
+
+
+def _is_ema_state(state: Any) -> bool:
+    """Whether a callback's state is a Polyak EMA's (``ScaledEMA.state_dict`` with its EMA tensors)."""
+    return isinstance(state, Mapping) and "ema" in state and "samples_seen" in state
+
+
+def _rank_states(directory: Path, world_size: int) -> list[dict[str, Any]]:
+    """The callbacks' states in every rank's ZeRO-3 model-state file, in rank order."""
+    states = []
+    for rank in range(world_size):
+        path = directory / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise ValueError(
+                f"{str(path)!r} is missing: the EMA was partitioned over {world_size} ranks, and each rank's file"
+                " holds its piece"
+            )
+        states.append(torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {}))
+    return states

@@ -1,0 +1,113 @@
+"""DeepSpeed ZeRO 1, 2 and 3 on 2 CPU processes (gloo), each run in a subprocess with a timeout.
+
+``deepspeed_core_run.py`` (ScaledEMA on a DeepSpeed engine, launched by torchrun) checks the EMA against a reference
+kept by hand in the same run, for each stage, fp32 and bf16, and ZeRO-3 with every parameter partitioned and with
+DeepSpeed's default persistence threshold; ``deepspeed_run.py`` (Lightning's DeepSpeedStrategy, through a test-only
+CPU subclass) checks a fit with validation on the EMA, a resume and the consolidated file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from test_ddp import run_script
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the `deepspeed` and `test` extras)"
+)
+
+CORE_CASES = [
+    ("1", "fp32", None),
+    ("2", "fp32", None),
+    ("2", "bf16", None),
+    ("3", "fp32", 0),  # every parameter partitioned
+    ("3", "bf16", 0),
+    ("3", "fp32", 100_000),  # DeepSpeed's default: this model's small parameters stay whole between steps
+    ("3", "bf16", 100_000),
+]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.mark.parametrize(("stage", "dtype", "threshold"), CORE_CASES)
+def test_scaled_ema_on_a_deepspeed_engine_equals_the_ema_of_the_full_weights(tmp_path, stage, dtype, threshold):
+    out = tmp_path / "core.pt"
+    args = [out, stage, dtype] + ([] if threshold is None else [threshold])
+    run_script("deepspeed_core_run.py", *args, cwd=tmp_path, torchrun=True)
+    result = torch.load(out, weights_only=False)
+    # 2 ranks x 4 samples against base 4: kappa 2, and SGD's learning rate doubled for the step
+    assert result["kappas"] == [2.0] * 6
+    assert result["lrs"] == [pytest.approx(0.1)] * 6
+    # the ranks' pieces put together equal the EMA of the full weights (ZeRO-3: the fp32 masters), exactly
+    assert max_difference(result["ema"], result["reference"]) == 0.0
+    assert result["ema_dtypes"] == ["torch.float32"]  # an fp32 EMA of bf16 parameters too
+    if stage == "3":  # each rank holds its piece: about half the EMA (padded)
+        assert result["piece_numel"] == 141 and result["full_numel"] == 276
+    else:
+        assert result["piece_numel"] == result["full_numel"] == 276
+    # a swap right after a step: the forward inside sees the EMA, the one after the training weights again
+    torch.testing.assert_close(result["swapped_after_step"], result["expected_after_step"], rtol=0, atol=0)
+    assert torch.equal(result["raw_after_step"], result["raw_before"])
+    # a swap after a no-grad forward left parameters gathered
+    torch.testing.assert_close(result["swapped"], result["expected_swapped"], rtol=0, atol=0)
+    assert float((result["swapped"] - result["raw"]).abs().max()) > 0.01  # the EMA differs from the weights
+    assert torch.equal(result["raw_again"], result["raw"])
+    for name, value in result["weights_before"].items():
+        assert torch.equal(result["weights_after"][name], value), name  # training weights restored bit for bit
+    assert result["reload_equal"] and result["full_reload_equal"]  # per-rank state, and a full EMA cut into pieces
+    # skip_non_finite: a NaN in rank 1's piece skips the update on both ranks
+    assert result["skipped"] == [1, 1] and result["kept_on_rank0"]
+
+
+@pytest.fixture(scope="module", params=[("3", "fp32"), ("2", "bf16")], ids=["zero3-fp32", "zero2-bf16"])
+def lightning_runs(request, tmp_path_factory) -> tuple[str, str, Path]:
+    stage, dtype = request.param
+    out = tmp_path_factory.mktemp(f"zero{stage}-{dtype}")
+    for mode in ("fit", "resume"):
+        run_script("deepspeed_run.py", mode, out, stage, dtype, cwd=out, timeout=420)
+    run_script("deepspeed_run.py", "consolidate", out, stage, dtype, cwd=out)
+    return stage, dtype, out
+
+
+def test_deepspeed_strategy_fit_counts_kappa_over_ranks_and_accumulation_and_validates_on_the_ema(lightning_runs):
+    _, _, out = lightning_runs
+    fit = torch.load(out / "fit.pt", weights_only=False)
+    # 2 per device x 2 ranks x 2 micro-batches = 8 against base 4; 32 samples an epoch, 3 epochs
+    assert fit["rows"] == [(step, 8 * step, 2.0) for step in range(1, 13)]
+    assert fit["engine_steps"] == fit["global_step"] == 12
+    assert max_difference(fit["ema"], fit["reference"]) == 0.0
+    assert len(fit["validation"]) == 3
+    for seen, expected in fit["validation"]:  # the forward at validation start runs on the EMA
+        torch.testing.assert_close(seen, expected, rtol=0, atol=0)
+
+
+def test_deepspeed_resume_is_bit_identical(lightning_runs):
+    stage, _, out = lightning_runs
+    fit = torch.load(out / "fit.pt", weights_only=False)
+    resumed = torch.load(out / "resume.pt", weights_only=False)
+    assert resumed["rows"] == fit["rows"][4:]  # resumed after step 4, the end of the first epoch
+    for key in ("ema", "weights", "pieces_rank0"):
+        for name, value in fit[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    if stage == "3":  # rank 0's own pieces came back from its own file
+        assert resumed["layout"]["world_size"] == 2
+        assert resumed["pieces_rank0"]["net.0.weight"].shape == (32,)  # 7 x 9 = 63 over 2 ranks, padded
+
+
+def test_consolidated_deepspeed_checkpoint_holds_the_whole_ema(lightning_runs):
+    _, _, out = lightning_runs
+    mid = torch.load(out / "mid_ema.pt", weights_only=False)
+    consolidated = torch.load(out / "consolidated.pt", weights_only=False)
+    # load_from_checkpoint gives the EMA weights (fp32 masters consolidated: the EMA exactly)
+    assert max_difference(consolidated["state_dict"], mid["ema"]) == 0.0
+    state = consolidated["checkpoint"]["callbacks"]["EMAScalingCallback{'name': 'ema'}"]
+    assert "zero3_partitions" not in state and state["model_entries"] == "ema"
+    assert max_difference(state["ema"], mid["ema"]) == 0.0
+    assert state["raw_state_dict"].keys() == mid["ema"].keys()
+    assert max_difference(consolidated["plain_ema"], mid["ema"]) == 0.0  # a one-device ScaledEMA loads the state
