@@ -16,7 +16,8 @@ import torch
 from test_ddp import run_script
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the `deepspeed` and `test` extras)"
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (the `deepspeed` and `test` extras)",
 )
 
 CORE_CASES = [
