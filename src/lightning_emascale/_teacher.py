@@ -16,6 +16,7 @@ from lightning_emascale._averager import Averager, Update, all_finite
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._polyak import refuse_polyak_only
 from lightning_emascale._sharded import is_sharded, local_piece, storage_moved
+from lightning_emascale._zero import full_shape, is_zero3, read_piece, written_piece
 
 
 def check_options(options: EMAOptions) -> None:
@@ -60,7 +61,7 @@ class TeacherEMA(Averager):
         #: The (teacher, online) parameters as paired; a sharded pair is moved through its rank-local pieces.
         self.sources = list(sources)
         self._sharded = [index for index, (teacher, _) in enumerate(self.sources) if is_sharded(teacher)]
-        self._group([(local_piece(t), local_piece(o)) if is_sharded(t) else (t, o) for t, o in self.sources])
+        self._group([_pieces(teacher, online) for teacher, online in self.sources])
 
     def _group(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
         #: (teacher, online) tensor pairs.
@@ -169,6 +170,16 @@ def freeze_teachers(module: torch.nn.Module, teachers: Mapping[str, str]) -> Fro
     return Frozen(frozen)
 
 
+def _pieces(teacher: Tensor, online: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensors a teacher update writes and reads: a sharded pair's rank-local pieces (ZeRO-3: the teacher's
+    partition, and the online partition's fp32 master where it is trained), the tensors themselves otherwise."""
+    if is_zero3(teacher):
+        return written_piece(teacher), read_piece(online)
+    if is_sharded(teacher):
+        return local_piece(teacher), local_piece(online)
+    return teacher, online
+
+
 def _at_paths(module: torch.nn.Module, teachers: Mapping[str, str]) -> list[torch.nn.Module]:
     return [_submodule(module, path) for pair in teachers.items() for path in pair]
 
@@ -200,10 +211,10 @@ def _pair(
                 " `freeze_teachers=True`, so that only the EMA moves it"
             )
         for name, tensor in online.items():
-            if teacher[name].shape != tensor.shape:
+            if full_shape(teacher[name]) != full_shape(tensor):
                 raise ValueError(
-                    f"{mirror}: `{name}` has shape {tuple(teacher[name].shape)} in the teacher and"
-                    f" {tuple(tensor.shape)} in the online module"
+                    f"{mirror}: `{name}` has shape {full_shape(teacher[name])} in the teacher and"
+                    f" {full_shape(tensor)} in the online module"
                 )
             _check_sharded_alike(teacher[name], tensor, f"{mirror}: `{name}`")
             pairs.append((teacher[name], tensor))
@@ -219,6 +230,12 @@ def _pair(
 def _check_sharded_alike(teacher: Tensor, online: Tensor, what: str) -> None:
     """Raise ``ValueError`` unless a teacher tensor and its online twin are sharded alike (or both not at all), so
     that each rank's pieces are the same slice of the same parameter."""
+    if is_zero3(teacher) != is_zero3(online):
+        where = "teacher" if is_zero3(teacher) else "online module"
+        raise ValueError(
+            f"{what} is partitioned by DeepSpeed ZeRO-3 in the {where} only: keep teacher and online module in the"
+            " same DeepSpeed engine, so that each rank holds the same partition of both"
+        )
     if not (is_sharded(teacher) or is_sharded(online)):
         return
 

@@ -45,9 +45,9 @@ def is_zero3(tensor: object) -> bool:
     return isinstance(tensor, Tensor) and hasattr(tensor, "ds_id") and hasattr(tensor, "ds_tensor")
 
 
-def zero_stage(engine: Any) -> int:
-    """The ZeRO stage of a ``DeepSpeedEngine`` (0: none)."""
-    return int(engine.zero_optimization_stage())
+def full_shape(tensor: Tensor) -> tuple[int, ...]:
+    """A tensor's shape; a ZeRO-3 parameter's full shape (its ``.shape`` is empty between steps)."""
+    return tuple(tensor.ds_shape) if is_zero3(tensor) else tuple(tensor.shape)  # type: ignore[attr-defined]
 
 
 def written_piece(param: Tensor) -> Tensor:

@@ -66,6 +66,17 @@ def test_scaled_ema_on_a_deepspeed_engine_equals_the_ema_of_the_full_weights(tmp
     assert result["skipped"] == [1, 1] and result["kept_on_rank0"]
 
 
+@pytest.mark.parametrize(("dtype", "threshold"), [("fp32", 0), ("bf16", 100_000)])
+def test_zero3_teacher_moves_partition_by_partition_and_its_next_forward_sees_it(tmp_path, dtype, threshold):
+    out = tmp_path / "teacher.pt"
+    run_script("deepspeed_teacher_run.py", out, dtype, threshold, cwd=tmp_path, torchrun=True)
+    result = torch.load(out, weights_only=False)
+    assert result["kappa"] == 2.0 and result["updates"] == 5
+    assert result["moved"] > 1e-3  # the student trained, so the teacher had somewhere to go
+    # the teacher's forward right after each update equals a plain model holding the reference teacher
+    assert result["gaps"] == [0.0] * 5
+
+
 @pytest.fixture(scope="module", params=[("3", "fp32"), ("2", "bf16")], ids=["zero3-fp32", "zero2-bf16"])
 def lightning_runs(request, tmp_path_factory) -> tuple[str, str, Path]:
     stage, dtype = request.param
