@@ -375,6 +375,11 @@ class PolyakEMA(Averager):
         return state
 
     def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_partitions(state)
+        self.check_averages(state["ema"])
+
+    def _check_partitions(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless the ZeRO-3 pieces a state holds (if any) are this rank's."""
         saved = state.get(PARTITIONS_KEY)
         here = self.store.partition_layout
         if saved is not None and here is None:
@@ -385,9 +390,9 @@ class PolyakEMA(Averager):
             )
         if saved is not None and here is not None:
             check_layout(saved, here, "The saved EMA")
-        self.check_averages(state["ema"])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_partitions(state)
         self.load_averages(state["ema"])
 
 

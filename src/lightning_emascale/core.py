@@ -661,8 +661,9 @@ class ScaledEMA:
             raise self.averager.no_copy()
         if self.is_sharded:
             raise NotImplementedError(
-                "functional_call is not supported for a sharded module: FSDP2 gathers the parameters it holds, not"
-                " the ones functional_call substitutes. Evaluate inside `with ema.swapped():` instead."
+                "functional_call is not supported for a sharded module: FSDP2 and DeepSpeed ZeRO-3 gather the"
+                " parameters they hold, not the ones functional_call substitutes. Evaluate inside"
+                " `with ema.swapped():` instead."
             )
         if unwrap_module(module) is not self.module:
             raise ValueError(
