@@ -1,10 +1,11 @@
 """One file from a DeepSpeed checkpoint directory, with the EMA put back together from every rank's partition.
 
 Under DeepSpeed, Lightning writes a checkpoint *directory*: the weights and optimizer state in DeepSpeed's files, and
-the callbacks' states beside them (ZeRO-3: every rank its own, ZeRO-1/2: rank 0's). An
-:class:`~lightning_emascale.EMAScalingCallback` keeps its EMA there: under ZeRO-3 each rank's file holds that rank's
-pieces, which resume only at the same world size. :func:`consolidate_deepspeed_checkpoint` writes one file in which
-the EMA is whole, so that ``Model.load_from_checkpoint`` gives the EMA weights and a
+the callbacks' states beside them as DeepSpeed's client state (ZeRO-3: every rank its own, ZeRO-1/2: rank 0's). An
+:class:`~lightning_emascale.EMAScalingCallback` keeps its EMA there, and so does a plain DeepSpeed loop that passes
+``client_state={"ema": ema.state_dict()}`` to ``engine.save_checkpoint``: under ZeRO-3 each rank's file holds that
+rank's pieces, which resume only at the same world size. :func:`consolidate_deepspeed_checkpoint` writes one file
+in which the EMA is whole, so that ``Model.load_from_checkpoint`` gives the EMA weights and a
 :class:`~lightning_emascale.ScaledEMA` of any layout (one device, another world size) loads the EMA state.
 """
 
@@ -33,8 +34,9 @@ def consolidate_deepspeed_checkpoint(
     """Write a DeepSpeed checkpoint directory (ZeRO 1, 2 or 3) as one Lightning checkpoint file, with the EMA whole.
 
     The training weights are consolidated as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does (in
-    fp32); each EMA callback's state gets its full EMA, put together from every rank's pieces (ZeRO-3). Needs
-    DeepSpeed installed; reads every rank's file on this one process (no process group).
+    fp32, under ``"state_dict"``); each EMA state (a callback's, or a client-state entry holding
+    ``ScaledEMA.state_dict()``) gets its full EMA, put together from every rank's pieces (ZeRO-3). Needs DeepSpeed
+    installed; reads every rank's file on this one process (no process group).
 
     Args:
         checkpoint_dir: the directory ``trainer.save_checkpoint`` (or ``ModelCheckpoint``) wrote.
@@ -43,7 +45,7 @@ def consolidate_deepspeed_checkpoint(
         ema_as_weights: put the EMA into the file's ``state_dict`` (``Model.load_from_checkpoint`` then gives the
             EMA weights), and the training weights into the callback state's ``raw_state_dict``, as
             ``evaluate_with_ema`` does in an unsharded checkpoint. False: ``state_dict`` keeps the training weights.
-            Needs exactly one Polyak EMA callback in the checkpoint.
+            Needs exactly one Polyak EMA state in the checkpoint.
 
     Returns:
         The checkpoint written.
@@ -62,19 +64,18 @@ def consolidate_deepspeed_checkpoint(
         )
     checkpoint = convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag)
     directory = Path(ds_checkpoint_dir(checkpoint_dir, tag))
-    states = checkpoint.get("callbacks", {})
-    emas = {key: state for key, state in states.items() if _is_ema_state(state)}
-    partitioned = {key: state for key, state in emas.items() if PARTITIONS_KEY in state}
+    emas = _ema_states(checkpoint)
+    partitioned = {where: state for where, state in emas.items() if PARTITIONS_KEY in state}
     if partitioned:
-        ranks = _rank_states(directory, int(next(iter(partitioned.values()))[PARTITIONS_KEY]["world_size"]))
-        for key, state in partitioned.items():
-            pieces = [rank_states[key] for rank_states in ranks]
+        ranks = _rank_files(directory, int(next(iter(partitioned.values()))[PARTITIONS_KEY]["world_size"]))
+        for where, state in partitioned.items():
+            pieces = [_ema_states(rank_file)[where] for rank_file in ranks]
             for rank, piece in enumerate(pieces):
                 if piece[PARTITIONS_KEY]["rank"] != rank or piece.get("samples_seen") != state.get("samples_seen"):
                     raise ValueError(
-                        f"The state of {key!r} in rank {rank}'s file is not rank {rank}'s piece of the same step (it"
-                        f" says rank {piece[PARTITIONS_KEY]['rank']}, {piece.get('samples_seen')} samples seen): the"
-                        " directory mixes checkpoints"
+                        f"The EMA state {where[-1]!r} in rank {rank}'s file is not rank {rank}'s piece of the same step"
+                        f" (it says rank {piece[PARTITIONS_KEY]['rank']}, {piece.get('samples_seen')} samples seen):"
+                        " the directory mixes checkpoints"
                     )
             state["ema"] = gather_partitions([piece["ema"] for piece in pieces], state[PARTITIONS_KEY]["shapes"])
             del state[PARTITIONS_KEY]
@@ -82,7 +83,7 @@ def consolidate_deepspeed_checkpoint(
         if len(emas) != 1:
             raise ValueError(
                 f"`ema_as_weights=True` puts one EMA into the file's state_dict, and the checkpoint holds"
-                f" {len(emas)} EMA callback states ({sorted(emas)}): pass `ema_as_weights=False`"
+                f" {len(emas)} EMA states ({sorted(where[-1] for where in emas)}): pass `ema_as_weights=False`"
             )
         state = next(iter(emas.values()))
         model_state = checkpoint["state_dict"]
@@ -92,13 +93,27 @@ def consolidate_deepspeed_checkpoint(
     return checkpoint
 
 
+def _ema_states(checkpoint: Mapping[str, Any]) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The Polyak EMA states (``ScaledEMA.state_dict()`` with its EMA tensors) in a checkpoint, by where they lie:
+    a Lightning callback's (``("callbacks", key)``) or a client-state entry of a plain DeepSpeed loop (``(key,)``)."""
+    found: dict[tuple[str, ...], dict[str, Any]] = {}
+    callbacks = checkpoint.get("callbacks", {})
+    for key, state in callbacks.items() if isinstance(callbacks, Mapping) else ():
+        if _is_ema_state(state):
+            found["callbacks", key] = state
+    for key, state in checkpoint.items():
+        if _is_ema_state(state):
+            found[(key,)] = state
+    return found
+
+
 def _is_ema_state(state: Any) -> bool:
     """Whether a callback's state is a Polyak EMA's (``ScaledEMA.state_dict`` with its EMA tensors)."""
     return isinstance(state, Mapping) and "ema" in state and "samples_seen" in state
 
 
-def _rank_states(directory: Path, world_size: int) -> list[dict[str, Any]]:
-    """The callbacks' states in every rank's ZeRO-3 model-state file, in rank order."""
+def _rank_files(directory: Path, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's ZeRO-3 model-state file (its client state), in rank order."""
     states = []
     for rank in range(world_size):
         path = directory / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -107,5 +122,5 @@ def _rank_states(directory: Path, world_size: int) -> list[dict[str, Any]]:
                 f"{str(path)!r} is missing: the EMA was partitioned over {world_size} ranks, and each rank's file"
                 " holds its piece"
             )
-        states.append(torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {}))
+        states.append(torch.load(path, map_location="cpu", weights_only=False))
     return states

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import deepspeed
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
@@ -35,11 +37,24 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        import deepspeed
+        with self._local_rank_as_device_rank():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
-        parameters = filter(lambda p: p.requires_grad, model.parameters())
-        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=parameters, optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
-        )  # fmt: skip
-        return engine, deepspeed_optimizer
+    def _initialize_deepspeed_inference(self, model) -> None:
+        with self._local_rank_as_device_rank():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextlib.contextmanager
+    def _local_rank_as_device_rank(self):
+        """``deepspeed.initialize`` gets ``device_rank`` = the local rank (Lightning passes the CPU's index, None)."""
+        original = deepspeed.initialize
+
+        def initialize(*args, **kwargs):
+            kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
+            return original(*args, **kwargs)
+
+        deepspeed.initialize = initialize
+        try:
+            yield
+        finally:
+            deepspeed.initialize = original

@@ -6,8 +6,8 @@ into OUT_DIR as torch files.
 
 - ``fit``: 3 epochs with validation on the EMA and gradient accumulation over 2 micro-batches; after every optimizer
   step a reference EMA of the full training weights is kept by hand (ZeRO-3: the gathered fp32 masters), and a
-  DeepSpeed checkpoint is written after step 3; the forward at validation start is recorded against a plain model
-  holding the reference EMA;
+  DeepSpeed checkpoint is written after step 4; the forward at validation start (during fit, and in a
+  ``trainer.validate`` after it) is recorded against a plain model holding the reference EMA;
 - ``resume``: the same fit resumed from that checkpoint; the EMA pieces and the training weights at the end are
   recorded, to be compared with ``fit``'s bit for bit;
 - ``consolidate`` (one process): the checkpoint directory consolidated into one file, loaded with
@@ -179,6 +179,8 @@ def main() -> None:
         saved = torch.load(out / "mid_ema.pt", weights_only=False)
         recorder.reference = saved["reference"]
     trainer.fit(model, ckpt_path=out / "mid" if mode == "resume" else None)
+    fit_validations = len(recorder.validation)
+    trainer.validate(model)  # after fit, on a new inference engine: still the EMA
     scaled = ema.scaled_ema
     state = scaled.state_dict()
     pieces = {name: t.detach().clone() for name, t in state["ema"].items()}
@@ -192,7 +194,8 @@ def main() -> None:
                 "ema": full,
                 "reference": recorder.reference,
                 "weights": weights,
-                "validation": recorder.validation,
+                "validation": recorder.validation[:fit_validations],
+                "validate_after_fit": recorder.validation[fit_validations:],
                 "pieces_rank0": pieces,
                 "layout": state.get("zero3_partitions"),
                 "engine_steps": engine.global_steps,

@@ -97,6 +97,8 @@ def test_deepspeed_strategy_fit_counts_kappa_over_ranks_and_accumulation_and_val
     assert len(fit["validation"]) == 3
     for seen, expected in fit["validation"]:  # the forward at validation start runs on the EMA
         torch.testing.assert_close(seen, expected, rtol=0, atol=0)
+    ((seen, expected),) = fit["validate_after_fit"]  # trainer.validate after fit: a new inference engine, the EMA
+    torch.testing.assert_close(seen, expected, rtol=0, atol=0)
 
 
 def test_deepspeed_resume_is_bit_identical(lightning_runs):

@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -200,3 +202,24 @@ def test_sharded_example_keeps_each_ranks_shard_and_checkpoints_the_gathered_ema
     assert all(ema == shard for _, ema, shard in sizes)  # each rank holds the EMA of its own shard only
     validated = re.search(r"validation accuracy of the EMA: ([\d.]+)", proc.stdout).group(1)
     assert f"checkpoint loaded as a plain model (the EMA): accuracy {validated}" in proc.stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (`deepspeed` extra)"
+)
+@pytest.mark.parametrize(("stage", "kib"), [(3, "142.0"), (2, "284.0")])
+def test_deepspeed_example_keeps_each_ranks_partition_and_consolidates_the_ema(tmp_path, stage, kib):
+    launcher = Path(__file__).parent / "deepspeed_example_launcher.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher), str(EXAMPLES / "deepspeed_zero.py"), "--stage", str(stage), "--epochs", "1", "--out", "ckpt"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 2 ranks x micro-batch 32 x 2 micro-batches against base 32
+    assert "last step: global batch 128, kappa 4, rho-hat 0.960596" in proc.stdout
+    # ZeRO-3: half the fp32 model on each rank (the 72,714 parameters split evenly); ZeRO-2: the whole EMA
+    assert f"rank 0: EMA {kib} KiB of the full fp32 model's 284.0 KiB" in proc.stdout
+    assert f"rank 1: EMA {kib} KiB" in proc.stdout
+    swapped = re.search(r"training weights [\d.]+, EMA ([\d.]+)", proc.stdout)  # evaluated inside ema.swapped()
+    assert swapped is not None, proc.stdout
+    assert f"consolidated EMA on one process: accuracy {swapped.group(1)}" in proc.stdout
