@@ -180,13 +180,13 @@ def main() -> None:
         recorder.reference = saved["reference"]
     trainer.fit(model, ckpt_path=out / "mid" if mode == "resume" else None)
     fit_validations = len(recorder.validation)
+    engine_steps = trainer.strategy.deepspeed_engine.global_steps  # validate replaces the engine by an inference one
     trainer.validate(model)  # after fit, on a new inference engine: still the EMA
     scaled = ema.scaled_ema
     state = scaled.state_dict()
     pieces = {name: t.detach().clone() for name, t in state["ema"].items()}
     full = gathered(pieces, state.get("zero3_partitions"))
     weights = full_weights(model, stage)
-    engine = trainer.strategy.deepspeed_engine
     if trainer.is_global_zero:
         torch.save(
             {
@@ -198,7 +198,7 @@ def main() -> None:
                 "validate_after_fit": recorder.validation[fit_validations:],
                 "pieces_rank0": pieces,
                 "layout": state.get("zero3_partitions"),
-                "engine_steps": engine.global_steps,
+                "engine_steps": engine_steps,
                 "global_step": trainer.global_step,
             },
             out / f"{mode}.pt",
