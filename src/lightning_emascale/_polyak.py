@@ -22,9 +22,10 @@ from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
 from lightning_emascale._sharded import clean_name, is_sharded, local_piece
-from lightning_emascale._store import store_for
+from lightning_emascale._store import Store, TensorStore
 from lightning_emascale._warnings import caller_level
-from lightning_emascale._zero import PARTITIONS_KEY, check_layout
+from lightning_emascale._zero import PARTITIONS_KEY, check_layout, is_zero3
+from lightning_emascale._zero_store import ZeroPartitionStore
 
 
 def refuse_polyak_only(options: EMAOptions) -> None:
@@ -101,7 +102,9 @@ class PolyakEMA(Averager):
         #: Whether each tracked tensor is a buffer (``skip_non_finite`` allows an infinite buffer, not a NaN one).
         self.is_buffer = [name in buffer_names for name in self.names]
         #: Where the averages live and how an update moves them.
-        self.store = store_for(unique, precision, self.is_buffer, flat_parameters, offload)
+        self.store: Store = (ZeroPartitionStore if any(is_zero3(t) for _, t in unique) else TensorStore)(
+            unique, precision, self.is_buffer, flat_parameters, offload
+        )
         #: Names of the module's tensors deliberately left out (``include``/``exclude``, non-persistent buffers).
         self.untracked_names: frozenset[str] = frozenset()
         #: Those tensors (a swap copies a tracked tensor that shares memory with one of them, so they stay tied).

@@ -10,7 +10,7 @@ store holds the averages and moves them. :class:`TensorStore` is the store of ev
   shards, followed when the strategy re-creates the piece, and seen from outside as ``DTensor`` views;
 - an FSDP1 parameter is a plain view of its flat parameter's shard: nothing special here (the owner reshards);
 - a DeepSpeed ZeRO-3 parameter through its rank's partition, in
-  :class:`~lightning_emascale._zero.ZeroPartitionStore` (a ``TensorStore`` of the pieces, and what a swap writes);
+  :class:`~lightning_emascale._zero_store.ZeroPartitionStore` (a ``TensorStore`` of the pieces, and what a swap writes);
 - optionally on a CUDA side stream (:class:`~lightning_emascale._side_stream.SideStream`) or in CPU memory
   (:class:`~lightning_emascale._offload.Offload`).
 
@@ -33,12 +33,11 @@ from lightning_emascale._flat_group import EMAPrecision, FlatGroup, ema_dtype_fo
 from lightning_emascale._offload import Offload
 from lightning_emascale._sharded import global_view, is_sharded, local_piece, local_piece_of, storage_moved
 from lightning_emascale._side_stream import SideStream
-from lightning_emascale._zero import ZeroPartitionStore, is_zero3
 
 
 class Store(Protocol):
     """What an averager needs of the place its averages live (:class:`TensorStore`, and
-    :class:`~lightning_emascale._zero.ZeroPartitionStore` for DeepSpeed ZeRO-3)."""
+    :class:`~lightning_emascale._zero_store.ZeroPartitionStore` for DeepSpeed ZeRO-3)."""
 
     names: list[str]
     tracked: list[Tensor]  # the local tensors read by an update (a sharded tensor's rank-local piece)
@@ -77,20 +76,6 @@ class Store(Protocol):
 
     def local_values(self, values: Sequence[Tensor]) -> list[Tensor]:
         """Saved values (full tensors or views) as this rank's pieces, ready to copy into local tensors."""
-
-
-def store_for(
-    named: Sequence[tuple[str, Tensor]],
-    precision: EMAPrecision = "fp32",
-    is_buffer: Optional[Sequence[bool]] = None,
-    flat_parameters: bool = False,
-    offload: bool = False,
-) -> Store:
-    """The store for ``named``: a :class:`~lightning_emascale._zero.ZeroPartitionStore` where DeepSpeed ZeRO-3
-    partitioned the tensors, a :class:`TensorStore` otherwise (arguments as :class:`TensorStore` takes them)."""
-    if any(is_zero3(tensor) for _, tensor in named):
-        return ZeroPartitionStore(named, precision, is_buffer, flat_parameters, offload)
-    return TensorStore(named, precision, is_buffer, flat_parameters, offload)
 
 
 class TensorStore:
