@@ -579,6 +579,13 @@ class EMAScalingCallback(OptionsView, Callback):
             return
         if not state or state.get("format") == _BEFORE_FIT:
             return
+        if uses_deepspeed(trainer) and state.get("raw_state_dict") is not None:
+            raise ValueError(
+                f"{where} holds training weights beside an EMA put into the checkpoint's state_dict (a file"
+                " written by `consolidate_deepspeed_checkpoint` with `ema_as_weights=True`, or by a fit without"
+                " DeepSpeed): DeepSpeed would resume from the EMA. Consolidate with `ema_as_weights=False` (the"
+                " training weights in state_dict, the whole EMA in this state) and resume from that file"
+            )
         # Every check before the training weights are written into the module.
         ema = self._ema
         sharded = (ema.is_sharded if ema is not None else False) or is_sharded_module(trainer, pl_module)

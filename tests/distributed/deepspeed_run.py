@@ -10,8 +10,11 @@ into OUT_DIR as torch files.
   ``trainer.validate`` after it) is recorded against a plain model holding the reference EMA;
 - ``resume``: the same fit resumed from that checkpoint; the EMA pieces and the training weights at the end are
   recorded, to be compared with ``fit``'s bit for bit;
-- ``consolidate`` (one process): the checkpoint directory consolidated into one file, loaded with
-  ``load_from_checkpoint``.
+- ``consolidate`` (one process): the checkpoint directory consolidated into one file (the EMA as the weights, and
+  a second one with the training weights), loaded with ``load_from_checkpoint``;
+- ``reshard`` (ZeRO-3): a fit on 1 process resumed from the file with the training weights
+  (``load_full_weights=True``): the EMA when training starts again is recorded;
+- ``refuse``: the same from the file whose state_dict is the EMA, which is refused (the message is recorded).
 """
 
 from __future__ import annotations
@@ -138,6 +141,39 @@ class Recorder(L.Callback):
         self.validation.append((out, plain_forward(self.reference, self.dtype)))
 
 
+class StartRecorder(L.Callback):
+    """Records the EMA when training starts again (after the checkpoint was loaded), then stops the fit."""
+
+    def __init__(self, ema: EMAScalingCallback) -> None:
+        self.ema, self.start = ema, None
+
+    def on_train_start(self, trainer, pl_module):
+        scaled = self.ema.scaled_ema
+        self.start = {
+            "ema": {name: t.detach().clone() for name, t in scaled.ema_state_dict().items()},
+            "samples_seen": scaled.samples_seen,
+            "layout": scaled.state_dict().get("zero3_partitions"),
+        }
+        trainer.should_stop = True
+
+
+def reshard(out: Path, config: dict, ema: EMAScalingCallback, dtype: str, name: str, mode: str) -> None:
+    """Resume on 1 process, from a consolidated file of the 2-process fit (ZeRO-3 reads it whole)."""
+    started = StartRecorder(ema)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=config, load_full_weights=True),
+        max_epochs=EPOCHS, precision="bf16-true" if dtype == "bf16" else "32-true",
+        accumulate_grad_batches=ACCUMULATE, callbacks=[ema, started], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
+    )  # fmt: skip
+    try:
+        trainer.fit(Model(dtype), ckpt_path=out / name)
+        torch.save(started.start, out / f"{mode}.pt")
+    except ValueError as error:
+        torch.save({"error": str(error)}, out / f"{mode}.pt")
+    dist.destroy_process_group()
+
+
 def ema_key() -> str:
     return EMAScalingCallback(momentum=MOMENTUM).state_key
 
@@ -148,6 +184,7 @@ def main() -> None:
         from lightning_emascale import consolidate_deepspeed_checkpoint
 
         consolidate_deepspeed_checkpoint(out / "mid", out / "consolidated.ckpt")
+        consolidate_deepspeed_checkpoint(out / "mid", out / "training_weights.ckpt", ema_as_weights=False)
         model = Model.load_from_checkpoint(out / "consolidated.ckpt")
         checkpoint = torch.load(out / "consolidated.ckpt", weights_only=False)
         plain = ScaledEMA(Model(dtype), None, momentum=MOMENTUM, base_batch_size=BASE)  # one device, no DeepSpeed
@@ -168,6 +205,9 @@ def main() -> None:
     }
     ema = EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE, optimizer_rule="sgd")
     recorder = Recorder(ema, stage, dtype, out, mode)
+    if mode in ("reshard", "refuse"):  # one process, from a consolidated file
+        reshard(out, config, ema, dtype, "training_weights.ckpt" if mode == "reshard" else "consolidated.ckpt", mode)
+        return
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(config=config), max_epochs=EPOCHS,
         precision="bf16-true" if dtype == "bf16" else "32-true", accumulate_grad_batches=ACCUMULATE,

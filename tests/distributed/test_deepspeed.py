@@ -84,6 +84,9 @@ def lightning_runs(request, tmp_path_factory) -> tuple[str, str, Path]:
     for mode in ("fit", "resume"):
         run_script("deepspeed_run.py", mode, out, stage, dtype, cwd=out, timeout=420)
     run_script("deepspeed_run.py", "consolidate", out, stage, dtype, cwd=out)
+    if stage == "3":
+        for mode in ("reshard", "refuse"):
+            run_script("deepspeed_run.py", mode, out, stage, dtype, cwd=out)
     return stage, dtype, out
 
 
@@ -125,3 +128,19 @@ def test_consolidated_deepspeed_checkpoint_holds_the_whole_ema(lightning_runs):
     assert max_difference(state["ema"], mid["ema"]) == 0.0
     assert state["raw_state_dict"].keys() == mid["ema"].keys()
     assert max_difference(consolidated["plain_ema"], mid["ema"]) == 0.0  # a one-device ScaledEMA loads the state
+
+
+def test_zero3_fit_resumes_on_another_world_size_from_the_consolidated_file(lightning_runs):
+    stage, _, out = lightning_runs
+    if stage != "3":
+        pytest.skip("ZeRO-3 only: DeepSpeed reads a single file (`load_full_weights`) under ZeRO-3 alone")
+    mid = torch.load(out / "mid_ema.pt", weights_only=False)
+    started = torch.load(out / "reshard.pt", weights_only=False)
+    # saved on 2 ranks after 4 steps of 8 samples, resumed on 1: the whole EMA is this rank's piece, flattened
+    assert started["samples_seen"] == 32
+    assert started["layout"]["world_size"] == 1
+    for name, value in mid["ema"].items():
+        assert torch.equal(started["ema"][name], value.reshape(-1)), name
+    refused = torch.load(out / "refuse.pt", weights_only=False)
+    assert "holds training weights beside an EMA put into the checkpoint's state_dict" in refused["error"]
+    assert "Consolidate with `ema_as_weights=False`" in refused["error"]
