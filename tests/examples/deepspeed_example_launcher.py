@@ -6,10 +6,16 @@ import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
-import deepspeed_cpu  # noqa: F401
 
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, str(Path(script).parent))
-runpy.run_path(script, run_name="__main__")
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+    import deepspeed_cpu  # noqa: F401
+
+    script = sys.argv[1]
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
