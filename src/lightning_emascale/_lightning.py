@@ -129,6 +129,14 @@ def is_sharded_module(trainer: pl.Trainer, module: torch.nn.Module) -> bool:
     return (wrapped is not None and is_fsdp1(wrapped)) or any(is_sharded(p) or is_zero3(p) for p in module.parameters())
 
 
+def optimizer_steps_taken(trainer: pl.Trainer) -> int:
+    """The optimizer steps taken so far: DeepSpeed's engine counts its own (it accumulates gradients itself, across
+    epochs, where Lightning's ``global_step`` follows its loop's windows); ``global_step`` otherwise."""
+    if uses_deepspeed(trainer):
+        return int(trainer.strategy.deepspeed_engine.global_steps)  # type: ignore[attr-defined]
+    return trainer.global_step
+
+
 def uses_deepspeed(trainer: pl.Trainer) -> bool:
     """Whether the Trainer's strategy is DeepSpeed (it writes its own checkpoint directory, without ``state_dict``)."""
     return is_one_of(trainer.strategy, (DeepSpeedStrategy,))

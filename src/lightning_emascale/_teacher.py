@@ -174,7 +174,7 @@ def _pieces(teacher: Tensor, online: Tensor) -> tuple[Tensor, Tensor]:
     """The tensors a teacher update writes and reads: a sharded pair's rank-local pieces (ZeRO-3: the teacher's
     partition, and the online partition's fp32 master where it is trained), the tensors themselves otherwise."""
     if is_zero3(teacher):
-        return written_piece(teacher), read_piece(online)
+        return written_piece(teacher), read_piece(online)[0]
     if is_sharded(teacher):
         return local_piece(teacher), local_piece(online)
     return teacher, online

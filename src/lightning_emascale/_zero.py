@@ -57,21 +57,37 @@ def written_piece(param: Tensor) -> Tensor:
     return param.ds_tensor  # type: ignore[attr-defined,no-any-return]
 
 
-def read_piece(param: Tensor) -> Tensor:
-    """The rank's piece of a ZeRO-3 parameter that an EMA update reads: the fp32 master partition the optimizer
-    updates in place, where the parameter is trained and the master lives where its piece is kept; ``ds_tensor``
-    otherwise (a frozen parameter, or masters offloaded away from it)."""
+def read_piece(param: Tensor) -> tuple[Tensor, Optional[str]]:
+    """The rank's piece of a ZeRO-3 parameter that an EMA update reads, and why it is not the fp32 master (``None``
+    where it is, or where the parameter is frozen and has none).
+
+    The fp32 master partition the optimizer updates in place, where the parameter is trained and the master is a view
+    on its piece's device; ``ds_tensor`` otherwise."""
     piece = written_piece(param)
     if not param.requires_grad or getattr(param, "_z3_optimizer", None) is None:
-        return piece
+        return piece, None
     from deepspeed.utils import safe_get_local_fp32_param
 
-    master = safe_get_local_fp32_param(param)
+    try:
+        master = safe_get_local_fp32_param(param)
+    except (KeyError, IndexError):  # trainable, but in none of the optimizer's groups: never trained
+        return piece, None
     # A view into the optimizer's flat fp32 group is updated in place; a copy (masters offloaded to another device)
     # would go stale, and the piece itself is then the one to read.
     if master is None or master._base is None or master.numel() != piece.numel() or master.device != piece.device:
-        return piece
-    return master  # type: ignore[no-any-return]
+        where = "no master" if master is None else f"a copy on {master.device}, not a view on {piece.device}"
+        return piece, where
+    return master, None  # type: ignore[return-value]
+
+
+def partition_group_size(param: Tensor) -> int:
+    """The number of ranks a ZeRO-3 parameter is partitioned over (DeepSpeed's partition group)."""
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group=group))
 
 
 def partition_layout(named: Sequence[tuple[str, Tensor]]) -> dict[str, Any]:

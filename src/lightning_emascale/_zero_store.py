@@ -3,13 +3,23 @@ averaged in a :class:`~lightning_emascale._store.TensorStore`, and what an evalu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
 from torch import Tensor
 
 from lightning_emascale._store import TensorStore
-from lightning_emascale._zero import check_pieces, is_zero3, local_pieces, partition_layout, read_piece, written_piece
+from lightning_emascale._warnings import caller_level
+from lightning_emascale._zero import (
+    check_pieces,
+    is_zero3,
+    local_pieces,
+    partition_group_size,
+    partition_layout,
+    read_piece,
+    written_piece,
+)
 
 
 class ZeroPartitionStore:
@@ -41,11 +51,34 @@ class ZeroPartitionStore:
         self.sources: list[Optional[Tensor]] = [tensor if is_zero3(tensor) else None for _, tensor in named]
         #: What a checkpoint of these pieces needs to put them back together.
         self.partition_layout: Optional[dict[str, Any]] = partition_layout(named)
-        self._store = TensorStore(
-            [(name, read_piece(tensor) if is_zero3(tensor) else tensor) for name, tensor in named],
-            precision,  # type: ignore[arg-type]
-            is_buffer,
-        )
+        world = self.partition_layout["world_size"]
+        sizes = [(name, partition_group_size(tensor)) for name, tensor in named if is_zero3(tensor)]
+        other = [(name, size) for name, size in sizes if size != world]
+        if other:
+            raise ValueError(
+                f"{other[0][0]!r} is partitioned over {other[0][1]} ranks and the world has {world} (a smaller"
+                " partition group: MiCS, hierarchical partitioning, sequence or tensor parallelism): an EMA per"
+                " partition is supported where ZeRO-3 partitions over the whole world only"
+            )
+        pieces: list[tuple[str, Tensor]] = []
+        stale: list[str] = []
+        for name, tensor in named:
+            if not is_zero3(tensor):
+                pieces.append((name, tensor))
+                continue
+            piece, why = read_piece(tensor)
+            pieces.append((name, piece))
+            if why is not None:
+                stale.append(f"{name!r} ({why})")
+        if stale:
+            warnings.warn(
+                f"The fp32 master partitions of {', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''} are not"
+                " updated in place where their pieces live (the optimizer is offloaded?): the EMA averages the"
+                " model-dtype pieces (`ds_tensor`) instead, which differ from the masters by their rounding",
+                UserWarning,
+                stacklevel=caller_level(),
+            )
+        self._store = TensorStore(pieces, precision, is_buffer)  # type: ignore[arg-type]
         self.names = self._store.names
         self.tracked = self._store.tracked
         self.averages = self._store.averages

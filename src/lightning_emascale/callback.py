@@ -30,6 +30,7 @@ from lightning_emascale._lightning import (
     fingerprint,
     is_one_of,
     is_sharded_module,
+    optimizer_steps_taken,
     spawned_workers,
     uses_deepspeed,
 )
@@ -300,16 +301,26 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._replicas = data_parallel_size(trainer)
         continuing = self._resuming or trainer.global_step > 0  # a resume, or fit again on the same Trainer
-        if self._ema is None or self._ema.module is not pl_module or not continuing:
+        wrapped = trainer.strategy.model
+        # A fit on the same Trainer under DeepSpeed builds a new engine, whose ZeRO-3 partitions and fp32 masters
+        # are new tensors: the EMA is built again on them, and keeps its averages and clock.
+        carried = None
+        ema = self._ema
+        if continuing and ema is not None and uses_deepspeed(trainer) and ema.deepspeed_engine is not wrapped:
+            carried = ema.state_dict()
+        if self._ema is None or self._ema.module is not pl_module or not continuing or carried is not None:
             # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors. Under
             # FSDP1 the root wrapper is given: its checkpoints and reshards go through it; under DeepSpeed the
             # engine, which drops the gathered copies of ZeRO-3 parameters.
-            wrapped = trainer.strategy.model
             keep = wrapped is not None and (is_fsdp1(wrapped) or is_deepspeed_engine(wrapped))
             module = wrapped if keep else pl_module
+            if self._ema is not None:
+                self._ema.detach()
             self._ema = ScaledEMA.from_options(
                 module, trainer.optimizers, self._options, auto_end_step=False, total_samples_from=self._run_length
             )
+            if carried is not None:
+                self._ema.load_state_dict(carried)
         else:
             self._ema.attach(trainer.optimizers)
         # Automatic optimization runs forward and backward inside `optimizer.step()`: wait for the side stream
@@ -450,7 +461,7 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._step_at_batch_start = trainer.global_step
+        self._step_at_batch_start = optimizer_steps_taken(trainer)
         size = self.batch_size_of(batch)
         if not self._first_batch_checked:
             self._first_batch_checked = True
@@ -469,7 +480,7 @@ class EMAScalingCallback(OptionsView, Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._step_at_batch_start:
+        if optimizer_steps_taken(trainer) == self._step_at_batch_start:
             return  # a micro-batch accumulated into a later step
         ema = self.scaled_ema
         ema.end_step()

@@ -212,6 +212,11 @@ class ScaledEMA:
         return self.layout.fsdp1_root
 
     @property
+    def deepspeed_engine(self) -> Optional[torch.nn.Module]:
+        """DeepSpeed: the engine the module was given in (it drops the gathered ZeRO-3 copies); ``None`` otherwise."""
+        return self.layout.deepspeed_engine
+
+    @property
     def swappable(self) -> bool:
         """Whether this EMA keeps one averaged copy (Polyak mode) to swap in and save as the model's weights."""
         return self.averager.swappable

@@ -24,6 +24,16 @@ from lightning_emascale._zero import PARTITIONS_KEY, gather_partitions
 
 __all__ = ["consolidate_deepspeed_checkpoint"]
 
+#: The entries of DeepSpeed's model-states file that are DeepSpeed's own, not the client state (as Lightning drops).
+_DEEPSPEED_ENTRIES = frozenset(
+    {
+        "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+        "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+        "csr_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
+        "mp_world_size", "ds_config", "ds_version",
+    }
+)  # fmt: skip
+
 
 def consolidate_deepspeed_checkpoint(
     checkpoint_dir: Union[str, os.PathLike],
@@ -33,10 +43,11 @@ def consolidate_deepspeed_checkpoint(
 ) -> dict[str, Any]:
     """Write a DeepSpeed checkpoint directory (ZeRO 1, 2 or 3) as one Lightning checkpoint file, with the EMA whole.
 
-    The training weights are consolidated as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does (in
-    fp32, under ``"state_dict"``); each EMA state (a callback's, or a client-state entry holding
-    ``ScaledEMA.state_dict()``) gets its full EMA, put together from every rank's pieces (ZeRO-3). Needs DeepSpeed
-    installed; reads every rank's file on this one process (no process group).
+    The training weights are consolidated by DeepSpeed's ``zero_to_fp32`` (in fp32, under ``"state_dict"``) and the
+    client state is kept beside them, as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does; each EMA
+    state (a callback's, or a client-state entry holding ``ScaledEMA.state_dict()``) gets its full EMA, put together
+    from every rank's pieces (ZeRO-3). Needs DeepSpeed installed; reads every rank's file on this one process (no
+    process group).
 
     Args:
         checkpoint_dir: the directory ``trainer.save_checkpoint`` (or ``ModelCheckpoint``) wrote.
@@ -51,10 +62,11 @@ def consolidate_deepspeed_checkpoint(
         The checkpoint written.
 
     Raises:
-        FileNotFoundError: no DeepSpeed checkpoint in ``checkpoint_dir``.
-        ValueError: a rank's file is missing or from another run, or ``ema_as_weights`` with no or several EMAs.
+        FileNotFoundError: no DeepSpeed checkpoint (or no ``tag``) in ``checkpoint_dir``.
+        ValueError: a rank's file is missing or from another step, or ``ema_as_weights`` with no or several EMAs.
+        Nothing is written then.
     """
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict, ds_checkpoint_dir
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not isinstance(ema_as_weights, bool):
         raise TypeError(f"`ema_as_weights` must be True or False, got {ema_as_weights!r}")
@@ -62,8 +74,20 @@ def consolidate_deepspeed_checkpoint(
         raise FileNotFoundError(
             f"`checkpoint_dir`={str(checkpoint_dir)!r} is not a directory: pass the directory a DeepSpeed fit saved"
         )
-    checkpoint = convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag)
-    directory = Path(ds_checkpoint_dir(checkpoint_dir, tag))
+    directory = _tag_directory(Path(checkpoint_dir), tag)
+    # The client state (Lightning's entries, the EMA states) of the tag's own files, as Lightning's converter keeps
+    # it (which reads it from `latest` whatever the tag); DeepSpeed's own entries dropped.
+    rank_zero = directory / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    first = rank_zero if rank_zero.is_file() else directory / "mp_rank_00_model_states.pt"
+    if not first.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} holds no DeepSpeed model states file (mp_rank_00_model_states.pt)")
+    checkpoint = {
+        key: value
+        for key, value in torch.load(first, map_location="cpu", weights_only=False).items()
+        if key not in _DEEPSPEED_ENTRIES
+    }
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), directory.name)
+    checkpoint["state_dict"] = {name.removeprefix("_forward_module."): value for name, value in weights.items()}
     emas = _ema_states(checkpoint)
     partitioned = {where: state for where, state in emas.items() if PARTITIONS_KEY in state}
     if partitioned:
@@ -89,8 +113,32 @@ def consolidate_deepspeed_checkpoint(
         model_state = checkpoint["state_dict"]
         state["raw_state_dict"] = swap_ema_into(model_state, state["ema"], dict(model_state))
         state[MODEL_ENTRIES] = "ema"
-    torch.save(checkpoint, output_file)
+    # Written only now, after every check, through a temporary file: a refusal leaves no file behind.
+    output = Path(output_file)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     return checkpoint
+
+
+def _tag_directory(checkpoint_dir: Path, tag: Optional[str]) -> Path:
+    """The directory of the checkpoint ``tag`` (``None``: the one ``latest`` names) inside ``checkpoint_dir``."""
+    if tag is None:
+        latest = checkpoint_dir / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(
+                f"{str(checkpoint_dir)!r} has no `latest` file naming its checkpoint: pass `tag` (Lightning saves"
+                " under 'checkpoint')"
+            )
+        tag = latest.read_text().strip()
+    directory = checkpoint_dir / tag
+    if not directory.is_dir():
+        present = sorted(entry.name for entry in checkpoint_dir.iterdir() if entry.is_dir())
+        raise FileNotFoundError(f"`tag`={tag!r} is not a checkpoint in {str(checkpoint_dir)!r}; it holds {present}")
+    return directory
 
 
 def _ema_states(checkpoint: Mapping[str, Any]) -> dict[tuple[str, ...], dict[str, Any]]:

@@ -14,7 +14,8 @@ into OUT_DIR as torch files.
   a second one with the training weights), loaded with ``load_from_checkpoint``;
 - ``reshard`` (ZeRO-3): a fit on 1 process resumed from the file with the training weights
   (``load_full_weights=True``): the EMA when training starts again is recorded;
-- ``refuse``: the same from the file whose state_dict is the EMA, which is refused (the message is recorded).
+- ``refuse``: the same from the file whose state_dict is the EMA, which is refused (the message is recorded);
+- ``ragged``: epochs that end inside an accumulation window, and a second fit on the same Trainer.
 """
 
 from __future__ import annotations
@@ -40,16 +41,16 @@ def make_net() -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.LayerNorm(7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
 
 
-def data() -> TensorDataset:
+def data(samples: int = N_SAMPLES) -> TensorDataset:
     generator = torch.Generator().manual_seed(1234)
-    return TensorDataset(torch.randn(N_SAMPLES, 9, generator=generator), torch.randn(N_SAMPLES, 1, generator=generator))
+    return TensorDataset(torch.randn(samples, 9, generator=generator), torch.randn(samples, 1, generator=generator))
 
 
 PROBE = torch.randn(5, 9, generator=torch.Generator().manual_seed(99))
 
 
 class Model(L.LightningModule):
-    def __init__(self, dtype: str = "fp32") -> None:
+    def __init__(self, dtype: str = "fp32", samples: int = N_SAMPLES) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = make_net()
@@ -73,7 +74,8 @@ class Model(L.LightningModule):
 
     def _loader(self) -> DataLoader:
         kwargs = self.trainer.strategy.distributed_sampler_kwargs
-        return DataLoader(data(), batch_size=PER_DEVICE, sampler=DistributedSampler(data(), shuffle=False, **kwargs))
+        dataset = data(self.hparams.samples)
+        return DataLoader(dataset, batch_size=PER_DEVICE, sampler=DistributedSampler(dataset, shuffle=False, **kwargs))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -130,8 +132,12 @@ class Recorder(L.Callback):
             trainer.save_checkpoint(self.out / "mid")
             state = ema.state_dict()
             full = gathered(state["ema"], state.get("zero3_partitions"))
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            masters = {name: safe_get_full_fp32_param(p).clone() for name, p in pl_module.named_parameters()}
             if trainer.is_global_zero:
-                torch.save({"ema": full, "reference": dict(self.reference)}, self.out / "mid_ema.pt")
+                saved = {"ema": full, "reference": dict(self.reference), "masters": masters}
+                torch.save(saved, self.out / "mid_ema.pt")
 
     def on_validation_start(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -174,6 +180,30 @@ def reshard(out: Path, config: dict, ema: EMAScalingCallback, dtype: str, name: 
     dist.destroy_process_group()
 
 
+def ragged(out: Path, config: dict, ema: EMAScalingCallback, recorder: Recorder, dtype: str) -> None:
+    """5 micro-batches an epoch with accumulation over 2 (DeepSpeed's windows run across epochs), DeepSpeed's default
+    persistence threshold, then a second fit on the same Trainer (a new engine, new fp32 masters)."""
+    config = {**config, "zero_optimization": {"stage": config["zero_optimization"]["stage"]}}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(config=config), max_epochs=3,
+        precision="bf16-true" if dtype == "bf16" else "32-true", accumulate_grad_batches=ACCUMULATE,
+        callbacks=[ema, recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    model = Model(dtype, samples=20)  # 10 samples a rank, 5 micro-batches of 2
+    trainer.fit(model)
+    first_fit = len(recorder.rows)
+    trainer.fit_loop.max_epochs = 5
+    trainer.fit(model)  # again, on the same Trainer
+    state = ema.scaled_ema.state_dict()
+    full = gathered(state["ema"], state.get("zero3_partitions"))
+    if trainer.is_global_zero:
+        torch.save({"rows": recorder.rows, "first_fit": first_fit, "ema": full, "reference": recorder.reference},
+                   out / "ragged.pt")  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def ema_key() -> str:
     return EMAScalingCallback(momentum=MOMENTUM).state_key
 
@@ -205,6 +235,9 @@ def main() -> None:
     }
     ema = EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE, optimizer_rule="sgd")
     recorder = Recorder(ema, stage, dtype, out, mode)
+    if mode == "ragged":
+        ragged(out, config, ema, recorder, dtype)
+        return
     if mode in ("reshard", "refuse"):  # one process, from a consolidated file
         reshard(out, config, ema, dtype, "training_weights.ckpt" if mode == "reshard" else "consolidated.ckpt", mode)
         return

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 CORE_CASES = [
     ("1", "fp32", None),
     ("2", "fp32", None),
+    ("1", "bf16", None),
     ("2", "bf16", None),
     ("3", "fp32", 0),  # every parameter partitioned
     ("3", "bf16", 0),
@@ -77,11 +78,13 @@ def test_zero3_teacher_moves_partition_by_partition_and_its_next_forward_sees_it
     assert result["gaps"] == [0.0] * 5
 
 
-@pytest.fixture(scope="module", params=[("3", "fp32"), ("2", "bf16")], ids=["zero3-fp32", "zero2-bf16"])
+@pytest.fixture(
+    scope="module", params=[("3", "fp32"), ("2", "bf16"), ("1", "fp32")], ids=["zero3-fp32", "zero2-bf16", "zero1-fp32"]
+)
 def lightning_runs(request, tmp_path_factory) -> tuple[str, str, Path]:
     stage, dtype = request.param
     out = tmp_path_factory.mktemp(f"zero{stage}-{dtype}")
-    for mode in ("fit", "resume"):
+    for mode in ("fit", "resume", "ragged"):
         run_script("deepspeed_run.py", mode, out, stage, dtype, cwd=out, timeout=420)
     run_script("deepspeed_run.py", "consolidate", out, stage, dtype, cwd=out)
     if stage == "3":
@@ -102,6 +105,17 @@ def test_deepspeed_strategy_fit_counts_kappa_over_ranks_and_accumulation_and_val
         torch.testing.assert_close(seen, expected, rtol=0, atol=0)
     ((seen, expected),) = fit["validate_after_fit"]  # trainer.validate after fit: a new inference engine, the EMA
     torch.testing.assert_close(seen, expected, rtol=0, atol=0)
+
+
+def test_deepspeed_kappa_follows_the_engines_windows_across_epochs_and_a_second_fit(lightning_runs):
+    _, _, out = lightning_runs
+    ragged = torch.load(out / "ragged.pt", weights_only=False)
+    # 5 micro-batches an epoch per rank, 2 per step: DeepSpeed's windows run across epochs (7 steps in 3 epochs, one
+    # micro-batch left over), and the second fit (2 more epochs, a new engine) takes 5 more; each step 8 samples
+    assert ragged["first_fit"] == 7
+    assert ragged["rows"] == [(step, 8 * step, 2.0) for step in range(1, 13)]
+    # after the second fit the EMA still equals the EMA of the full weights: it follows the new engine's masters
+    assert max_difference(ragged["ema"], ragged["reference"]) == 0.0
 
 
 def test_deepspeed_resume_is_bit_identical(lightning_runs):
@@ -126,7 +140,8 @@ def test_consolidated_deepspeed_checkpoint_holds_the_whole_ema(lightning_runs):
     state = consolidated["checkpoint"]["callbacks"]["EMAScalingCallback{'name': 'ema'}"]
     assert "zero3_partitions" not in state and state["model_entries"] == "ema"
     assert max_difference(state["ema"], mid["ema"]) == 0.0
-    assert state["raw_state_dict"].keys() == mid["ema"].keys()
+    for name, value in mid["masters"].items():  # the training weights: DeepSpeed's fp32 masters, consolidated
+        assert torch.equal(state["raw_state_dict"][name], value), name
     assert max_difference(consolidated["plain_ema"], mid["ema"]) == 0.0  # a one-device ScaledEMA loads the state
 
 
