@@ -159,3 +159,24 @@ def test_zero3_fit_resumes_on_another_world_size_from_the_consolidated_file(ligh
     refused = torch.load(out / "refuse.pt", weights_only=False)
     assert "holds training weights beside an EMA put into the checkpoint's state_dict" in refused["error"]
     assert "Consolidate with `ema_as_weights=False`" in refused["error"]
+
+
+def test_consolidation_refuses_a_missing_tag_and_mixed_ranks_and_writes_nothing(lightning_runs, tmp_path):
+    import shutil
+
+    from lightning_emascale import consolidate_deepspeed_checkpoint
+
+    stage, _, out = lightning_runs
+    with pytest.raises(FileNotFoundError, match=r"`tag`='nope' is not a checkpoint in .*; it holds \['checkpoint'\]"):
+        consolidate_deepspeed_checkpoint(out / "mid", tmp_path / "a.ckpt", tag="nope")
+    if stage != "3":
+        return  # one file: nothing to mix
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out / "mid", mixed)
+    rank_one = mixed / "checkpoint" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    states = torch.load(rank_one, weights_only=False)
+    states["callbacks"]["EMAScalingCallback{'name': 'ema'}"]["samples_seen"] += 8  # a later step's file
+    torch.save(states, rank_one)
+    with pytest.raises(ValueError, match=r"in rank 1's file is not rank 1's piece of the same step \(it says rank 1,"):
+        consolidate_deepspeed_checkpoint(mixed, tmp_path / "b.ckpt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mixed"]  # no file, not even a partial one

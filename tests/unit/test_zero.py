@@ -191,3 +191,31 @@ def test_consolidate_refuses_what_is_not_a_deepspeed_checkpoint(tmp_path):
         consolidate_deepspeed_checkpoint(tmp_path / "missing", tmp_path / "out.ckpt")
     with pytest.raises(TypeError, match=r"`ema_as_weights` must be True or False, got 'yes'"):
         consolidate_deepspeed_checkpoint(tmp_path, tmp_path / "out.ckpt", ema_as_weights="yes")
+
+
+def test_partition_groups_smaller_than_the_world_are_refused(monkeypatch):
+    import lightning_emascale._zero_store as zero_store
+
+    monkeypatch.setattr(zero_store, "partition_group_size", lambda param: 2)  # e.g. MiCS shards of 2 in a world of 1
+    with pytest.raises(ValueError, match=r"'weight' is partitioned over 2 ranks and the world has 1 \(a smaller"):
+        ScaledEMA(DeepSpeedEngine(Net()), None, momentum=0.5)
+
+
+class Stage3Optimizer:
+    """Stands in for DeepSpeed's ZeRO-3 optimizer: hands out a copy of each master partition (as it does when the
+    masters are offloaded to another device)."""
+
+    def get_local_fp32_param(self, param, optim_state_key=None):
+        return param.ds_tensor.float().clone()
+
+
+def test_masters_that_are_copies_are_not_averaged_and_a_warning_says_so():
+    pytest.importorskip("deepspeed")  # read_piece asks deepspeed.utils for the master
+    net = Net()
+    net.weight.requires_grad_(True)
+    net.weight._z3_optimizer = Stage3Optimizer()
+    with pytest.warns(
+        UserWarning, match=r"The fp32 master partitions of 'weight' \(a copy on cpu, not a view on cpu\)"
+    ):
+        ema = ScaledEMA(DeepSpeedEngine(net), None, momentum=0.5)
+    assert ema.averager.tracked[0] is net.weight.ds_tensor  # the piece itself, which stays current
