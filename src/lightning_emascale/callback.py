@@ -82,24 +82,42 @@ class EMAScalingCallback(OptionsView, Callback):
     keys of :meth:`ScaledEMA.metrics` are logged (``<name>/kappa`` and ``/half_life`` in the progress bar).
 
     Args:
-        momentum, base_batch_size, optimizer_rule, update_every, warmup, ema_precision, final_momentum,
-            teachers, momentum_attributes: as in :class:`~lightning_emascale.ScaledEMA`. ``base_batch_size``
-            counts all devices; ``momentum=None`` means 0.999; ``momentum_attributes`` are restored when fit
-            ends; in teacher mode nothing is swapped for evaluation.
+        momentum: :math:`\rho \in [0, 1)` tuned at ``base_batch_size`` (the cosine schedule's start); ``None``:
+            0.999.
+        base_batch_size: the global batch (all devices, all micro-batches of a step) ``momentum`` and the optimizer
+            were tuned at; ``None``: the first step's.
+        optimizer_rule: ``"sgd"`` (LR × κ), ``"adam"`` (LR × √κ, betas, eps), ``"none"``/``None`` or an
+            :class:`~lightning_emascale.OptimizerRule`, applied for each step only.
         evaluate_with_ema: validate, test and predict on the EMA (the training weights restored exactly after),
             and save it as the checkpoint's ``state_dict`` for ``load_from_checkpoint``; ``fit(ckpt_path=...)``
             still resumes the training weights. ``None``: True, or False in teacher mode.
+        update_every: update every this many optimizer steps, with the product of their :math:`\hat\rho`.
+        warmup: :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))`, :math:`t` = samples seen / base batch size.
+        ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` their dtype.
         name: the log prefix (``"<name>/kappa"``, ...) and the checkpoint key. Give several instances
             different names.
-        momentum_schedule: ``"constant"``, ``"cosine"`` or a callable of progress that returns the momentum
-            (picklable under ``ddp_spawn``: a module-level function or a frozen dataclass, not a lambda).
+        momentum_schedule: ``"constant"``, ``"cosine"`` (to ``final_momentum``) or a callable of progress that
+            returns the momentum (picklable under ``ddp_spawn``: a module-level function or a frozen dataclass,
+            not a lambda).
+        final_momentum: where the cosine schedule ends, in :math:`[0, 1]` (BYOL: 1.0).
         total_samples: the run's training samples (global), for :attr:`progress`. ``None`` derives
             ``max_epochs`` × samples per epoch; pass it where that cannot be derived (an ``IterableDataset``,
             ``max_steps`` that stops the run first, ``limit_train_batches``).
-        include, exclude, skip_non_finite, freeze_teachers, flat_parameters (deprecated), offload, side_stream,
-            copy_on_swap: as in
-            :class:`~lightning_emascale.ScaledEMA`
-            (``freeze_teachers`` acts in ``setup``, before DDP wraps the module).
+        teachers: teacher mode: online → teacher submodule paths, e.g. ``{"backbone": "backbone_momentum"}``;
+            nothing is swapped for evaluation.
+        momentum_attributes: attribute path → its momentum at ``base_batch_size`` (DINO's
+            ``{"criterion.center_momentum": 0.9}``), set to :math:`\rho^{b/B}` for every micro-batch and restored
+            when fit ends.
+        include: average only these parameters, buffers or submodules (names or paths).
+        exclude: leave these out (e.g. ``["discriminator"]``).
+        skip_non_finite: skip an update whose weights are not finite (decided on the device, no host sync).
+        freeze_teachers: teacher mode: ``requires_grad_(False)`` on the teachers (in ``setup``, before DDP wraps
+            the module) instead of refusing them.
+        flat_parameters: deprecated (no whole step was faster): move the module's tensors into one buffer laid
+            out as the EMA.
+        offload: keep the EMA in CPU memory, updated in a background thread.
+        side_stream: on a GPU, run each update on a CUDA side stream, beside the next forward and backward.
+        copy_on_swap: evaluation copies the averages into the module instead of pointing it at them.
         resume_from_ema: let ``fit(ckpt_path=...)`` continue training from the EMA where the checkpoint's
             ``state_dict`` holds an EMA whose training weights this callback cannot restore (its state lacks them,
             or they belong to a callback of another class or ``name``). False: such a resume is refused.

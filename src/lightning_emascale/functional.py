@@ -82,6 +82,10 @@ def half_life_from_momentum(momentum: float, batch_size: float) -> float:
     momentum of 1 never forgets: ``inf``. Any other momentum has a finite half-life, and one too large for a float
     (``batch_size`` near 1e308) is an error, not ``inf``.
 
+    Args:
+        momentum: :math:`\rho \in [0, 1]`, per step.
+        batch_size: samples per step (:math:`B > 0`).
+
     Example:
         >>> round(half_life_from_momentum(0.999, batch_size=1))
         693
@@ -110,6 +114,10 @@ def warmup_momentum(momentum: float, base_steps: float) -> float:
     the warm-up shortens the horizon at first. ``base_steps`` is :math:`t` counted in **base-batch steps**
     (samples seen divided by the base batch size), not in optimizer steps, so the warm-up spans the same
     number of samples at any batch size. Raise the result to :math:`\kappa` afterwards.
+
+    Args:
+        momentum: the momentum :math:`\rho \in [0, 1]` after the warm-up.
+        base_steps: :math:`t \ge 0`, samples seen divided by the base batch size.
 
     Example:
         >>> warmup_momentum(0.999, base_steps=0)

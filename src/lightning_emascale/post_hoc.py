@@ -260,6 +260,13 @@ def reconstruct_post_hoc(
     count, a ``samples`` field equal to the file's name, the same tensors, shapes and dtypes in every file, and
     integers only where every EMA holds the same (copied) values.
 
+    Args:
+        directory: the snapshot directory a :class:`~lightning_emascale.PostHocEMACallback` (or a post-hoc
+            :class:`~lightning_emascale.ScaledEMA`) wrote.
+        sigma_rel: the target length as a power EMA's relative standard deviation, in :math:`(0, 0.288675]`.
+        half_life_samples: the target as an exponential EMA's half-life, in samples.
+        at_samples: where the reconstructed EMA ends (samples seen); ``None``: the last snapshot.
+
     Raises:
         FileNotFoundError: ``directory`` does not exist.
         NotADirectoryError: ``directory`` is a file.

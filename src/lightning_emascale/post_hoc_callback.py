@@ -43,9 +43,18 @@ class PostHocEMACallback(EMAScalingCallback):
             holds a snapshot of another run (its run id, saved in the checkpoint, differs; or it has none, written
             before run ids) is refused when fit starts, on every rank. A run resumed from its checkpoint writes on
             into its own, over the snapshots an abandoned attempt wrote after that checkpoint.
-        base_batch_size, optimizer_rule, update_every, name, total_samples, include, exclude, skip_non_finite,
-            side_stream, resume_from_ema: as in ``EMAScalingCallback`` (``resume_from_ema``: resume from a checkpoint
-            whose ``state_dict`` another callback filled with its EMA).
+        base_batch_size: the global batch the optimizer was tuned at (for κ and the rule); ``None``: the first
+            step's.
+        optimizer_rule: ``"sgd"``, ``"adam"``, ``"none"``/``None`` or an
+            :class:`~lightning_emascale.OptimizerRule`, applied for each step only.
+        update_every: update the power EMAs every this many optimizer steps.
+        name: the log prefix and the checkpoint key.
+        total_samples: the run's training samples (global), for ``progress``; ``None`` derives it.
+        include: average only these parameters, buffers or submodules.
+        exclude: leave these out.
+        skip_non_finite: skip an update whose weights are not finite.
+        side_stream: on a GPU, run each update on a CUDA side stream.
+        resume_from_ema: resume from a checkpoint whose ``state_dict`` another callback filled with its EMA.
 
     Example:
         >>> from lightning_emascale import PostHocEMACallback
