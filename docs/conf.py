@@ -24,7 +24,7 @@ myst_heading_anchors = 3  # links to a page's sections by their titles (`page.md
 # The API reference is generated from the docstrings (Google style: "Args:", "Raises:", "Example:").
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+# Members are listed per directive in api.md: the public ones only, not Lightning's hooks or torch's internals.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 

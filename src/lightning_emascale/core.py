@@ -203,17 +203,17 @@ class ScaledEMA:
 
     @property
     def is_sharded(self) -> bool:
-        """Whether the module is sharded (``DTensor`` parameters, or FSDP1): each rank averages its own shards."""
+        """Whether the module is sharded (``DTensor`` parameters, FSDP1 or ZeRO-3), each rank averaging its shards."""
         return self.layout.is_sharded
 
     @property
     def fsdp1_root(self) -> Optional[torch.nn.Module]:
-        """FSDP1: the root wrapper (its checkpoints go through FSDP1's state dicts); ``None`` otherwise."""
+        """FSDP1 — the root wrapper (its checkpoints go through FSDP1's state dicts); ``None`` otherwise."""
         return self.layout.fsdp1_root
 
     @property
     def deepspeed_engine(self) -> Optional[torch.nn.Module]:
-        """DeepSpeed: the engine the module was given in (it drops the gathered ZeRO-3 copies); ``None`` otherwise."""
+        """DeepSpeed — the engine the module was given in (it drops the gathered ZeRO-3 copies); ``None`` otherwise."""
         return self.layout.deepspeed_engine
 
     @property
@@ -223,7 +223,7 @@ class ScaledEMA:
 
     @property
     def snapshots_enabled(self) -> bool:
-        """Post-hoc mode: whether snapshots are written (an adapter turns them off for a smoke test)."""
+        """Post-hoc mode — whether snapshots are written (an adapter turns them off for a smoke test)."""
         return self.averager.snapshots_enabled
 
     @snapshots_enabled.setter
@@ -504,7 +504,7 @@ class ScaledEMA:
 
     @property
     def momentum_per_update(self) -> float:
-        """The momentum the latest EMA update applied: the product of :attr:`ema_momentum` over the steps since
+        """The momentum the latest EMA update applied; the product of :attr:`ema_momentum` over the steps since
         the update before (equal to it with ``update_every=1``; ``nan`` before the first update this object made).
         """
         return self._last_update_decay
@@ -544,7 +544,7 @@ class ScaledEMA:
 
     @property
     def progress(self) -> float:
-        """Training progress on the sample clock: :attr:`samples_seen` / :attr:`resolved_total_samples`."""
+        """Training progress on the sample clock; :attr:`samples_seen` / :attr:`resolved_total_samples`."""
         total = self.resolved_total_samples
         if self._samples_seen > total:
             raise ValueError(
@@ -595,7 +595,7 @@ class ScaledEMA:
 
     @property
     def half_life(self) -> float:
-        r"""The EMA's half-life in samples at the latest step: the samples after which a weight's share of the
+        r"""The EMA's half-life in samples at the latest step; the samples after which a weight's share of the
         average has halved, :math:`b \ln\frac12 / \ln\hat\rho` for a global batch :math:`b` (``inf`` at
         :math:`\hat\rho = 1`, ``nan`` before the first step). The same at every batch size under the rule, and
         readable where :math:`\hat\rho` rounds to 1.000."""
