@@ -54,7 +54,7 @@ def full_shape(tensor: Tensor) -> tuple[int, ...]:
 
 def written_piece(param: Tensor) -> Tensor:
     """The rank's piece of a ZeRO-3 parameter that the next gather reads (its model dtype, padded, 1-D)."""
-    return param.ds_tensor  # type: ignore[attr-defined,no-any-return]
+    return param.ds_tensor  # type: ignore[attr-defined]
 
 
 def read_piece(param: Tensor) -> tuple[Tensor, Optional[str]]:
@@ -77,7 +77,7 @@ def read_piece(param: Tensor) -> tuple[Tensor, Optional[str]]:
     if master is None or master._base is None or master.numel() != piece.numel() or master.device != piece.device:
         where = "no master" if master is None else f"a copy on {master.device}, not a view on {piece.device}"
         return piece, where
-    return master, None  # type: ignore[return-value]
+    return master, None
 
 
 def partition_group_size(param: Tensor) -> int:
@@ -174,9 +174,8 @@ def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -
     pieces = []
     for param, value in zip(params, values):
         length = written_piece(param).numel() if param is not None else 0
-        if param is None or (
-            value.dim() == 1 and value.numel() == length and list(value.shape) != list(param.ds_shape)
-        ):  # type: ignore[attr-defined]
+        full = None if param is None else list(param.ds_shape)  # type: ignore[attr-defined]
+        if param is None or (value.dim() == 1 and value.numel() == length and list(value.shape) != full):
             pieces.append(value)
             continue
         flat = value.reshape(-1)

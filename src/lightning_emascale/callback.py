@@ -330,8 +330,8 @@ class EMAScalingCallback(OptionsView, Callback):
             # A new run (also a K-fold loop reusing this callback): a new EMA of the module's current tensors. Under
             # FSDP1 the root wrapper is given: its checkpoints and reshards go through it; under DeepSpeed the
             # engine, which drops the gathered copies of ZeRO-3 parameters.
-            keep = wrapped is not None and (is_fsdp1(wrapped) or is_deepspeed_engine(wrapped))
-            module = wrapped if keep else pl_module
+            keep_wrapper = wrapped is not None and (is_fsdp1(wrapped) or is_deepspeed_engine(wrapped))
+            module = wrapped if wrapped is not None and keep_wrapper else pl_module
             if self._ema is not None:
                 self._ema.detach()
             self._ema = ScaledEMA.from_options(

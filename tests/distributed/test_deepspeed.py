@@ -145,10 +145,10 @@ def test_consolidated_deepspeed_checkpoint_holds_the_whole_ema(lightning_runs):
     assert max_difference(consolidated["plain_ema"], mid["ema"]) == 0.0  # a one-device ScaledEMA loads the state
 
 
+# ZeRO-3 only (DeepSpeed reads a single file, `load_full_weights`, under ZeRO-3 alone): the fixture's ZeRO-3 run
+@pytest.mark.parametrize("lightning_runs", [("3", "fp32")], indirect=True, ids=["zero3-fp32"])
 def test_zero3_fit_resumes_on_another_world_size_from_the_consolidated_file(lightning_runs):
-    stage, _, out = lightning_runs
-    if stage != "3":
-        pytest.skip("ZeRO-3 only: DeepSpeed reads a single file (`load_full_weights`) under ZeRO-3 alone")
+    _, _, out = lightning_runs
     mid = torch.load(out / "mid_ema.pt", weights_only=False)
     started = torch.load(out / "reshard.pt", weights_only=False)
     # saved on 2 ranks after 4 steps of 8 samples, resumed on 1: the whole EMA is this rank's piece, flattened
