@@ -93,14 +93,21 @@ def consolidate_deepspeed_checkpoint(
     if partitioned:
         ranks = _rank_files(directory, int(next(iter(partitioned.values()))[PARTITIONS_KEY]["world_size"]))
         for where, state in partitioned.items():
-            pieces = [_ema_states(rank_file)[where] for rank_file in ranks]
-            for rank, piece in enumerate(pieces):
+            pieces: list[dict[str, Any]] = []
+            for rank, rank_file in enumerate(ranks):
+                piece = _ema_states(rank_file).get(where)
+                if piece is None or PARTITIONS_KEY not in piece:
+                    raise ValueError(
+                        f"Rank {rank}'s file holds no ZeRO-3 piece of the EMA state {where[-1]!r}: the directory"
+                        " mixes checkpoints, or the file was written without this EMA"
+                    )
                 if piece[PARTITIONS_KEY]["rank"] != rank or piece.get("samples_seen") != state.get("samples_seen"):
                     raise ValueError(
                         f"The EMA state {where[-1]!r} in rank {rank}'s file is not rank {rank}'s piece of the same step"
                         f" (it says rank {piece[PARTITIONS_KEY]['rank']}, {piece.get('samples_seen')} samples seen):"
                         " the directory mixes checkpoints"
                     )
+                pieces.append(piece)
             state["ema"] = gather_partitions([piece["ema"] for piece in pieces], state[PARTITIONS_KEY]["shapes"])
             del state[PARTITIONS_KEY]
     if ema_as_weights:

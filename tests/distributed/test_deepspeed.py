@@ -179,4 +179,8 @@ def test_consolidation_refuses_a_missing_tag_and_mixed_ranks_and_writes_nothing(
     torch.save(states, rank_one)
     with pytest.raises(ValueError, match=r"in rank 1's file is not rank 1's piece of the same step \(it says rank 1,"):
         consolidate_deepspeed_checkpoint(mixed, tmp_path / "b.ckpt")
+    del states["callbacks"]["EMAScalingCallback{'name': 'ema'}"]  # a file written without this EMA
+    torch.save(states, rank_one)
+    with pytest.raises(ValueError, match=r"Rank 1's file holds no ZeRO-3 piece of the EMA state"):
+        consolidate_deepspeed_checkpoint(mixed, tmp_path / "c.ckpt")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mixed"]  # no file, not even a partial one
