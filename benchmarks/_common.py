@@ -121,3 +121,31 @@ def busy_core(nice: int = 19) -> Iterator[BusyCore]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_ranks(rank_main: Callable[..., None], world: int, *args: object, timeout: float = 120) -> list:
+    """Start ``world`` spawned processes running ``rank_main(rank, world, port, *args, queue)`` (each puts one row,
+    its rank first, on ``queue``), and return the rows by rank; exit if a rank fails."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=rank_main, args=(r, world, port, *args, queue)) for r in range(world)]
+    for process in processes:
+        process.start()
+    rows = sorted(queue.get() for _ in range(world))
+    for process in processes:
+        process.join(timeout=timeout)
+        if process.exitcode != 0:
+            raise SystemExit(f"a rank failed (exit code {process.exitcode})")
+    return rows

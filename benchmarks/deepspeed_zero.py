@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import socket
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_times
+from _common import interleaved_times, run_ranks
 
 
 def build(width: int, layers: int) -> torch.nn.Sequential:
@@ -113,12 +111,6 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, queue)
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -142,17 +134,7 @@ def main() -> None:
     )
     mib = 1 << 20
     for world in args.ranks:
-        context = mp.get_context("spawn")
-        queue = context.SimpleQueue()
-        port = free_port()
-        processes = [context.Process(target=rank_main, args=(r, world, port, args, queue)) for r in range(world)]
-        for process in processes:
-            process.start()
-        rows = sorted(queue.get() for _ in range(world))
-        for process in processes:
-            process.join(timeout=120)
-            if process.exitcode != 0:
-                raise SystemExit(f"a rank failed (exit code {process.exitcode})")
+        rows = run_ranks(rank_main, world, args, timeout=120)
         for rank, partition, ema, full, update, floor, gathering, ratio, (low, high) in rows:
             print(
                 f"{world:>5} {rank:>4} {partition / mib:>13.1f} {ema / mib:>8.1f} {full / mib:>17.1f}"

@@ -93,12 +93,11 @@ def partition_group_size(param: Tensor) -> int:
 def partition_layout(named: Sequence[tuple[str, Tensor]]) -> dict[str, Any]:
     """What a checkpoint of per-rank pieces needs to put them back together: this rank, the world size and the
     full shape of every partitioned tensor (by name)."""
-    import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = _rank_and_world()
     return {
-        "rank": dist.get_rank() if distributed else 0,
-        "world_size": dist.get_world_size() if distributed else 1,
+        "rank": rank,
+        "world_size": world,
         "shapes": {name: list(param.ds_shape) for name, param in named if is_zero3(param)},  # type: ignore[attr-defined]
     }
 
@@ -167,10 +166,8 @@ def check_pieces(names: Sequence[str], params: Sequence[Optional[Tensor]], value
 def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -> list[Tensor]:
     """Saved values (checked by :func:`check_pieces`) as this rank's pieces: a full tensor is cut where ZeRO-3 cuts
     it (padded with zeros at the end), so a consolidated EMA loads at any world size, with no communication."""
-    import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = _rank_and_world()
     pieces = []
     for param, value in zip(params, values):
         length = written_piece(param).numel() if param is not None else 0
@@ -182,3 +179,12 @@ def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -
         padded = torch.nn.functional.pad(flat, (0, length * world - flat.numel()))
         pieces.append(padded[rank * length : (rank + 1) * length])
     return pieces
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
