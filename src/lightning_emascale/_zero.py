@@ -6,13 +6,14 @@ Pure torch; DeepSpeed is imported only where a ZeRO-3 parameter is met (so it is
   ordinary one of them (in fp32 for bf16/fp16 parameters, by ``ema_precision``).
 - ZeRO-3 partitions the parameters. A parameter's ``.data`` is empty between steps (or a gathered copy, cached
   after a forward); its rank's piece is ``param.ds_tensor``, 1-D and padded at the end to ``ceil(numel / world)``
-  elements. Each rank averages its own piece: the fp32 master partition the optimizer updates
-  (``deepspeed.utils.safe_get_local_fp32_param``) where the parameter is trained, ``ds_tensor`` otherwise (a
-  frozen teacher). No communication per step, and EMA memory per rank = the rank's partition.
+  elements. Each rank averages its own piece, without the padding (never initialised: it may hold NaN): the fp32
+  master partition the optimizer updates (``deepspeed.utils.safe_get_local_fp32_param``) where the parameter is
+  trained, ``ds_tensor`` otherwise (a frozen teacher). No communication per step, and EMA memory per rank = the
+  rank's partition.
 - A write into ``ds_tensor`` (an evaluation swap, a teacher update, a load) reaches the next forward only if no
   gathered copy is cached: the engine's ``empty_partition_cache()`` drops them, before and after the write.
 - A checkpoint holds each rank's pieces with :func:`partition_layout` beside them; :func:`gather_partitions`
-  stitches the pieces of every rank into full tensors (padding stripped, shapes restored).
+  stitches the pieces of every rank into full tensors (shapes restored; padded pieces are cut to the parameter).
 
 :class:`~lightning_emascale._zero_store.ZeroPartitionStore` keeps the averages of the pieces.
 """
@@ -53,8 +54,19 @@ def full_shape(tensor: Tensor) -> tuple[int, ...]:
 
 
 def written_piece(param: Tensor) -> Tensor:
-    """The rank's piece of a ZeRO-3 parameter that the next gather reads (its model dtype, padded, 1-D)."""
-    return param.ds_tensor  # type: ignore[attr-defined]
+    """The rank's piece of a ZeRO-3 parameter that the next gather reads (its model dtype, 1-D), without the padding
+    ZeRO-3 adds at the end of the last pieces: never initialised, it may hold anything (NaN), and is not the
+    parameter's."""
+    return _unpadded(param, param.ds_tensor)  # type: ignore[attr-defined]
+
+
+def _unpadded(param: Tensor, piece: Tensor) -> Tensor:
+    """``piece`` (a padded 1-D partition of ``param``, or a view laid out like one) cut to the elements of ``param``
+    this rank holds: all of them but on the last ranks, none on a rank past the parameter's end."""
+    rank, _ = _rank_and_world()
+    length = piece.numel()
+    valid = max(0, min(length, int(param.ds_numel) - rank * length))  # type: ignore[attr-defined]
+    return piece if valid == length else piece.narrow(0, 0, valid)
 
 
 def read_piece(param: Tensor) -> tuple[Tensor, Optional[str]]:
@@ -74,10 +86,11 @@ def read_piece(param: Tensor) -> tuple[Tensor, Optional[str]]:
         return piece, None
     # A view into the optimizer's flat fp32 group is updated in place; a copy (masters offloaded to another device)
     # would go stale, and the piece itself is then the one to read.
-    if master is None or master._base is None or master.numel() != piece.numel() or master.device != piece.device:
+    padded = param.ds_tensor  # type: ignore[attr-defined]
+    if master is None or master._base is None or master.numel() != padded.numel() or master.device != piece.device:
         where = "no master" if master is None else f"a copy on {master.device}, not a view on {piece.device}"
         return piece, where
-    return master, None
+    return _unpadded(param, master), None
 
 
 def partition_group_size(param: Tensor) -> int:
@@ -165,9 +178,9 @@ def check_pieces(names: Sequence[str], params: Sequence[Optional[Tensor]], value
 
 def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -> list[Tensor]:
     """Saved values (checked by :func:`check_pieces`) as this rank's pieces: a full tensor is cut where ZeRO-3 cuts
-    it (padded with zeros at the end), so a consolidated EMA loads at any world size, with no communication."""
+    it, so a consolidated EMA loads at any world size, with no communication."""
 
-    rank, world = _rank_and_world()
+    rank, _ = _rank_and_world()
     pieces = []
     for param, value in zip(params, values):
         length = written_piece(param).numel() if param is not None else 0
@@ -175,9 +188,8 @@ def local_pieces(params: Sequence[Optional[Tensor]], values: Sequence[Tensor]) -
         if param is None or (value.dim() == 1 and value.numel() == length and list(value.shape) != full):
             pieces.append(value)
             continue
-        flat = value.reshape(-1)
-        padded = torch.nn.functional.pad(flat, (0, length * world - flat.numel()))
-        pieces.append(padded[rank * length : (rank + 1) * length])
+        start = rank * param.ds_tensor.numel()  # type: ignore[attr-defined]  # where ZeRO-3 puts this rank's piece
+        pieces.append(value.reshape(-1)[start : start + length])
     return pieces
 
 

@@ -219,3 +219,25 @@ def test_masters_that_are_copies_are_not_averaged_and_a_warning_says_so():
     ):
         ema = ScaledEMA(DeepSpeedEngine(net), None, momentum=0.5)
     assert ema.averager.tracked[0] is net.weight.ds_tensor  # the piece itself, which stays current
+
+
+def test_the_padding_of_the_last_piece_is_not_averaged_saved_or_checked(monkeypatch):
+    import lightning_emascale._zero as zero
+    import lightning_emascale._zero_store as zero_store
+
+    monkeypatch.setattr(zero, "_rank_and_world", lambda: (1, 2))  # the last of 2 ranks
+    monkeypatch.setattr(zero_store, "partition_group_size", lambda param: 2)
+    net = Net()
+    net.weight = partitioned((7, 9), world=2, rank=1, seed=5)  # 63 elements: rank 1 holds 31 and 1 of padding
+    with torch.no_grad():
+        net.weight.ds_tensor[-1] = float("nan")  # ZeRO-3 never initialises the padding
+    ema = ScaledEMA(DeepSpeedEngine(net), None, momentum=0.5, skip_non_finite=True, auto_end_step=False)
+    ema.count_samples(4)
+    ema.end_step()
+    assert ema.skipped_updates == 0  # the NaN is not the parameter's
+    piece = ema.ema_state_dict()["weight"]
+    assert piece.numel() == 31 and bool(piece.isfinite().all())
+    ScaledEMA.check_state_dict(ema.state_dict())  # a saved state with no NaN in it
+    full = torch.arange(63.0).reshape(7, 9)
+    (cut,) = local_pieces([net.weight], [full])
+    assert torch.equal(cut, full.reshape(-1)[32:])  # rank 1's elements, where ZeRO-3 puts them
