@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.functional import (
     half_life_from_momentum,
+    inverse_power_warmup,
     momentum_from_half_life,
     scale_ema_momentum,
     warmup_momentum,
 )
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.post_hoc import PostHocReconstruction, reconstruct_post_hoc
+from lightning_emascale.presets import preset_options
 from lightning_emascale.rules import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
 from lightning_emascale.schedules import WarmupCosine, cosine_schedule
 
@@ -44,7 +46,9 @@ __all__ = [
     "consolidate_deepspeed_checkpoint",
     "cosine_schedule",
     "half_life_from_momentum",
+    "inverse_power_warmup",
     "momentum_from_half_life",
+    "preset_options",
     "reconstruct_post_hoc",
     "scale_ema_momentum",
     "warmup_momentum",

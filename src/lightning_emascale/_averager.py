@@ -97,6 +97,10 @@ class Averager:
     def averages_by_name(self) -> dict[str, Tensor]:
         raise self.no_copy()
 
+    def write_into_module(self, keep: float = 0.0) -> None:
+        """Write the averaged copy into the module's tensors for good, ``θ ← keep·θ + (1 − keep)·ζ`` (Polyak mode)."""
+        raise self.no_copy()
+
     def raw_by_name(self) -> dict[str, Tensor]:
         raise self.no_copy()
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from lightning_emascale._averager import Averager, Update, all_finite
+from lightning_emascale._checks import check_fraction
 from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale._options import EMAOptions
 from lightning_emascale._selection import select_tensors
@@ -292,6 +293,52 @@ class PolyakEMA(Averager):
             yield
         finally:
             self.swap_out()
+
+    # ------------------------------------------------------------------------------- writing it in
+    @torch.no_grad()
+    def write_into_module(self, keep: float = 0.0) -> None:
+        """Write the EMA into the tracked tensors for good: :math:`\\theta \\leftarrow \\text{keep}\\cdot\\theta +
+        (1 - \\text{keep})\\cdot\\zeta` (``keep=0`` copies it; a positive ``keep`` is ema-pytorch's
+        ``update_model_with_ema(beta)``, "switch EMA").
+
+        A floating-point tensor gets ``θ.lerp(ζ, 1 − keep)`` computed in the wider of the two dtypes and rounded once
+        to its own (a bf16 parameter of an fp32 EMA gets the cast of the fp32 result); a tensor the EMA copies (an
+        integer buffer, a float buffer holding ±inf) gets the EMA's value. A tied tensor is written once (every name
+        sees it), and so is a tensor left out of the EMA that shares its memory. The writes are in place, so the
+        tensors' version counters move on: a graph built before the write raises in ``backward``. The module's
+        tensors are then remembered as seen (:meth:`mark_seen`: :meth:`changed_since_seen` flags neither this write
+        nor the writes it overwrote). The optimizer's state (momenta) is left as it is.
+
+        Args:
+            keep: the share of the training value kept, in [0, 1].
+
+        Raises:
+            RuntimeError: while the EMA is swapped in, and for a DeepSpeed ZeRO-3 module.
+            ValueError: ``keep`` outside [0, 1].
+        """
+        keep = check_fraction(keep, "keep")
+        if isinstance(self.store, ZeroPartitionStore):
+            raise RuntimeError(
+                "write_into_module() is not supported under DeepSpeed ZeRO-3: DeepSpeed keeps fp32 master weights in"
+                " its optimizer, which this write would not reach, so the next `engine.step()` would overwrite it."
+                " Save a checkpoint, consolidate it with `lightning_emascale.consolidate_deepspeed_checkpoint`"
+                " (its `state_dict` is the EMA) and load that into the model (or a new DeepSpeed run) instead"
+            )
+        if self.is_swapped:
+            raise RuntimeError(
+                "write_into_module() while the EMA is swapped into the model: swap_out() would put the training"
+                " weights back over it. Call swap_out() (or leave the swapped() block) first"
+            )
+        self.flush()  # an update on the side stream or the offload thread has finished
+        self.store.follow()
+        copied = {id(tensor) for tensor in getattr(self.store, "copies", ([], []))[1]}
+        for tensor, average in zip(self.store.targets, self.averages):
+            if keep == 0.0 or not tensor.is_floating_point() or id(tensor) in copied:
+                tensor.copy_(average)  # casts to the tensor's dtype and device
+            else:
+                wide = torch.promote_types(tensor.dtype, average.dtype)
+                tensor.copy_(torch.lerp(tensor.to(wide), average.to(tensor.device, wide), 1.0 - keep))
+        self.mark_seen()  # the module now holds what the EMA wrote: nothing it tracks is stale
 
     # ----------------------------------------------------------------------------------- reading it
     def raw_tensors(self) -> list[Tensor]:

@@ -31,7 +31,8 @@ from lightning_emascale.post_hoc_math import gamma_from_sigma_rel, power_beta
 #: The options a post-hoc EMA has no use for, and their defaults.
 _MOMENTUM_OPTIONS = (
     ("momentum", None), ("final_momentum", None), ("momentum_schedule", "constant"), ("warmup", False),
-    ("teachers", None), ("ema_precision", "fp32"),
+    ("warmup_gamma", None), ("warmup_power", None), ("min_momentum", None), ("start_after_samples", None),
+    ("debias", False), ("teachers", None), ("ema_precision", "fp32"),
 )  # fmt: skip
 
 

@@ -41,9 +41,15 @@ def check_state(state: Mapping[str, Any], where: str) -> None:
             f"{where} has ema_updates={state['ema_updates']!r} past optimizer_steps={state['optimizer_steps']!r};"
             " there is at most one update per step"
         )
-    decay = as_real(state["pending_decay"])
-    if decay is None or not 0.0 < decay <= 1.0:
-        raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in (0, 1] is allowed")
+    decay = as_real(state["pending_decay"])  # 0 during a delayed start, which copies the weights
+    if decay is None or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{where} has pending_decay={state['pending_decay']!r}; a number in [0, 1] is allowed")
+    weight = state.get("debias_weight", 0.0)
+    if as_real(weight) is None or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"{where} has debias_weight={show(weight)}; a number in [0, 1] is allowed")
+    switches = state.get("switches", 0)
+    if as_int(switches) is None or not 0 <= switches <= MAX_COUNT:
+        raise ValueError(f"{where} has switches={show(switches)}; an integer >= 0 and at most {MAX_COUNT} is allowed")
     power = state.get("power_ema", {})
     if not isinstance(power, Mapping) or not all(isinstance(averages, Mapping) for averages in power.values()):
         raise TypeError(f"{where} has power_ema of type {type(power).__name__}; a dict of EMA dicts is allowed")
@@ -80,4 +86,24 @@ def check_mode(state: Mapping[str, Any], own: Any, description: str, where: str)
             raise KeyError(
                 f"{where} lacks the {key!r} tensors this one needs, {description} (it was written in another mode):"
                 " load a state written in the same mode"
+            )
+
+
+def check_clock_options(state: Mapping[str, Any], options: Any, where: str) -> None:
+    """Raise unless ``state`` holds the clock entries that ``options`` need and none that they do not: a debiased
+    EMA's weight (``debias``) and the switches made (``switch_every_samples``). Either is lost or invented by
+    resuming with the option changed, so such a resume is refused."""
+    for key, option, on in (
+        ("debias_weight", "debias", bool(options.debias)),
+        ("switches", "switch_every_samples", options.switch_every_samples is not None),
+    ):
+        if on and key not in state:
+            raise KeyError(
+                f"{where} lacks {key!r}: it was written without `{option}`, which this EMA has. Resume with the"
+                f" `{option}` it was written with"
+            )
+        if not on and key in state:
+            raise ValueError(
+                f"{where} holds {key!r}: it was written with `{option}`, which this EMA lacks. Resume with the"
+                f" `{option}` it was written with"
             )

@@ -51,6 +51,7 @@ from lightning_emascale._teacher import Frozen, freeze_teachers
 from lightning_emascale._zero import is_deepspeed_engine
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
+from lightning_emascale.presets import split_preset_arguments
 from lightning_emascale.rules import OptimizerRule
 
 _BEFORE_FIT = "before fit"  # the "format" of the state of a callback whose fit has not started
@@ -92,7 +93,17 @@ class EMAScalingCallback(OptionsView, Callback):
             and save it as the checkpoint's ``state_dict`` for ``load_from_checkpoint``; ``fit(ckpt_path=...)``
             still resumes the training weights. ``None``: True, or False in teacher mode.
         update_every: update every this many optimizer steps, with the product of their :math:`\hat\rho`.
-        warmup: :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))`, :math:`t` = samples seen / base batch size.
+        warmup: ``True`` or ``"ratio"``: :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))`; ``"inverse-power"``:
+            :math:`\min(\rho, 1 - (1 + t/\gamma)^{-p})`; :math:`t` = samples since the start / base batch size.
+        warmup_gamma: :math:`\gamma` of the inverse-power warm-up (``None``: 1).
+        warmup_power: :math:`p` of the inverse-power warm-up (``None``: 2/3).
+        min_momentum: a floor under the momentum after the warm-up (the peers' ``min_decay``/``min_value``).
+        start_after_samples: a delayed start: every step that starts at most this many samples into training sets
+            the EMA to the weights; averaging starts with the next (the peers' ``update_after_step`` × base batch).
+        debias: a zero-initialised EMA divided by its total weight (bias correction); the first update copies.
+        switch_every_samples: "switch EMA": after the update of the first step that starts at or past each multiple
+            of this many samples, write the EMA into the model's weights.
+        switch_momentum: the share of the training weights a switch keeps (0 copies the EMA).
         ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` their dtype.
         name: the log prefix (``"<name>/kappa"``, ...) and the checkpoint key. Give several instances
             different names.
@@ -108,6 +119,9 @@ class EMAScalingCallback(OptionsView, Callback):
         momentum_attributes: attribute path → its momentum at ``base_batch_size`` (DINO's
             ``{"criterion.center_momentum": 0.9}``), set to :math:`\rho^{b/B}` for every micro-batch and restored
             when fit ends.
+        center_momenta: path → the momentum at ``base_batch_size`` of a centre updated once per optimizer step with
+            the mean over its micro-batches (lightly's ``DINOLoss`` or ``Center``: ``{"criterion": 0.9}``), exact
+            under gradient accumulation.
         include: average only these parameters, buffers or submodules (names or paths).
         exclude: leave these out (e.g. ``["discriminator"]``).
         skip_non_finite: skip an update whose weights are not finite (decided on the device, no host sync).
@@ -140,7 +154,14 @@ class EMAScalingCallback(OptionsView, Callback):
         optimizer_rule: Union[Literal["sgd", "adam", "none"], OptimizerRule, None] = None,
         evaluate_with_ema: Optional[bool] = None,
         update_every: int = 1,
-        warmup: bool = False,
+        warmup: Union[bool, Literal["ratio", "inverse-power"]] = False,
+        warmup_gamma: Optional[float] = None,
+        warmup_power: Optional[float] = None,
+        min_momentum: Optional[float] = None,
+        start_after_samples: Optional[int] = None,
+        debias: bool = False,
+        switch_every_samples: Optional[int] = None,
+        switch_momentum: float = 0.0,
         ema_precision: Literal["fp32", "model"] = "fp32",
         name: str = "ema",
         momentum_schedule: MomentumSchedule = "constant",
@@ -148,6 +169,7 @@ class EMAScalingCallback(OptionsView, Callback):
         total_samples: Optional[int] = None,
         teachers: Optional[dict[str, str]] = None,
         momentum_attributes: Optional[dict[str, float]] = None,
+        center_momenta: Optional[dict[str, float]] = None,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         skip_non_finite: bool = False,
@@ -159,6 +181,27 @@ class EMAScalingCallback(OptionsView, Callback):
         resume_from_ema: bool = False,
     ) -> None:
         self._set_up(options_from(locals()), evaluate_with_ema, name, resume_from_ema)
+
+    @classmethod
+    def from_preset(
+        cls, tool: str, *, base_batch_size: int, total_samples: Optional[int] = None, **arguments: Any
+    ) -> EMAScalingCallback:
+        """A callback configured as ``tool``'s EMA, from the tool's own constructor arguments (its names and
+        defaults), beside any of this class's other arguments: equal to the tool's EMA at ``base_batch_size``, the
+        tool's horizon in samples at any other. See :func:`~lightning_emascale.presets.preset_options`.
+
+        Args:
+            tool: ``"timm"``, ``"ema_pytorch"``, ``"diffusers"``, ``"lightning"``, ``"lightly"`` or ``"composer"``.
+            base_batch_size: the global batch the tool's configuration was tuned at.
+            total_samples: as in the constructor.
+            arguments: the tool's arguments (``decay=0.999``) and this class's others (``optimizer_rule="sgd"``).
+
+        Example:
+            >>> callback = EMAScalingCallback.from_preset("lightning", base_batch_size=128, decay=0.999)
+            >>> callback.momentum, callback.start_after_samples
+            (0.999, 0)
+        """
+        return cls(**split_preset_arguments(tool, base_batch_size, total_samples, arguments))
 
     def _set_up(
         self, options: EMAOptions, evaluate_with_ema: Optional[bool], name: str, resume_from_ema: bool = False

@@ -28,12 +28,13 @@ from lightning_emascale._checks import MAX_COUNT, as_int, check_name, check_posi
 from lightning_emascale._modes import build_averager, options_from
 from lightning_emascale._modes import check as check_options
 from lightning_emascale._module_layout import ModuleLayout, unwrap_module
-from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule
-from lightning_emascale._saved_state import STATE_FORMAT, check_mode, check_state
+from lightning_emascale._options import EMAOptions, EMAPrecision, MomentumSchedule, Warmup
+from lightning_emascale._saved_state import STATE_FORMAT, check_clock_options, check_mode, check_state
 from lightning_emascale._scaled_optimizers import ScaledOptimizers
 from lightning_emascale._warnings import caller_level
 from lightning_emascale._zero import is_deepspeed_optimizer
-from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum, warmup_momentum
+from lightning_emascale.functional import half_life_from_momentum, scale_ema_momentum
+from lightning_emascale.presets import split_preset_arguments
 from lightning_emascale.rules import RuleLike
 
 
@@ -57,7 +58,20 @@ class ScaledEMA:
         base_batch_size: the global batch ``momentum`` and the optimizer were tuned at; ``None``: the first step's.
         optimizer_rule: ``"sgd"``, ``"adam"``, ``"none"``/``None`` or an :class:`~lightning_emascale.OptimizerRule`.
         update_every: update every this many optimizer steps, with the product of their :math:`\hat\rho`.
-        warmup: :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))`, :math:`t` = samples seen / base batch size.
+        warmup: ``True`` or ``"ratio"``: :math:`\rho_t = \min(\rho, (1 + t)/(10 + t))`; ``"inverse-power"``:
+            :math:`\min(\rho, 1 - (1 + t/\gamma)^{-p})`; :math:`t` = samples since the start / base batch size.
+        warmup_gamma: :math:`\gamma` of the inverse-power warm-up (``None``: 1).
+        warmup_power: :math:`p` of the inverse-power warm-up (``None``: 2/3).
+        min_momentum: a floor under the momentum after the warm-up (the peers' ``min_decay``/``min_value``).
+        start_after_samples: a delayed start: every step that starts at most this many samples into training sets
+            the EMA to the weights (momentum 0); averaging starts with the next (the peers' ``update_after_step``
+            × base batch size).
+        debias: a zero-initialised EMA divided by its total weight (Adam's bias correction), computed as an
+            equivalent momentum per update: the first update copies the weights.
+        switch_every_samples: "switch EMA": after the update of the first step that starts at or past each multiple
+            of this many samples, write the EMA into the model's weights (Polyak mode).
+        switch_momentum: the share of the training weights a switch keeps: :math:`\theta \leftarrow m\theta +
+            (1 - m)\zeta`; 0 copies the EMA.
         ema_precision: ``"fp32"`` keeps the EMA of float16/bfloat16 tensors in float32; ``"model"`` their dtype.
         momentum_schedule: ``"constant"``, ``"cosine"`` (to ``final_momentum``) or a callable of progress in
             :math:`[0, 1]` returning the momentum at the base batch size (then leave ``momentum`` unset).
@@ -66,6 +80,9 @@ class ScaledEMA:
         teachers: teacher mode: online → teacher submodule paths, e.g. ``{"backbone": "backbone_momentum"}``.
         momentum_attributes: attribute path → its momentum at ``base_batch_size`` (DINO's
             ``{"criterion.center_momentum": 0.9}``), set to :math:`\rho^{b/B}` for every micro-batch of :math:`b`.
+        center_momenta: path → the momentum at ``base_batch_size`` of a centre updated once per optimizer step with
+            the mean over all its micro-batches (lightly's ``DINOLoss`` or ``Center``: ``{"criterion": 0.9}``);
+            exact under gradient accumulation.
         sigma_rels: post-hoc mode (EDM2): the lengths of the power EMAs tracked, each in :math:`(0, 0.288675]`.
         snapshot_every_samples: post-hoc mode: a snapshot every this many samples seen.
         snapshot_dir: post-hoc mode: the snapshots' directory (written by rank 0).
@@ -111,13 +128,21 @@ class ScaledEMA:
         base_batch_size: Optional[int] = None,
         optimizer_rule: RuleLike = None,
         update_every: int = 1,
-        warmup: bool = False,
+        warmup: Warmup = False,
+        warmup_gamma: Optional[float] = None,
+        warmup_power: Optional[float] = None,
+        min_momentum: Optional[float] = None,
+        start_after_samples: Optional[int] = None,
+        debias: bool = False,
+        switch_every_samples: Optional[int] = None,
+        switch_momentum: float = 0.0,
         ema_precision: EMAPrecision = "fp32",
         momentum_schedule: MomentumSchedule = "constant",
         final_momentum: Optional[float] = None,
         total_samples: Optional[int] = None,
         teachers: Optional[Mapping[str, str]] = None,
         momentum_attributes: Optional[Mapping[str, float]] = None,
+        center_momenta: Optional[Mapping[str, float]] = None,
         sigma_rels: Optional[Sequence[float]] = None,
         snapshot_every_samples: Optional[int] = None,
         snapshot_dir: Optional[Union[str, os.PathLike]] = None,
@@ -149,6 +174,40 @@ class ScaledEMA:
         self = cls.__new__(cls)
         self._build(module, optimizers, options, auto_end_step, total_samples_from)
         return self
+
+    @classmethod
+    def from_preset(
+        cls,
+        tool: str,
+        module: torch.nn.Module,
+        optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
+        *,
+        base_batch_size: int,
+        total_samples: Optional[int] = None,
+        **arguments: Any,
+    ) -> ScaledEMA:
+        """An EMA configured as ``tool``'s, from the tool's own constructor arguments (its names, its defaults),
+        beside any of this class's other arguments. At ``base_batch_size`` it equals the tool's EMA; at other batch
+        sizes it keeps the tool's horizon in samples. See :func:`~lightning_emascale.presets.preset_options`.
+
+        Args:
+            tool: ``"timm"``, ``"ema_pytorch"``, ``"diffusers"``, ``"lightning"``, ``"lightly"`` or ``"composer"``.
+            module: as in the constructor.
+            optimizers: as in the constructor.
+            base_batch_size: the global batch the tool's configuration was tuned at.
+            total_samples: the run's training samples (global), as in the constructor.
+            arguments: the tool's arguments (e.g. ``decay=0.9998, use_warmup=True``) and this class's others.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(4, 1)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> ema = ScaledEMA.from_preset("timm", model, optimizer, base_batch_size=64, decay=0.9998, use_warmup=True)
+            >>> ema.options.warmup, ema.options.start_after_samples
+            ('inverse-power', 0)
+        """
+        options = split_preset_arguments(tool, base_batch_size, total_samples, arguments)
+        return cls(module, optimizers, **options)
 
     def _build(
         self,
@@ -236,6 +295,8 @@ class ScaledEMA:
         self._optimizer_steps = 0
         self._ema_updates = 0
         self._decay_since_update = 1.0  # the product of the rho-hats of the steps since the last EMA update
+        self._debias_weight = 0.0  # `debias`: the weight of the samples in the average, 1 - the product of decays
+        self._switches = 0  # `switch_every_samples`: the multiples switched for so far
         self._step_samples = 0  # global samples counted into the optimizer step under way
         self._step_on_clock = False  # the step under way has been counted on the clock
         self._ended_by_hook = False  # the optimizer's post-hook ended the last step (auto_end_step)
@@ -399,9 +460,8 @@ class ScaledEMA:
         if momentum is None:
             momentum = self.momentum_at(self.progress) if self.options.schedule_uses_progress else self.options.momentum
             assert momentum is not None
-            if self.options.warmup:
-                base = self._base or self._step_samples  # this step's, where the step resolves it
-                momentum = warmup_momentum(momentum, base_steps=self._samples_seen / base)
+            base = self._base or self._step_samples  # this step's, where the step resolves it
+            momentum = self.options.shaped_momentum(momentum, self._samples_seen, base)
             momentum = scale_ema_momentum(momentum, kappa)
         self._momentum_key, self._momentum_of_key = key, momentum
         return momentum
@@ -423,12 +483,51 @@ class ScaledEMA:
         if self._optimizer_steps % self.options.update_every == 0:
             self.layout.reshard_fsdp1()  # a module left gathered would hand the update its gathered views
             finite = self._weights_finite()
-            self.averager.update(Update(self._decay_since_update, self._samples_seen), finite)
+            decay = self._debiased(self._decay_since_update) if self.options.debias else self._decay_since_update
+            self.averager.update(Update(decay, self._samples_seen), finite)
             if self.averager.writes_module:
                 self.reshard()  # a teacher left gathered must gather its moved shards again
             self._ema_updates += 1
-            self._last_update_decay = self._decay_since_update
+            self._last_update_decay = decay
             self._decay_since_update = 1.0
+        if self.options.switch_every_samples is not None:
+            due = (self._samples_seen - self._step_batch) // self.options.switch_every_samples
+            if due > self._switches:  # the step started at or past a multiple not switched for yet
+                self._switches = due
+                self._write_into_module(self.options.switch_momentum)
+
+    def _debiased(self, decay: float) -> float:
+        """The momentum that makes this EMA equal a zero-initialised one divided by its total weight: with
+        :math:`w` the weight of the samples in the average (0 before the first update),
+        :math:`w' = \rho w + 1 - \rho` and the update applies :math:`\rho w / w'`."""
+        weight = decay * self._debias_weight + (1.0 - decay)
+        applied = decay * self._debias_weight / weight if weight > 0.0 else 1.0  # nothing averaged yet: keep
+        self._debias_weight = weight
+        return applied
+
+    def copy_to(self) -> None:
+        """Write the EMA into the module's weights for good (Polyak mode): the training weights are replaced.
+
+        Training may go on from them ("switch EMA" does this every ``switch_every_samples``). Under DeepSpeed the
+        optimizer's fp32 master weights would not follow: consolidate the checkpoint and load it instead."""
+        self._write_into_module(0.0)
+
+    def _write_into_module(self, keep: float) -> None:
+        if not self.averager.swappable:
+            raise self.averager.no_copy()
+        if self.is_swapped:
+            raise RuntimeError("copy_to() while the EMA is swapped into the model: call swap_out() first")
+        if self.layout.deepspeed_engine is not None:
+            raise RuntimeError(
+                "copy_to() and `switch_every_samples` are not supported under DeepSpeed: its optimizer keeps fp32"
+                " master weights this write would not reach, so the next `engine.step()` would overwrite it. Save a"
+                " checkpoint, consolidate it (`lightning_emascale.consolidate_deepspeed_checkpoint`, whose"
+                " `state_dict` is the EMA) and load that instead"
+            )
+        self.averager.join()
+        self.reshard()  # a module left gathered by a no-grad forward would keep its gathered copy
+        self.averager.write_into_module(keep)
+        self.reshard()
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for the EMA update under way (``side_stream``; queued on the
@@ -691,6 +790,10 @@ class ScaledEMA:
         }
         if self.options.skip_non_finite:
             state["skipped_updates"] = self.skipped_updates
+        if self.options.debias:
+            state["debias_weight"] = self._debias_weight
+        if self.options.switch_every_samples is not None:
+            state["switches"] = self._switches
         state.update(self.averager.state_dict())
         return state
 
@@ -704,6 +807,7 @@ class ScaledEMA:
         """Resume from :meth:`state_dict`. A ``base_batch_size`` given now wins over the saved one."""
         check_state(state, "The saved ScaledEMA state")
         check_mode(state, self.averager.state_key, self.averager.describe(), "The saved ScaledEMA state")
+        check_clock_options(state, self.options, "The saved ScaledEMA state")
         self.averager.load_state_dict(state)  # checks every tensor before the first copy
         self._steps.restore()
         self._reset_clock()
@@ -714,6 +818,8 @@ class ScaledEMA:
         self._ema_updates = int(state["ema_updates"])
         self._decay_since_update = float(state["pending_decay"])
         self._skipped = torch.tensor(int(state.get("skipped_updates", 0)), device=self._skipped.device)
+        self._debias_weight = float(state.get("debias_weight", 0.0))
+        self._switches = int(state.get("switches", 0))
 
     def __repr__(self) -> str:
         return (

@@ -13,6 +13,7 @@ from lightning_emascale._checks import check_momentum, check_non_negative, check
 
 __all__ = [
     "half_life_from_momentum",
+    "inverse_power_warmup",
     "momentum_from_half_life",
     "scale_ema_momentum",
     "warmup_momentum",
@@ -130,3 +131,31 @@ def warmup_momentum(momentum: float, base_steps: float) -> float:
     momentum = check_momentum(momentum, allow_one=True)
     base_steps = check_non_negative(base_steps, "base_steps")
     return min(momentum, (1.0 + base_steps) / (10.0 + base_steps))
+
+
+def inverse_power_warmup(base_steps: float, gamma: float = 1.0, power: float = 2.0 / 3.0) -> float:
+    r"""The inverse-power EMA warm-up (timm's ``use_warmup``, ema-pytorch, diffusers' ``use_ema_warmup``).
+
+    .. math:: \rho_t = 1 - (1 + t / \gamma)^{-p}
+
+    The momentum rises from 0 towards 1 as :math:`t` grows; an EMA takes :math:`\min(\rho, \rho_t)`. ``base_steps``
+    is :math:`t` in **base-batch steps** since the EMA started (samples / base batch size), so the warm-up spans the
+    same samples at any batch size. With :math:`\gamma = 1, p = 2/3` it reaches 0.999 after 31,622 base steps; with
+    :math:`p = 3/4`, after 10,000.
+
+    Args:
+        base_steps: :math:`t \ge 0`, samples since the EMA started divided by the base batch size.
+        gamma: :math:`\gamma > 0`, the scale of :math:`t` (the peers' ``inv_gamma``/``warmup_gamma``).
+        power: :math:`p > 0` (the peers' ``power``/``warmup_power``).
+
+    Example:
+        >>> inverse_power_warmup(0)
+        0.0
+        >>> round(inverse_power_warmup(1), 6)  # 1 - 2 ** (-2 / 3)
+        0.370039
+        >>> round(inverse_power_warmup(10_000, power=0.75), 6)
+        0.999
+    """
+    base_steps = check_non_negative(base_steps, "base_steps")
+    gamma, power = check_positive(gamma, "gamma"), check_positive(power, "power")
+    return 1.0 - (1.0 + base_steps / gamma) ** -power

@@ -172,12 +172,23 @@ def _fit(tmp_path, max_epochs, ckpt_path=None, save=None, **callback_kwargs):
     return model, callbacks[0]
 
 
-@pytest.mark.parametrize("update_every", [1, 4])
-def test_resume_is_bit_identical(tmp_path, update_every):
-    full_model, full = _fit(tmp_path, 4, update_every=update_every)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"update_every": 1},
+        {"update_every": 4},
+        # the peers' options: a delayed start, their warm-up and floor, a debiased EMA, switch EMA
+        {"update_every": 4, "start_after_samples": 20, "warmup": "inverse-power", "warmup_power": 0.75,
+         "min_momentum": 0.3},
+        {"debias": True, "switch_every_samples": 20, "switch_momentum": 0.25},
+        {"warmup": "ratio", "start_after_samples": 4, "debias": True, "update_every": 3},
+    ],
+)  # fmt: skip
+def test_resume_is_bit_identical(tmp_path, options):
+    full_model, full = _fit(tmp_path, 4, **options)
     path = tmp_path / "half.ckpt"
-    _fit(tmp_path, 2, save=path, update_every=update_every)
-    resumed_model, resumed = _fit(tmp_path, 4, ckpt_path=path, update_every=update_every)
+    _fit(tmp_path, 2, save=path, **options)
+    resumed_model, resumed = _fit(tmp_path, 4, ckpt_path=path, **options)
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
     for name, value in full.ema_state_dict().items():

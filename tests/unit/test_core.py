@@ -317,7 +317,7 @@ def test_numpy_scalars_and_0d_tensors_are_numbers_bools_are_not():
         ({"update_every": 0}, ValueError, r"`update_every` must be a positive integer, got 0"),
         ({"optimizer_rule": "lamb"}, ValueError, r"`optimizer_rule` must be one of \['adam', 'none', 'sgd'\]"),
         ({"ema_precision": "fp8"}, ValueError, r"`ema_precision` must be one of \['fp32', 'model'\], got 'fp8'"),
-        ({"warmup": 1}, ValueError, r"`warmup` must be True or False, got 1"),
+        ({"warmup": 1}, ValueError, r"`warmup` must be True, False or one of \['ratio', 'inverse-power'\], got 1"),
         ({"auto_end_step": "yes"}, ValueError, r"`auto_end_step` must be True or False, got 'yes'"),
         ({"momentum_schedule": lambda p: 1.5}, ValueError, r"`momentum_schedule\(0.0\)` must be in \[0, 1\], got 1.5"),
         (
@@ -441,8 +441,11 @@ def test_saved_states_are_checked_value_by_value_and_mode_by_mode():
         ("samples_seen", -5, r"an integer >= 0 and at most 9007199254740992"),
         ("samples_seen", 10**30, r"an integer >= 0 and at most 9007199254740992"),
         ("ema_updates", 1.5, r"an integer >= 0 and at most 9007199254740992"),
-        ("pending_decay", 3.0, r"a number in \(0, 1\]"),
-        ("pending_decay", float("nan"), r"a number in \(0, 1\]"),
+        ("pending_decay", 3.0, r"a number in \[0, 1\]"),
+        ("pending_decay", float("nan"), r"a number in \[0, 1\]"),
+        ("pending_decay", -0.5, r"a number in \[0, 1\]"),
+        ("debias_weight", 1.5, r"a number in \[0, 1\]"),
+        ("switches", -1, r"an integer >= 0 and at most 9007199254740992"),
         ("base_batch_size", 0, r"a positive integer or None"),
     ]:
         shown = "1e\\+30 \\(an integer of 31 digits\\)" if value == 10**30 else re.escape(repr(value))
