@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_emascale._attributes import MomentumAttribute
 from lightning_emascale._averager import Update
+from lightning_emascale._centers import CenterUpdate
 from lightning_emascale._checks import MAX_COUNT, as_int, check_name, check_positive_int, show
 from lightning_emascale._modes import build_averager, options_from
 from lightning_emascale._modes import check as check_options
@@ -238,6 +239,7 @@ class ScaledEMA:
         #: The optimizers this EMA follows, and the rule applied to their steps.
         self._steps = ScaledOptimizers(options.rule)
         self._attributes: list[MomentumAttribute] = []
+        self._centers: list[CenterUpdate] = []  # `center_momenta`, intercepted while attached
         # Checked before the averager is built, which may move the module's tensors (`flat_parameters`) or freeze
         # its teachers: a construction that fails leaves the module as it was.
         attachment = self._checked_attachment([] if optimizers is None else optimizers)
@@ -319,9 +321,9 @@ class ScaledEMA:
 
     def _checked_attachment(
         self, optimizers: Union[Optimizer, Sequence[Optimizer]]
-    ) -> tuple[list[Optimizer], list[MomentumAttribute]]:
-        """The torch optimizers of ``optimizers`` and the resolved momentum attributes, each checked; a refusal
-        leaves the hooks and attributes in place."""
+    ) -> tuple[list[Optimizer], list[MomentumAttribute], list[CenterUpdate]]:
+        """The torch optimizers of ``optimizers``, the resolved momentum attributes and centres, each checked; a
+        refusal leaves the hooks, attributes and centres in place."""
         unwrapped = self._steps.check(optimizers, self, self._auto_end_step)
         given = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
         deepspeed = [type(o).__name__ for o in given if is_deepspeed_optimizer(o)]
@@ -346,13 +348,27 @@ class ScaledEMA:
         current = {attribute.path: attribute.original for attribute in self._attributes}
         attributes = [MomentumAttribute.resolve(self.module, path, base, current.get(path)) for path, base in
                       (self.options.momentum_attributes or {}).items()]  # fmt: skip
-        return unwrapped, attributes
+        centers = [CenterUpdate.resolve(self.module, path, base) for path, base in self.options.center_momenta.items()]
+        owners: dict[int, str] = {}
+        for center in centers:  # one interception per centre, checked before anything is attached
+            first = owners.setdefault(id(center.owner), center.path)
+            if first != center.path:
+                raise ValueError(
+                    f"`center_momenta` names {center.path!r}, the same {type(center.owner).__name__} as {first!r}:"
+                    " name each centre once"
+                )
+        return unwrapped, attributes, centers
 
-    def _attach(self, unwrapped: list[Optimizer], attributes: list[MomentumAttribute]) -> None:
+    def _attach(
+        self, unwrapped: list[Optimizer], attributes: list[MomentumAttribute], centers: list[CenterUpdate]
+    ) -> None:
         self.detach()
         self._step_samples, self._step_on_clock = 0, False  # a step interrupted before it ended is dropped
         self.averager.refresh()  # the tensors' storage now (a module moved since it was built)
         self._attributes = attributes
+        self._centers = centers
+        for center in centers:
+            center.attach()
         self.averager.set_side_stream(self.options.side_stream and bool(unwrapped))  # the pre-step hook waits
         self._steps.hook(unwrapped, self, self._before_optimizer_step, self._after_optimizer_step)
 
@@ -364,6 +380,9 @@ class ScaledEMA:
         for attribute in self._attributes:
             attribute.restore()
         self._attributes = []
+        for center in self._centers:
+            center.restore()
+        self._centers = []
 
     def reset(self) -> None:
         """Start afresh: the clock back to zero and, in Polyak mode, the EMA equal to the current weights.
@@ -390,6 +409,8 @@ class ScaledEMA:
             self.end_step()
         self._ended_by_hook = False
         self._step_samples += count
+        for center in self._centers:
+            center.micro_batch(count)
         if self._attributes:
             assert self._base is not None  # momentum_attributes need base_batch_size
             for attribute in self._attributes:
@@ -477,6 +498,8 @@ class ScaledEMA:
         if self._ended_by_hook:
             return
         self._count_step_on_clock()
+        for center in self._centers:  # one update per optimizer step, with the mean of its micro-batches
+            center.end_step(self._kappa)
         self._step_samples = 0
         self._step_on_clock = False
         self._decay_since_update *= self._step_momentum
