@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_emascale.batchnorm import update_bn
 from lightning_emascale.core import ScaledEMA
+from lightning_emascale.export import load_ema_weights, save_ema_pretrained, save_ema_weights
 from lightning_emascale.functional import (
     half_life_from_momentum,
     inverse_power_warmup,
@@ -19,7 +21,7 @@ from lightning_emascale.functional import (
 )
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.post_hoc import PostHocReconstruction, reconstruct_post_hoc
-from lightning_emascale.presets import preset_options
+from lightning_emascale.presets import LightlyCosine, preset_options
 from lightning_emascale.rules import AdamScalingRule, NoScalingRule, OptimizerRule, SGDScalingRule
 from lightning_emascale.schedules import WarmupCosine, cosine_schedule
 
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamScalingRule",
     "EMAScalingCallback",
+    "LightlyCosine",
     "NoScalingRule",
     "OptimizerRule",
     "PostHocEMACallback",
@@ -47,10 +50,14 @@ __all__ = [
     "cosine_schedule",
     "half_life_from_momentum",
     "inverse_power_warmup",
+    "load_ema_weights",
     "momentum_from_half_life",
     "preset_options",
     "reconstruct_post_hoc",
+    "save_ema_pretrained",
+    "save_ema_weights",
     "scale_ema_momentum",
+    "update_bn",
     "warmup_momentum",
 ]
 

@@ -24,14 +24,15 @@ from lightning_emascale._checks import (
 )
 from lightning_emascale._flat_group import EMAPrecision
 from lightning_emascale._warnings import caller_level
-from lightning_emascale.post_hoc_math import check_sigma_rel
 from lightning_emascale.functional import inverse_power_warmup, warmup_momentum
+from lightning_emascale.post_hoc_math import check_sigma_rel
 from lightning_emascale.rules import OptimizerRule, RuleLike, resolve_rule
 from lightning_emascale.schedules import cosine_schedule
 
 #: ``"constant"``, ``"cosine"`` (from ``momentum`` to ``final_momentum``) or a callable of progress in [0, 1].
 MomentumSchedule = Union[Literal["constant", "cosine"], Callable[[float], float]]
-#: ``False``, ``True`` (= ``"ratio"``: :math:`(1 + t)/(10 + t)`) or ``"inverse-power"`` (:math:`1 - (1 + t/\gamma)^{-p}`).
+#: ``False``, ``True`` (= ``"ratio"``: :math:`(1 + t)/(10 + t)`) or ``"inverse-power"``
+#: (:math:`1 - (1 + t/\gamma)^{-p}`).
 Warmup = Union[bool, Literal["ratio", "inverse-power"]]
 WARMUPS = ("ratio", "inverse-power")
 DEFAULT_MOMENTUM = 0.999
@@ -136,9 +137,8 @@ class EMAOptions:
         self._check_warmup_shape(store)
         store("start_after_samples", check_count(self.start_after_samples, "start_after_samples", allow_none=True))
         store("debias", check_bool(self.debias, "debias"))
-        store(
-            "switch_every_samples", check_positive_int(self.switch_every_samples, "switch_every_samples", allow_none=True)
-        )
+        every = check_positive_int(self.switch_every_samples, "switch_every_samples", allow_none=True)
+        store("switch_every_samples", every)
         store("switch_momentum", check_momentum(self.switch_momentum, "switch_momentum"))
         if self.switch_every_samples is None and self.switch_momentum != 0.0:
             raise ValueError(
@@ -158,7 +158,7 @@ class EMAOptions:
             "center_momenta",
             {path: check_momentum(value, f"center_momenta[{path!r}]") for path, value in centers.items()},
         )
-        shared = sorted(set(self.momentum_attributes) & set(self.center_momenta))
+        shared = sorted(set(numbers) & set(centers))
         if shared:
             raise ValueError(
                 f"{shared} are in both `momentum_attributes` and `center_momenta`: a centre is either scaled per"
@@ -271,7 +271,7 @@ class EMAOptions:
 
 def _check_warmup(value: Any) -> Warmup:
     if isinstance(value, bool) or value in WARMUPS:
-        return value  # type: ignore[no-any-return]
+        return value
     raise ValueError(f"`warmup` must be True, False or one of {list(WARMUPS)}, got {show(value)}")
 
 

@@ -49,6 +49,7 @@ from lightning_emascale._sharded import is_fsdp1
 from lightning_emascale._sharded_checkpoint import load_ema, put_ema, put_sharded_ema
 from lightning_emascale._teacher import Frozen, freeze_teachers
 from lightning_emascale._zero import is_deepspeed_engine
+from lightning_emascale.batchnorm import update_bn
 from lightning_emascale.core import ScaledEMA
 from lightning_emascale.lr_scheduler import SampleClockLR
 from lightning_emascale.presets import split_preset_arguments
@@ -135,6 +136,11 @@ class EMAScalingCallback(OptionsView, Callback):
         resume_from_ema: let ``fit(ckpt_path=...)`` continue training from the EMA where the checkpoint's
             ``state_dict`` holds an EMA whose training weights this callback cannot restore (its state lacks them,
             or they belong to a callback of another class or ``name``). False: such a resume is refused.
+        copy_at_end: when training ends, write the EMA into the model's weights for good (as Lightning's
+            ``EMAWeightAveraging`` does); a checkpoint saved afterwards holds it as the training weights too.
+        update_bn_at_end: when training ends, recompute the BatchNorm statistics of the EMA weights over one pass of
+            the training loader (:func:`~lightning_emascale.update_bn` with its default ``forward``), before
+            ``copy_at_end``.
 
     Every ``trainer.fit`` that does not resume (no checkpoint state, ``global_step`` 0) starts afresh: a callback
     built once for a K-fold loop restarts its clock and its EMA with each fold. With ``evaluate_with_ema``, a
@@ -146,6 +152,9 @@ class EMAScalingCallback(OptionsView, Callback):
         >>> ema.state_key
         "EMAScalingCallback{'name': 'ema'}"
     """
+
+    copy_at_end = False  # the constructor's; a subclass that builds through `_set_up` keeps these
+    update_bn_at_end = False
 
     def __init__(
         self,
@@ -179,8 +188,17 @@ class EMAScalingCallback(OptionsView, Callback):
         side_stream: bool = True,
         copy_on_swap: bool = False,
         resume_from_ema: bool = False,
+        copy_at_end: bool = False,
+        update_bn_at_end: bool = False,
     ) -> None:
         self._set_up(options_from(locals()), evaluate_with_ema, name, resume_from_ema)
+        self.copy_at_end = check_bool(copy_at_end, "copy_at_end")
+        self.update_bn_at_end = check_bool(update_bn_at_end, "update_bn_at_end")
+        if (copy_at_end or update_bn_at_end) and self._options.mode != "polyak":
+            raise ValueError(
+                "`copy_at_end` and `update_bn_at_end` act on the one averaged copy of a Polyak EMA, and teacher mode"
+                " keeps none: drop them"
+            )
 
     @classmethod
     def from_preset(
@@ -194,13 +212,15 @@ class EMAScalingCallback(OptionsView, Callback):
             tool: ``"timm"``, ``"ema_pytorch"``, ``"diffusers"``, ``"lightning"``, ``"lightly"`` or ``"composer"``.
             base_batch_size: the global batch the tool's configuration was tuned at.
             total_samples: as in the constructor.
-            arguments: the tool's arguments (``decay=0.999``) and this class's others (``optimizer_rule="sgd"``).
+            **arguments: the tool's arguments (``decay=0.999``) and this class's others (``optimizer_rule="sgd"``).
 
         Example:
             >>> callback = EMAScalingCallback.from_preset("lightning", base_batch_size=128, decay=0.999)
             >>> callback.momentum, callback.start_after_samples
             (0.999, 0)
         """
+        if tool == "lightning":  # Lightning's EMAWeightAveraging leaves the EMA in the model when training ends
+            arguments = {"copy_at_end": True, **arguments}
         return cls(**split_preset_arguments(tool, base_batch_size, total_samples, arguments))
 
     def _set_up(
@@ -481,6 +501,11 @@ class EMAScalingCallback(OptionsView, Callback):
                     + ", so the schedule (and a SampleClockLR on this clock) never reached its end. Set"
                     " `total_samples` to the samples (global) this run trains on"
                 )
+        if ema is not None and not trainer.interrupted and not getattr(trainer, "fast_dev_run", False):
+            if self.update_bn_at_end:
+                update_bn(trainer.train_dataloader or [], ema)  # none: update_bn says the loader was empty
+            if self.copy_at_end:
+                ema.copy_to()
         if ema is not None and ema.ema_updates == 0 and not self._warned_no_update and not self._options.teachers:
             rank_zero_warn(
                 f"{self.state_key}: the run ended after {ema.optimizer_steps} optimizer step(s) without one EMA update"

@@ -197,7 +197,7 @@ class ScaledEMA:
             optimizers: as in the constructor.
             base_batch_size: the global batch the tool's configuration was tuned at.
             total_samples: the run's training samples (global), as in the constructor.
-            arguments: the tool's arguments (e.g. ``decay=0.9998, use_warmup=True``) and this class's others.
+            **arguments: the tool's arguments (e.g. ``decay=0.9998, use_warmup=True``) and this class's others.
 
         Example:
             >>> import torch
@@ -348,7 +348,9 @@ class ScaledEMA:
         current = {attribute.path: attribute.original for attribute in self._attributes}
         attributes = [MomentumAttribute.resolve(self.module, path, base, current.get(path)) for path, base in
                       (self.options.momentum_attributes or {}).items()]  # fmt: skip
-        centers = [CenterUpdate.resolve(self.module, path, base) for path, base in self.options.center_momenta.items()]
+        centers = [
+            CenterUpdate.resolve(self.module, path, base) for path, base in (self.options.center_momenta or {}).items()
+        ]
         owners: dict[int, str] = {}
         for center in centers:  # one interception per centre, checked before anything is attached
             first = owners.setdefault(id(center.owner), center.path)

@@ -2,8 +2,9 @@ r"""Presets: the options of :class:`~lightning_emascale.ScaledEMA` that reproduc
 
 Each preset takes the tool's own constructor arguments, under the tool's names and with its defaults, and returns
 this library's options, on the sample clock: at the base batch size (κ = 1) the EMA equals the tool's
-(``tests/lightning/test_presets.py`` runs each tool, or its documented formula, beside ours), and at any other batch
-size it keeps the tool's horizon in samples, which none of them does. ``ScaledEMA.from_preset`` and
+(``tests/unit/test_presets.py`` and ``tests/lightning/test_presets_in_the_trainer.py`` run each tool, or its
+documented formula, beside ours), and at any other batch size it keeps the tool's horizon in samples, which none of
+them does. ``ScaledEMA.from_preset`` and
 ``EMAScalingCallback.from_preset`` build an EMA from a preset in one line. Pure Python, no torch.
 
 The tools, and what their steps become here (:math:`B` the base batch size):
@@ -42,7 +43,7 @@ from lightning_emascale._checks import (
     show,
 )
 
-__all__ = ["LightlyCosine", "PRESETS", "preset_options"]
+__all__ = ["PRESETS", "LightlyCosine", "preset_options"]
 
 
 def preset_options(tool: str, base_batch_size: int, total_samples: Optional[int] = None, **arguments: Any) -> dict:
@@ -55,7 +56,7 @@ def preset_options(tool: str, base_batch_size: int, total_samples: Optional[int]
         base_batch_size: the global batch the tool's configuration was tuned at; its steps become samples at it.
         total_samples: the run's training samples (global); needed by ``"lightly"``'s schedule and by
             ``"composer"``'s ``ema_start`` in ``"dur"``.
-        arguments: the tool's constructor arguments.
+        **arguments: the tool's constructor arguments.
 
     Returns:
         A dict of options, with ``base_batch_size`` (and ``total_samples`` where given).
@@ -92,9 +93,7 @@ def split_preset_arguments(
     if not isinstance(tool, str) or tool not in PRESETS:
         raise ValueError(f"`tool` must be one of {sorted(PRESETS)}, got {show(tool)}")
     names = tool_arguments(tool)
-    options = preset_options(
-        tool, base_batch_size, total_samples, **{k: v for k, v in arguments.items() if k in names}
-    )
+    options = preset_options(tool, base_batch_size, total_samples, **{k: v for k, v in arguments.items() if k in names})
     ours = {key: value for key, value in arguments.items() if key not in names}
     clash = sorted(set(options) & set(ours))
     if clash:
@@ -156,9 +155,9 @@ def _ema_pytorch(
     if names:
         options["exclude"] = names  # copied there, left out here: evaluation uses the training values either way
     if update_model_with_ema_every is not None:
-        options["switch_every_samples"] = check_positive_int(
-            update_model_with_ema_every, "update_model_with_ema_every"
-        ) * base
+        options["switch_every_samples"] = (
+            check_positive_int(update_model_with_ema_every, "update_model_with_ema_every") * base
+        )
         options["switch_momentum"] = check_momentum(update_model_with_ema_beta, "update_model_with_ema_beta")
     elif update_model_with_ema_beta != 0.0:
         raise ValueError(
@@ -204,7 +203,8 @@ class LightlyCosine:
     """lightly's ``cosine_schedule(step, max_steps, start_value, end_value)`` on the sample clock, as lightly's
     examples call it: in ``training_step``, before the forward, with the steps taken so far. The update after the
     k-th step here is lightly's at step k, so the schedule is read one base batch ahead: ``step`` = progress ×
-    ``max_steps`` + 1; lightly's half cosine spans ``max_steps - 1`` steps and holds ``end_value`` from there. Frozen and picklable (``ddp_spawn``, LightningCLI).
+    ``max_steps`` + 1; lightly's half cosine spans ``max_steps - 1`` steps and holds ``end_value`` from there.
+    Frozen and picklable (``ddp_spawn``, LightningCLI).
 
     Args:
         start_value: the momentum at step 0.

@@ -33,6 +33,12 @@ def run(sizes, **options):
         yield ema, model, before
 
 
+def last(rows):
+    """The last row of a run, after all of its steps."""
+    *_, final = rows
+    return final
+
+
 def weights(model):
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
@@ -76,7 +82,9 @@ def test_debias_equals_a_zero_initialised_ema_divided_by_its_total_weight(update
         if ema.optimizer_steps % update_every:
             continue
         for name, value in weights(model).items():
-            zero[name] = decay * zero.get(name, torch.zeros_like(value, dtype=torch.float64)) + (1 - decay) * value.double()
+            zero[name] = (
+                decay * zero.get(name, torch.zeros_like(value, dtype=torch.float64)) + (1 - decay) * value.double()
+            )
         product *= decay
         last, decay = decay, 1.0
         for name, value in zero.items():
@@ -95,11 +103,9 @@ def test_switch_ema_writes_the_ema_into_the_model_after_each_multiple_it_starts_
 
 
 def test_switch_momentum_keeps_that_share_of_the_training_weights_and_copy_to_copies():
-    for plain, plain_model, _ in run(SIZES[:3], momentum=MOMENTUM):  # the same three steps, no switch
-        pass
+    plain, plain_model, _ = last(run(SIZES[:3], momentum=MOMENTUM))  # the same three steps, no switch
     theta, zeta = weights(plain_model), {k: v.clone() for k, v in plain.ema_state_dict().items()}
-    for ema, model, before in run(SIZES[:3], momentum=MOMENTUM, switch_every_samples=12, switch_momentum=0.25):
-        pass
+    ema, model, before = last(run(SIZES[:3], momentum=MOMENTUM, switch_every_samples=12, switch_momentum=0.25))
     assert before == 12  # the third step starts at 12: switched after its update
     for name, value in weights(model).items():
         torch.testing.assert_close(value, 0.25 * theta[name] + 0.75 * zeta[name], rtol=1e-6, atol=1e-7)
@@ -116,7 +122,10 @@ def test_copy_to_is_refused_where_there_is_no_copy_or_it_is_swapped_in():
         ema.copy_to()
     pair = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
     pair["teacher"].requires_grad_(False)
-    with pytest.raises(RuntimeError, match=r"Teacher mode keeps no separate EMA: the EMA weights are the module's teacher submodules \['teacher'\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Teacher mode keeps no separate EMA: the EMA weights are the module's teacher submodules \['teacher'\]",
+    ):
         ScaledEMA(pair, momentum=MOMENTUM, teachers={"online": "teacher"}).copy_to()
 
 
@@ -151,7 +160,10 @@ def test_errors_name_the_argument_and_what_is_allowed(options, error, match):
 def test_switch_is_refused_in_teacher_mode():
     pair = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
     pair["teacher"].requires_grad_(False)
-    with pytest.raises(ValueError, match=r"`switch_every_samples`=8 writes the one averaged copy of a Polyak EMA into the model, and teacher mode keeps none: drop it"):
+    with pytest.raises(
+        ValueError,
+        match=r"`switch_every_samples`=8 writes the one averaged copy of a Polyak EMA into the model, and teacher mode keeps none: drop it",
+    ):
         ScaledEMA(pair, momentum=MOMENTUM, teachers={"online": "teacher"}, switch_every_samples=8)
 
 
@@ -165,8 +177,7 @@ def test_switch_is_refused_in_teacher_mode():
     ],
 )
 def test_a_state_saved_with_other_clock_options_is_refused_before_anything_loads(saved, loading, match):
-    for ema, _, _ in run([4, 4], momentum=MOMENTUM, **saved):
-        pass
+    ema, _, _ = last(run([4, 4], momentum=MOMENTUM, **saved))
     state = ema.state_dict()
     target = ScaledEMA(new_model(), momentum=MOMENTUM, base_batch_size=4, **loading)
     before = {k: v.clone() for k, v in target.ema_state_dict().items()}

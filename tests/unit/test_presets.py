@@ -2,7 +2,7 @@
 same EMA to 1e-6 — timm and ema-pytorch run here; diffusers and composer are not installed (diffusers pulls in the
 Hugging Face stack, composer a trainer of its own), so their documented formulas are written out below as the
 reference. At κ = 2 and 4 the same preset keeps the tool's horizon in samples, where the tool's own (in steps)
-grows κ times. Lightning's ``EMAWeightAveraging`` and lightly are in ``tests/lightning/test_presets.py``."""
+grows κ times. Lightning's ``EMAWeightAveraging`` and lightly are in ``tests/lightning/test_presets_in_the_trainer.py``."""
 
 from __future__ import annotations
 
@@ -156,13 +156,18 @@ def test_ema_pytorch_defaults_update_every_ten_steps_keep_its_horizon_not_its_ph
     arguments = {"beta": 0.9, "update_after_step": 5}
     options = preset_options("ema_pytorch", base_batch_size=BATCH, **arguments)
     assert options["update_every"] == 10 and options["momentum"] == pytest.approx(0.9**0.1, rel=1e-15)
-    gap = run_against("ema_pytorch", ema_pytorch_peer(**arguments), ema_pytorch_update, ema_pytorch_tensors, **arguments)
+    gap = run_against(
+        "ema_pytorch", ema_pytorch_peer(**arguments), ema_pytorch_update, ema_pytorch_tensors, **arguments
+    )
     travelled = 0.0  # how far the raw weights move between two updates, at most
     model = new_model()
     previous = {k: v.clone() for k, v in model.state_dict().items()}
     for step in train(model, None, None):
         if step % 10 == 0:
-            travelled = max(travelled, float_gap(model.state_dict(), previous, [k for k, v in previous.items() if v.is_floating_point()]))
+            travelled = max(
+                travelled,
+                float_gap(model.state_dict(), previous, [k for k, v in previous.items() if v.is_floating_point()]),
+            )
             previous = {k: v.clone() for k, v in model.state_dict().items()}
     assert 1e-6 < gap < travelled
 
@@ -247,7 +252,13 @@ class ComposerEMA:
 @pytest.mark.parametrize("half_life, ema_start", [("20ba", "0.0dur"), ("10ba", "6ba"), (f"{40 * BATCH}sam", "24sam")])
 def test_composer_preset_equals_its_documented_formula(half_life, ema_start):
     length = float(half_life[:-2]) if half_life.endswith("ba") else float(half_life[:-3]) / BATCH
-    start = 0 if ema_start.endswith("dur") else int(ema_start[:-2]) if ema_start.endswith("ba") else int(ema_start[:-3]) // BATCH
+    start = (
+        0
+        if ema_start.endswith("dur")
+        else int(ema_start[:-2])
+        if ema_start.endswith("ba")
+        else int(ema_start[:-3]) // BATCH
+    )
     peer = ComposerEMA(length, start)
     model = new_model().double()  # float64: composer's three roundings per update against one lerp
     ema = ScaledEMA.from_preset("composer", model, base_batch_size=BATCH, half_life=half_life, ema_start=ema_start)
@@ -300,7 +311,9 @@ def test_at_kappa_2_and_4_the_preset_keeps_the_tools_horizon_in_samples(tool, ar
         assert (momentum == 0.0) == (samples <= start)
         assert momentum == pytest.approx(base[samples][0] ** kappa, rel=1e-12, abs=1e-300)
         if samples > start:
-            assert half_life == pytest.approx(base[samples][1], rel=0.05 if tool != "timm" or "use_warmup" in arguments else 1e-9)
+            assert half_life == pytest.approx(
+                base[samples][1], rel=0.05 if tool != "timm" or "use_warmup" in arguments else 1e-9
+            )
     if tool == "timm" and "use_warmup" not in arguments:  # a constant momentum after the start
         peer = timm.ModelEmaV3(torch.nn.Linear(1, 1), **arguments)
         ours = scaled[max(scaled)][1]
@@ -337,7 +350,10 @@ def test_preset_errors_name_the_argument(tool, arguments, error, match):
 def test_from_preset_refuses_an_option_the_preset_sets_and_passes_ours_through():
     with pytest.raises(ValueError, match=r"\['momentum'\] are set by the 'timm' preset from timm's arguments"):
         EMAScalingCallback.from_preset("timm", base_batch_size=BATCH, decay=0.99, momentum=0.9)
-    with pytest.raises(ValueError, match=r"`base_batch_size` must be a positive integer \(the global batch the tool was tuned at\), got None"):
+    with pytest.raises(
+        ValueError,
+        match=r"`base_batch_size` must be a positive integer \(the global batch the tool was tuned at\), got None",
+    ):
         ScaledEMA.from_preset("timm", new_model(), base_batch_size=None)
     callback = EMAScalingCallback.from_preset("timm", base_batch_size=BATCH, decay=0.99, optimizer_rule="sgd", name="t")
     assert callback.momentum == 0.99 and callback.optimizer_rule.__class__.__name__ == "SGDScalingRule"

@@ -4,6 +4,8 @@ the base batch the EMA (the teacher) equals theirs to 1e-6 after every step."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning as L
 import pytest
 import torch
@@ -40,22 +42,25 @@ def test_lightning_preset_equals_ema_weight_averaging(arguments):
     """Lightning's first update copies the weights (torch's ``AveragedModel``), so does the preset's start. Before
     ``update_starting_at_step`` Lightning keeps the weights it started with, the preset the current ones: the EMAs
     are compared from the start on. Integer buffers are not compared: Lightning averages and truncates them."""
-    runs = {}
+    runs, finals = {}, {}
     for side in ("theirs", "ours"):
         L.seed_everything(0)
         model = TinyModel(n_samples=64, batch_size=BATCH, lr=0.02)  # lr 0.1 diverges on this data
         if side == "theirs":
             callback = EMAWeightAveraging(**arguments)
-            recorder = Recorder(lambda module: dict(callback._average_model.module.state_dict()))
+            recorder = Recorder(lambda module, c=callback: dict(c._average_model.module.state_dict()))
         else:
             callback = EMAScalingCallback.from_preset("lightning", base_batch_size=BATCH, **arguments)
-            recorder = Recorder(lambda module: callback.ema_state_dict())
+            recorder = Recorder(lambda module, c=callback: c.ema_state_dict())
         make_trainer([callback, recorder], max_epochs=2, limit_val_batches=0).fit(model)
         runs[side] = recorder.rows
+        finals[side] = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     start = arguments.get("update_starting_at_step", 0)
     gap = largest_gap(runs["ours"], runs["theirs"], skip=start)
     print(f"\npreset lightning {arguments}: largest |ours - theirs| = {gap:.3g} over {len(runs['ours'])} steps")
     assert gap < 1e-6
+    # both leave the EMA in the model when training ends (the preset sets `copy_at_end=True`)
+    assert largest_gap([finals["ours"]], [finals["theirs"]]) < 1e-6
 
 
 class LightlyBYOL(TinyBYOL):
@@ -97,7 +102,7 @@ def test_lightly_preset_equals_update_momentum_with_cosine_schedule():
             self.rows.append({k: v.detach().clone() for k, v in teacher_of(pl_module).items()})
 
     class InsideStep(LightlyBYOL):
-        rows: list = []
+        rows: ClassVar[list] = []
 
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
@@ -118,3 +123,29 @@ def test_lightly_preset_equals_update_momentum_with_cosine_schedule():
     gap = largest_gap(seen.rows, theirs.rows)
     print(f"\npreset lightly cosine 0.99 -> 1 over {max_steps} steps: largest |ours - theirs| = {gap:.3g}")
     assert len(seen.rows) == max_steps and gap < 1e-6
+
+
+def test_copy_at_end_and_update_bn_at_end():
+    """``update_bn_at_end`` gives the EMA the statistics ``update_bn`` computes over the training loader, and
+    ``copy_at_end`` then leaves that EMA in the model."""
+    from lightning_emascale import update_bn
+
+    L.seed_everything(0)
+    plain_model = TinyModel(n_samples=32, batch_size=BATCH, lr=0.02)
+    plain = EMAScalingCallback(momentum=0.9)
+    make_trainer([plain], max_epochs=1, limit_val_batches=0).fit(plain_model)
+    update_bn(plain_model.train_dataloader(), plain)
+    L.seed_everything(0)
+    model = TinyModel(n_samples=32, batch_size=BATCH, lr=0.02)
+    callback = EMAScalingCallback(momentum=0.9, update_bn_at_end=True, copy_at_end=True)
+    make_trainer([callback], max_epochs=1, limit_val_batches=0).fit(model)
+    for name, value in plain.ema_state_dict().items():
+        assert torch.equal(callback.ema_state_dict()[name], value), name
+        assert torch.equal(model.state_dict()[name], value.to(model.state_dict()[name].dtype)), name
+    assert not torch.equal(plain_model.net[1].running_mean, model.net[1].running_mean)  # the training model's own
+    with pytest.raises(
+        ValueError, match=r"`copy_at_end` and `update_bn_at_end` act on the one averaged copy of a Polyak EMA"
+    ):
+        EMAScalingCallback(teachers=PAIRS, copy_at_end=True)
+    with pytest.raises(ValueError, match=r"`update_bn_at_end` must be True or False, got 'yes'"):
+        EMAScalingCallback(update_bn_at_end="yes")
