@@ -6,21 +6,30 @@ Unsharded, with ``evaluate_with_ema``, the checkpoint's ``state_dict`` holds the
 and the callback's state the training weights (``"raw_state_dict"``, for ``fit(ckpt_path=...)``).
 
 Each rank averages its own shards (:mod:`lightning_emascale._sharded`); a checkpoint must give every rank its own
-shards back, also at another world size where the layout allows it. The strategy writes two kinds:
+shards back, also at another world size. The strategy writes two kinds:
 
 - **full** (``save_distributed_checkpoint=False``): one file, written by rank 0 and read whole by every rank. The
   EMA is gathered (every rank takes part, one tensor at a time) and stored as in an unsharded run: the callback
   state's ``"ema"``, and with ``evaluate_with_ema`` the checkpoint's ``state_dict`` (the EMA, for
   ``load_from_checkpoint``) with the training weights in ``"raw_state_dict"``. Each rank slices its shards back
   out, so it resumes on any number of processes, or on one without sharding.
-- **distributed** (a folder written by ``torch.distributed.checkpoint``): only the model's and the optimizers'
+- **distributed** (a folder written by ``torch.distributed.checkpoint``, DCP): only the model's and the optimizers'
   tensors are written shard by shard; the callback state is pickled by rank 0 alone. The EMA therefore goes
   beside the model's tensors, under ``"{prefix}ema.<name>"`` (and the training weights under
-  ``"{prefix}raw.<name>"`` when the model's entries hold the EMA), and is read back here from the same folder.
+  ``"{prefix}raw.<name>"`` when the model's entries hold the EMA), and is read back here from the same folder
+  (:func:`load_sharded_ema`). DCP stores each tensor by its global shape and the offsets of the saved pieces, and
+  reshards on load into whatever the destination holds: a ``DTensor`` laid out like this run's parameter (FSDP2 on
+  another mesh: 2 ranks to 1 and back tested), or a plain tensor, read whole (an unsharded module).
+  What cannot be mapped is refused before anything is written: a checkpoint without the EMA of a tensor this run
+  averages, or one of another global shape. Lightning itself reads such a folder only under
+  ``ModelParallelStrategy`` (into a module with ``DTensor`` parameters, a 1-rank mesh included) and
+  ``FSDPStrategy``; an EMA not yet built when the checkpoint is read (a strategy that restores before
+  ``on_fit_start``) is refused with what to use instead.
 
 Under FSDP1 a rank's piece of a parameter is a slice of a flat parameter, with no global layout of its own: the
 EMA goes through FSDP1's own state dicts instead, swapped into the shards (a copy, exact for the fp32 parameters
-FSDP1 trains; the core refuses an fp32 EMA of low-precision FSDP1 parameters), in either kind.
+FSDP1 trains; the core refuses an fp32 EMA of low-precision FSDP1 parameters), in either kind. Its sharded state
+dict holds ``ShardedTensor``s of the current world size, which DCP reshards alike.
 """
 
 from __future__ import annotations
@@ -65,10 +74,13 @@ def load_ema(ema: Optional[ScaledEMA], module: torch.nn.Module, state: dict[str,
         load_fsdp1_ema(ema, state, path, fitting=True)
         return
     if "sharded_ema_in_state_dict" in state:
-        if ema is None or not ema.is_sharded:
+        if ema is None:  # the strategy restored the checkpoint before on_fit_start, which builds the EMA
             raise RuntimeError(
-                "The checkpoint is a distributed one with a sharded EMA: resume it with the strategy and"
-                " sharding it was saved with; to change them, resume from a full checkpoint"
+                "The checkpoint is a distributed one (a folder; the EMA lies beside the model's tensors), and the"
+                " strategy restored it before this callback built its EMA: resume it under ModelParallelStrategy"
+                " (FSDP2 `fully_shard`, on any number of processes, one included) or FSDPStrategy, which restore"
+                " after the model is set up, at any world size; under another strategy, resume from a full"
+                " checkpoint (`save_distributed_checkpoint=False`, or FSDPStrategy's `state_dict_type='full'`)"
             )
         load_sharded_ema(ema, state, path, "state_dict")
         return
@@ -284,10 +296,15 @@ def load_fsdp1_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, fitting: bo
 
 
 def load_sharded_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, top_key: str) -> None:
-    """Read a sharded EMA (and the training weights, if the model's entries held the EMA) back from the distributed
-    checkpoint at ``path``, every rank its own shards; the EMA goes into ``state["ema"]`` for ``load_state_dict``."""
+    """Read an EMA (and the training weights, if the model's entries held the EMA) back from the distributed
+    checkpoint at ``path``, saved at any world size: DCP reshards each saved tensor into a ``DTensor`` laid out like
+    this run's parameter (every rank its own shards), or reads it whole into a plain tensor (an unsharded tensor,
+    or an unsharded module). The EMA goes into ``state["ema"]`` for ``load_state_dict``.
+
+    Raises ``ValueError`` in teacher mode (the checkpoint holds a Polyak EMA), ``KeyError`` when the checkpoint
+    lacks the EMA of a tensor this EMA averages and ``ValueError`` when it holds one of another global shape; then
+    nothing is read or written."""
     averager = _polyak(ema)
-    prefix = state.pop("sharded_ema_in_state_dict")
     if averager is None:
         raise ValueError(
             "The checkpoint holds a Polyak EMA (saved beside the model's tensors), but this EMA is in teacher"
@@ -295,18 +312,22 @@ def load_sharded_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, top_key: 
         )
     import torch.distributed.checkpoint as dcp
 
+    prefix = state["sharded_ema_in_state_dict"]
+
     def like(tensor: Tensor, source: Optional[Tensor]) -> Tensor:
         empty = torch.empty_like(tensor)
         return empty if source is None else global_view(empty, source)
 
     pieces = zip(averager.names, averager.averages, averager.sources)
     averages = {f"{prefix}ema.{name}": like(average, source) for name, average, source in pieces}
-    raw_keys = _raw_keys(path, top_key, prefix)
+    saved = _saved_shapes(path, top_key, prefix)
     raws = {
         f"{prefix}raw.{name}": like(t, s)
         for name, t, s in zip(averager.names, averager.tracked, averager.sources)
-        if f"{prefix}raw.{name}" in raw_keys
+        if f"{prefix}raw.{name}" in saved
     }
+    _check_saved(path, saved, prefix, averages)
+    del state["sharded_ema_in_state_dict"]
     loaded = {top_key: {**averages, **raws}}
     dcp.load(loaded, checkpoint_id=path)
     state["ema"] = {name: loaded[top_key][f"{prefix}ema.{name}"] for name in averager.names}
@@ -314,13 +335,45 @@ def load_sharded_ema(ema: ScaledEMA, state: dict[str, Any], path: Any, top_key: 
         write_raw(ema, {key[len(f"{prefix}raw.") :]: value for key, value in loaded[top_key].items() if key in raws})
 
 
-def _raw_keys(path: Any, top_key: str, prefix: str) -> set[str]:
-    """The training-weight entries a distributed checkpoint holds beside the model's (none without the swap)."""
+def _saved_shapes(path: Any, top_key: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The global shape of each tensor a distributed checkpoint holds beside the model's (``"{prefix}ema.<name>"``
+    and ``"{prefix}raw.<name>"``), by its key under ``top_key``."""
     import torch.distributed.checkpoint as dcp
 
     metadata = dcp.FileSystemReader(path).read_metadata()
-    start = f"{top_key}.{prefix}raw."
-    return {key[len(top_key) + 1 :] for key in metadata.state_dict_metadata if key.startswith(start)}
+    start = f"{top_key}.{prefix}"
+    return {
+        key[len(top_key) + 1 :]: tuple(entry.size)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(start) and hasattr(entry, "size")
+    }
+
+
+def _check_saved(path: Any, saved: dict[str, tuple[int, ...]], prefix: str, averages: dict[str, Tensor]) -> None:
+    """Raise unless the distributed checkpoint at ``path`` (``saved``: its shapes) holds every EMA tensor of
+    ``averages`` (``"{prefix}ema.<name>"``: the ``DTensor``s or plain tensors to load into) with the same global
+    shape (the training weights beside them were saved with the EMA's). DCP maps any split of a tensor onto any
+    other, but not one shape onto another."""
+    start = f"{prefix}ema."
+    missing = sorted(key[len(start) :] for key in averages if key not in saved)
+    if missing:
+        more = " and more" if len(missing) > 5 else ""
+        raise KeyError(
+            f"The distributed checkpoint at {path} lacks the EMA of {missing[:5]}{more}, which this callback"
+            " averages: was it written for another model, or with other `include`/`exclude`?"
+        )
+    for key, tensor in averages.items():
+        if saved[key] != tuple(tensor.shape):
+            raise ValueError(
+                f"The distributed checkpoint at {path} holds the EMA of {key[len(start) :]!r} with shape"
+                f" {saved[key]}; the model's is {tuple(tensor.shape)}: a checkpoint resumes at another world size"
+                " or layout, not with another shape, so resume it with the model it was saved from"
+            )
+
+
+def _raw_keys(path: Any, top_key: str, prefix: str) -> set[str]:
+    """The training-weight entries a distributed checkpoint holds beside the model's (none without the swap)."""
+    return {key for key in _saved_shapes(path, top_key, prefix) if key.startswith(f"{prefix}raw.")}
 
 
 @torch.no_grad()

@@ -6,10 +6,13 @@
 - ``fsdp2``: a fit with validation on the EMA, the gathered raw weights recorded after every step, a full and a
   distributed checkpoint written after step 4 (each rank's EMA shards recorded beside them);
 - ``resume``: the same fit resumed from CKPT; each rank's EMA shards recorded when training starts again;
+- ``shrink``: the fit on one process (FSDP2 on a 1-rank mesh, per-device batches of 4: the same global batches)
+  resumed from CKPT, written on 2 ranks; when training starts again, the EMA and the weights recorded and a
+  distributed checkpoint written (what it loaded, in its own layout, for ``resume`` to read on 2 ranks);
 - ``tp``: tensor parallelism on 2 ranks (dp = 1): one sample stream, counted once;
 - ``teacher``: teacher mode, the teacher sharded with ``reshard_after_forward=False``;
-- ``fsdp1``, ``resume1``, ``teacher1``: the same under FSDPStrategy (FSDP1, ``use_orig_params=True``), through a
-  test-only subclass that runs FSDP1 on the CPU (Lightning allows it on GPUs only);
+- ``fsdp1``, ``resume1``, ``shrink1``, ``teacher1``: the same under FSDPStrategy (FSDP1, ``use_orig_params=True``),
+  through a test-only subclass that runs FSDP1 on the CPU (Lightning allows it on GPUs only);
 - ``manual1``: FSDP1 wrapped by hand in ``configure_model`` (Lightning then leaves the root unwrapped).
 """
 
@@ -162,10 +165,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class Recorder(L.Callback):
     """After every optimizer step: the gathered raw weights and the EMA's numbers. Checks the raw shards survive
-    each validation bit for bit. Saves both checkpoint kinds after step ``save_at``."""
+    each validation bit for bit. Saves both checkpoint kinds after step ``save_at``, and a distributed one when
+    training starts (``save_on_start``)."""
 
-    def __init__(self, ema: EMAScalingCallback, out: Path, save_at: int = 0) -> None:
-        self.ema, self.out, self.save_at = ema, out, save_at
+    def __init__(self, ema: EMAScalingCallback, out: Path, save_at: int = 0, save_on_start: bool = False) -> None:
+        self.ema, self.out, self.save_at, self.save_on_start = ema, out, save_at, save_on_start
         self.rows: list[tuple[int, float, float, int]] = []
         self.raw: list[dict[str, torch.Tensor]] = []
         self.before_validation: dict[str, torch.Tensor] = {}
@@ -184,6 +188,9 @@ class Recorder(L.Callback):
             return
         shards = {name: _local(value).clone() for name, value in self.ema.ema_state_dict().items()}
         torch.save(shards, self.out / f"start_shards_rank{trainer.global_rank}.pt")
+        if self.save_on_start:  # what this run loaded, in its own layout
+            _write_kind(trainer, distributed=True)
+            trainer.save_checkpoint(self.out / "distributed.ckpt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         ema = self.ema
@@ -195,10 +202,7 @@ class Recorder(L.Callback):
             shards = {name: _local(value).clone() for name, value in ema.ema_state_dict().items()}
             torch.save(shards, self.out / f"saved_shards_rank{trainer.global_rank}.pt")
             for kind, distributed in (("full", False), ("distributed", True)):  # the strategy's two kinds
-                if isinstance(trainer.strategy, FSDPStrategy):
-                    trainer.strategy._state_dict_type = "sharded" if distributed else "full"
-                else:
-                    trainer.strategy._save_distributed_checkpoint = distributed
+                _write_kind(trainer, distributed)
                 trainer.save_checkpoint(self.out / f"{kind}.ckpt")
                 # saved while the EMA is swapped in (FSDP2), or refused with a message (FSDP1)
                 try:
@@ -216,27 +220,36 @@ class Recorder(L.Callback):
         self.validations += 1
 
 
+def _write_kind(trainer: L.Trainer, distributed: bool) -> None:
+    """Make the strategy write a distributed (sharded) checkpoint, or a full one."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        trainer.strategy._state_dict_type = "sharded" if distributed else "full"
+    else:
+        trainer.strategy._save_distributed_checkpoint = distributed
+
+
 def main(mode: str, out: Path, precision: str = "32-true", ckpt: str = "") -> None:
     L.seed_everything(0)
     tp = mode == "tp"
+    one = mode.startswith("shrink")  # one process, the global batch of 2 ranks on it
     if mode == "manual1":
         strategy = CPUFSDPStrategy()  # the module wraps itself
     elif mode.endswith("1"):  # FSDP1: each Linear its own unit (the rest in the root), or each Sequential for a teacher
         policy = ModuleWrapPolicy({torch.nn.Sequential if mode == "teacher1" else torch.nn.Linear})
         strategy = CPUFSDPStrategy(auto_wrap_policy=policy)
     else:
-        strategy = ModelParallelStrategy(data_parallel_size=1 if tp else 2, tensor_parallel_size=2 if tp else 1)
+        strategy = ModelParallelStrategy(data_parallel_size=1 if tp or one else 2, tensor_parallel_size=2 if tp else 1)
     teachers = {"net": "teacher"} if mode.startswith("teacher") else None
     callback = EMAScalingCallback(momentum=MOMENTUM, base_batch_size=BASE, optimizer_rule="sgd", teachers=teachers)
-    recorder = Recorder(callback, out, save_at=4 if mode in ("fsdp2", "fsdp1") else 0)
+    recorder = Recorder(callback, out, save_at=4 if mode in ("fsdp2", "fsdp1") else 0, save_on_start=one)
     # the EMA callback first: the recorder's validation hooks then run after its swaps
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, precision=precision, max_epochs=2, logger=False,
+        accelerator="cpu", devices=1 if one else 2, strategy=strategy, precision=precision, max_epochs=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[callback, recorder], limit_val_batches=0 if mode in ("tp", "teacher", "teacher1") else None,
         use_distributed_sampler=False,
     )  # fmt: skip
-    model = ShardedModel(mode, batch_size=PER_DEVICE * 2 if tp else PER_DEVICE)
+    model = ShardedModel(mode, batch_size=PER_DEVICE * 2 if tp or one else PER_DEVICE)
     trainer.fit(model, ckpt_path=ckpt or None)
     val_loss = float(trainer.callback_metrics.get("val_loss", float("nan")))  # the last validation of the fit
     ema_full = {}

@@ -1,8 +1,10 @@
 """Sharded models: 2-process CPU (gloo) fits under ModelParallelStrategy (FSDP2, tensor parallelism) and FSDPStrategy
-(FSDP1), each run in a subprocess with a timeout (sharded_run.py), checked against one unsharded process in this one."""
+(FSDP1), each run in a subprocess with a timeout (sharded_run.py), checked against one unsharded process in this one;
+a distributed checkpoint resumed at another world size (2 ranks -> 1 -> 2), and its loader called here directly."""
 
 from __future__ import annotations
 
+import copy
 import socket
 import sys
 from pathlib import Path
@@ -12,12 +14,14 @@ import pytest
 import torch
 from test_ddp import run_script
 
-from lightning_emascale import EMAScalingCallback
+from lightning_emascale import EMAScalingCallback, ScaledEMA
+from lightning_emascale._sharded_checkpoint import load_ema
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sharded_run import BASE, MOMENTUM, PER_DEVICE, ShardedModel, data
 
 STEPS = 8  # 2 epochs of 16 samples in global batches of 4
+KEY = "EMAScalingCallback{'name': 'ema'}"  # the callback's entry in a checkpoint
 
 
 SHAPES = {"fsdp2": [(3, 6), (2, 6)], "fsdp1": [(19,), (11,)]}  # net.0.weight's shard on each rank
@@ -148,6 +152,140 @@ def test_sharded_full_checkpoint_loads_the_ema_and_resumes_on_one_process(sharde
     assert callback.optimizer_steps == STEPS
     assert_close_all(model.state_dict(), full["final_raw"])
     assert_close_all(callback.ema_state_dict(), full["ema"])
+
+
+def suffix(kind: str) -> str:
+    """The runner's mode suffix of a strategy: FSDP1's modes end in 1."""
+    return "1" if kind == "fsdp1" else ""
+
+
+@pytest.fixture(scope="module")
+def shrunk(sharded_fit, tmp_path_factory) -> tuple[str, Path, Path]:
+    """The fit resumed on one process (FSDP2 on a 1-rank mesh; FSDP1 on one rank) from the distributed checkpoint
+    the 2 ranks wrote after step 4, in per-device batches of 4 (the same global batches); it writes a distributed
+    checkpoint of what it loaded when training starts again."""
+    kind, out = sharded_fit
+    where = tmp_path_factory.mktemp(f"shrink-{kind}")
+    run_script("sharded_run.py", f"shrink{suffix(kind)}", where, "32-true", out / "distributed.ckpt", cwd=where)
+    return kind, out, where
+
+
+@pytest.fixture(scope="module")
+def regrown(shrunk, tmp_path_factory) -> tuple[str, Path, Path, Path]:
+    """The fit resumed on 2 ranks again, from the distributed checkpoint the one process wrote."""
+    kind, out, one = shrunk
+    two = tmp_path_factory.mktemp(f"regrow-{kind}")
+    run_script("sharded_run.py", f"resume{suffix(kind)}", two, "32-true", one / "distributed.ckpt", cwd=two)
+    return kind, out, one, two
+
+
+def test_distributed_checkpoint_of_2_ranks_resumes_on_one_process(shrunk):
+    kind, out, where = shrunk
+    # the full checkpoint written at the same step holds the gathered EMA and training weights
+    saved = torch.load(out / "full.ckpt", weights_only=False)["callbacks"][KEY]
+    ema = torch.load(where / "start_shards_rank0.pt", weights_only=False)  # one rank: its shards are the whole EMA
+    weights = torch.load(where / "initial.pt", weights_only=False)  # the module's when training starts again
+    for loaded, expected in ((ema, saved["ema"]), (weights, saved["raw_state_dict"])):
+        assert loaded.keys() == expected.keys()
+        for name, value in expected.items():
+            assert loaded[name].shape == value.shape and torch.equal(loaded[name], value), name
+    # training goes on, on the same global batches: it ends where the uninterrupted 2-rank fit did
+    full = torch.load(out / f"{kind}.pt", weights_only=False)
+    resumed = torch.load(where / f"shrink{suffix(kind)}.pt", weights_only=False)
+    assert resumed["replicas"] == 1
+    assert resumed["rows"] == full["rows"][4:]
+    assert_close_all(resumed["ema"], full["ema"])
+    assert_close_all(resumed["final_raw"], full["final_raw"])
+
+
+def test_distributed_checkpoint_of_one_process_gives_each_of_2_ranks_its_own_shards(regrown):
+    kind, out, one, two = regrown
+    assert [path.name for path in (one / "distributed.ckpt").glob("*.distcp")] == ["__0_0.distcp"]  # 1 writer
+    for rank in (0, 1):  # 2 ranks -> 1 -> 2: each rank gets back the shards it saved, bit for bit
+        saved = torch.load(out / f"saved_shards_rank{rank}.pt", weights_only=False)
+        loaded = torch.load(two / f"start_shards_rank{rank}.pt", weights_only=False)
+        assert saved.keys() == loaded.keys()
+        for name in saved:
+            assert loaded[name].shape == saved[name].shape and torch.equal(loaded[name], saved[name]), (rank, name)
+        assert tuple(loaded["net.0.weight"].shape) == SHAPES[kind][rank]  # uneven: a swap of ranks would not fit
+    # and the fit goes on to end bit-identical to the uninterrupted one
+    full = torch.load(out / f"{kind}.pt", weights_only=False)
+    resumed = torch.load(two / f"resume{suffix(kind)}.pt", weights_only=False)
+    assert resumed["rows"] == full["rows"][4:]
+    for name in full["ema"]:
+        assert torch.equal(resumed["ema"][name], full["ema"][name]), name
+        assert torch.equal(resumed["final_raw"][name], full["final_raw"][name]), name
+
+
+@pytest.mark.parametrize("sharded_fit", ["fsdp2"], indirect=True)
+def test_distributed_checkpoint_loads_whole_into_an_unsharded_ema(sharded_fit):
+    # Lightning reads a distributed checkpoint into DTensor modules only; the loader also fills plain tensors, each
+    # read whole from the 2 ranks' DTensor pieces (one process, no process group)
+    _, out = sharded_fit
+    path = out / "distributed.ckpt"
+    state = torch.load(path / "meta.pt", weights_only=False)["callbacks"][KEY]
+    saved = torch.load(out / "full.ckpt", weights_only=False)["callbacks"][KEY]
+    model = ShardedModel()
+    ema = ScaledEMA(model, momentum=MOMENTUM, base_batch_size=BASE)
+    load_ema(ema, model, state, path)
+    assert "sharded_ema_in_state_dict" not in state
+    assert state["ema"].keys() == saved["ema"].keys()
+    assert all(torch.equal(state["ema"][name], value) for name, value in saved["ema"].items())
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], value) for name, value in saved["raw_state_dict"].items())
+    ema.load_state_dict(state)
+    assert (ema.optimizer_steps, ema.samples_seen) == (4, 16)
+    assert all(torch.equal(value, saved["ema"][name]) for name, value in ema.ema_state_dict().items())
+
+
+@pytest.mark.parametrize("sharded_fit", ["fsdp2"], indirect=True)
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        (
+            "no EMA yet",
+            RuntimeError,
+            r"the strategy restored it before this callback built its EMA: resume it under ModelParallelStrategy"
+            r" \(FSDP2 `fully_shard`, on any number of processes, one included\) or FSDPStrategy, .* resume from a"
+            r" full checkpoint \(`save_distributed_checkpoint=False`, or FSDPStrategy's `state_dict_type='full'`\)",
+        ),
+        (
+            "an entry missing",
+            KeyError,
+            r"distributed checkpoint at .* lacks the EMA of \['temperature'\], which this callback averages: was it"
+            r" written for another model, or with other `include`/`exclude`\?",
+        ),
+        (
+            "another shape",
+            ValueError,
+            r"holds the EMA of 'scale' with shape \(1,\); the model's is \(2,\): a checkpoint resumes at another"
+            r" world size or layout, not with another shape, so resume it with the model it was saved from",
+        ),
+        (
+            "teacher mode",
+            ValueError,
+            r"holds a Polyak EMA \(saved beside the model's tensors\), but this EMA is in teacher mode: load it with"
+            r" the same `teachers` setting",
+        ),
+    ],
+)
+def test_distributed_checkpoint_refuses_what_it_cannot_map_before_writing_anything(sharded_fit, case, error, match):
+    _, out = sharded_fit
+    path = out / "distributed.ckpt"
+    state = torch.load(path / "meta.pt", weights_only=False)["callbacks"][KEY]
+    model = ShardedModel("teacher" if case == "teacher mode" else "fsdp2")
+    options: dict = {"teachers": {"net": "teacher"}} if case == "teacher mode" else {}
+    if case == "an entry missing":  # an EMA of a non-persistent buffer, which the checkpoint was saved without
+        model.register_buffer("temperature", torch.ones(1), persistent=False)
+        options["include"] = ["net", "scale", "temperature"]
+    if case == "another shape":  # in a fit, a non-persistent buffer in `include` (Lightning checks the model's own)
+        model.scale = torch.ones(2)
+    ema = None if case == "no EMA yet" else ScaledEMA(model, momentum=MOMENTUM, base_batch_size=BASE, **options)
+    before, kept = copy.deepcopy(model.state_dict()), dict(state)
+    with pytest.raises(error, match=match):
+        load_ema(ema, model, state, path)
+    assert state == kept  # the checkpoint's entry still says where the EMA lies
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
 
 
 def test_fsdp1_wrapped_by_hand_in_configure_model(tmp_path):

@@ -494,7 +494,7 @@ def test_two_callbacks_with_rules_fail_at_fit_start():
         make_trainer([first, second]).fit(TinyModel())
 
 
-def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_sharding():
+def test_a_distributed_checkpoint_restored_before_the_ema_is_built_is_refused():
     from lightning.pytorch.trainer.states import TrainerFn
 
     callback = EMAScalingCallback()
@@ -503,7 +503,10 @@ def test_a_distributed_checkpoint_of_a_sharded_ema_resumes_only_with_its_shardin
     )
     clock = {"format": 1, "base_batch_size": 4, "samples_seen": 8, "optimizer_steps": 2, "ema_updates": 2}
     state = {**clock, "pending_decay": 1.0, "sharded_ema_in_state_dict": "_emascale.ema.", "model_holds_ema": True}
-    with pytest.raises(RuntimeError, match=r"resume it with the strategy and sharding it was saved with; to change"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"the strategy restored it before this callback built its EMA: resume it under ModelParallelStrategy",
+    ):
         callback.on_load_checkpoint(fitting, TinyModel(), {"callbacks": {callback.state_key: state}})
     # evaluating from it (validate(ckpt_path=...)) needs no EMA of this run: the module holds the checkpoint's EMA
     validating = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
