@@ -3,59 +3,15 @@ move it exactly as one batch of 32 does (one centre per step, one update with th
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import pytest
 import torch
-from helpers import make_trainer
-from lightly.loss import DINOLoss
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import DINO_PAIRS, TinyDINO, make_trainer
 
 from lightning_emascale import EMAScalingCallback
 from lightning_emascale._centers import CenterUpdate
 
-DIM = 16
-PAIRS = {"backbone": "backbone_momentum", "head": "head_momentum"}
-
-
-class TinyDINO(L.LightningModule):
-    """A DINO-shaped module: student backbone + head, frozen teacher twins, lightly's DINOLoss with its centre.
-
-    No BatchNorm, and micro-batches of equal size, so that accumulation (each micro-batch's mean loss / 4) gives the
-    gradient of one batch: everything but the centre matches the large-batch run with or without the fix.
-    """
-
-    def __init__(self, n_samples: int = 64, batch_size: int = 8) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU())
-        self.head = torch.nn.Linear(8, DIM)
-        self.backbone_momentum = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.head_momentum = copy.deepcopy(self.head).requires_grad_(False)
-        self.criterion = DINOLoss(output_dim=DIM, teacher_temp=0.1, center_momentum=0.9)
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n_samples, 6, generator=generator)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        views = [x, 0.5 * x + x.roll(1, dims=1)]  # two fixed "views"
-        with torch.no_grad():
-            teacher_out = [self.head_momentum(self.backbone_momentum(v)) for v in views]
-        student_out = [self.head(self.backbone(v)) for v in views]
-        return self.criterion(teacher_out, student_out)
-
-    def validation_step(self, batch, batch_idx):  # the loss in eval mode: lightly's own centre update
-        self.log("val_loss", self.training_step(batch, batch_idx))
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(self.x[:16]), batch_size=8)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x), batch_size=self.batch_size)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+PAIRS = DINO_PAIRS
 
 
 class HandWiredCenter(L.Callback):
