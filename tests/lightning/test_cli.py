@@ -37,6 +37,26 @@ def test_configured_from_the_command_line(tmp_path):
     assert cli.trainer.callback_metrics["teacher/kappa"] == 2.0
 
 
+def test_the_peers_options_from_the_command_line(tmp_path):
+    cli = _cli(
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_emascale.EMAScalingCallback",
+        "--trainer.callbacks.momentum=0.99",
+        "--trainer.callbacks.base_batch_size=4",
+        "--trainer.callbacks.warmup=inverse-power",
+        "--trainer.callbacks.warmup_power=0.75",
+        "--trainer.callbacks.start_after_samples=8",
+        "--trainer.callbacks.debias=true",
+        "--trainer.callbacks.switch_every_samples=16",
+        "--trainer.callbacks.copy_at_end=true",
+    )
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, EMAScalingCallback))
+    assert (callback.warmup, callback.warmup_power, callback.start_after_samples) == ("inverse-power", 0.75, 8)
+    assert callback.debias and callback.switch_every_samples == 16 and callback.copy_at_end
+    assert callback.ema_updates == 8
+
+
 def test_rule_object_from_a_config_file(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -298,6 +298,8 @@ def steps_at(tool: str, arguments: dict, factor: int) -> dict[int, tuple[float, 
         ("timm", {"decay": 0.99, "use_warmup": True, "update_after_step": 4}),
         ("diffusers", {"decay": 0.99, "update_after_step": 4}),
         ("ema_pytorch", {"beta": 0.99, "update_every": 1, "update_after_step": 4}),
+        ("lightning", {"decay": 0.95, "update_starting_at_step": 4}),
+        ("composer", {"half_life": "20ba", "ema_start": "4ba"}),
     ],
 )
 @pytest.mark.parametrize("kappa", [2, 4])
@@ -306,14 +308,13 @@ def test_at_kappa_2_and_4_the_preset_keeps_the_tools_horizon_in_samples(tool, ar
     κ = 1 run's momentum at the same sample count, to the power κ), so a constant momentum has the κ = 1 half-life
     in samples. The tool itself, stepping at κB, counts steps: its half-life in samples grows κ times."""
     base, scaled = steps_at(tool, arguments, 1), steps_at(tool, arguments, kappa)
-    start = arguments["update_after_step"] * BATCH
+    start = preset_options(tool, base_batch_size=BATCH, **arguments)["start_after_samples"]
+    assert start == 4 * BATCH
     for samples, (momentum, half_life) in scaled.items():
         assert (momentum == 0.0) == (samples <= start)
         assert momentum == pytest.approx(base[samples][0] ** kappa, rel=1e-12, abs=1e-300)
         if samples > start:
-            assert half_life == pytest.approx(
-                base[samples][1], rel=0.05 if tool != "timm" or "use_warmup" in arguments else 1e-9
-            )
+            assert half_life == pytest.approx(base[samples][1], rel=1e-9)  # in samples: the κ = 1 run's
     if tool == "timm" and "use_warmup" not in arguments:  # a constant momentum after the start
         peer = timm.ModelEmaV3(torch.nn.Linear(1, 1), **arguments)
         ours = scaled[max(scaled)][1]
