@@ -149,15 +149,11 @@ class EMAOptions:
         store("total_samples", check_positive_int(self.total_samples, "total_samples", allow_none=True))
         store("teachers", check_paths(self.teachers, "teachers", as_str, "strings"))
         numbers = check_paths(self.momentum_attributes, "momentum_attributes", _real_as_given, "numbers") or {}
-        store(
-            "momentum_attributes",
-            {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in numbers.items()},
-        )
+        scaled = {path: check_momentum(value, f"momentum_attributes[{path!r}]") for path, value in numbers.items()}
+        store("momentum_attributes", scaled or None)
         centers = check_paths(self.center_momenta, "center_momenta", _real_as_given, "numbers") or {}
-        store(
-            "center_momenta",
-            {path: check_momentum(value, f"center_momenta[{path!r}]") for path, value in centers.items()},
-        )
+        checked = {path: check_momentum(value, f"center_momenta[{path!r}]") for path, value in centers.items()}
+        store("center_momenta", checked or None)  # None when not given: `dataclasses.replace` checks it again
         shared = sorted(set(numbers) & set(centers))
         if shared:
             raise ValueError(
@@ -211,6 +207,12 @@ class EMAOptions:
             raise ValueError(
                 "`center_momenta` are scaled by the step's global batch over `base_batch_size`: give"
                 " `base_batch_size` (the global batch size their momenta were tuned at)"
+            )
+        if self.debias and self.skip_non_finite:
+            raise ValueError(
+                "`debias=True` with `skip_non_finite=True`: a skipped update is decided on the device with no host"
+                " sync, and the debiasing weight is kept on the host, so it would count the skipped update. Use one"
+                " of them"
             )
         if self.switch_every_samples is not None and self.mode != "polyak":
             raise ValueError(

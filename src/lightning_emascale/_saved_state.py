@@ -107,3 +107,10 @@ def check_clock_options(state: Mapping[str, Any], options: Any, where: str) -> N
                 f"{where} holds {key!r}: it was written with `{option}`, which this EMA lacks. Resume with the"
                 f" `{option}` it was written with"
             )
+    saved_period, period = state.get("switch_every_samples"), options.switch_every_samples
+    if saved_period is not None and period is not None and saved_period != period:
+        raise ValueError(
+            f"{where} was written with `switch_every_samples`={saved_period!r}, and this EMA has"
+            f" {options.switch_every_samples!r}: the switches made count multiples of the period, so resume with"
+            f" `switch_every_samples`={saved_period!r}"
+        )

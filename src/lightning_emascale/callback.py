@@ -99,8 +99,9 @@ class EMAScalingCallback(OptionsView, Callback):
         warmup_gamma: :math:`\gamma` of the inverse-power warm-up (``None``: 1).
         warmup_power: :math:`p` of the inverse-power warm-up (``None``: 2/3).
         min_momentum: a floor under the momentum after the warm-up (the peers' ``min_decay``/``min_value``).
-        start_after_samples: a delayed start: every step that starts at most this many samples into training sets
-            the EMA to the weights; averaging starts with the next (the peers' ``update_after_step`` × base batch).
+        start_after_samples: a delayed start: every step that starts at most this many samples into training has
+            momentum 0 (an update sets the EMA to the weights); averaging starts with the next step (the peers'
+            ``update_after_step`` × base batch).
         debias: a zero-initialised EMA divided by its total weight (bias correction); the first update copies.
         switch_every_samples: "switch EMA": after the update of the first step that starts at or past each multiple
             of this many samples, write the EMA into the model's weights.
@@ -139,8 +140,9 @@ class EMAScalingCallback(OptionsView, Callback):
         copy_at_end: when training ends, write the EMA into the model's weights for good (as Lightning's
             ``EMAWeightAveraging`` does); a checkpoint saved afterwards holds it as the training weights too.
         update_bn_at_end: when training ends, recompute the BatchNorm statistics of the EMA weights over one pass of
-            the training loader (:func:`~lightning_emascale.update_bn` with its default ``forward``), before
-            ``copy_at_end``.
+            the training loader (:func:`~lightning_emascale.update_bn`; the module's ``forward`` on the first element
+            of each batch, moved and cast as in training), before ``copy_at_end``. Under DDP each rank runs its
+            shard of the data and the ranks' statistics are then averaged, so every rank holds the same EMA.
 
     Every ``trainer.fit`` that does not resume (no checkpoint state, ``global_step`` 0) starts afresh: a callback
     built once for a K-fold loop restarts its clock and its EMA with each fold. With ``evaluate_with_ema``, a
@@ -219,8 +221,6 @@ class EMAScalingCallback(OptionsView, Callback):
             >>> callback.momentum, callback.start_after_samples
             (0.999, 0)
         """
-        if tool == "lightning":  # Lightning's EMAWeightAveraging leaves the EMA in the model when training ends
-            arguments = {"copy_at_end": True, **arguments}
         return cls(**split_preset_arguments(tool, base_batch_size, total_samples, arguments))
 
     def _set_up(
@@ -414,6 +414,7 @@ class EMAScalingCallback(OptionsView, Callback):
         if self._state_to_load is not None:
             self._ema.load_state_dict(self._state_to_load)
             self._state_to_load = None
+        self._check_end_of_fit_options(self._ema, pl_module)
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, SampleClockLR) and config.scheduler.clock is None:
                 config.scheduler.attach(self)
@@ -424,6 +425,44 @@ class EMAScalingCallback(OptionsView, Callback):
             self._checkpoint_hook = WeightsOnlyCheckpointHook.install(pl_module, self._put_ema_into)
         self._fit_starting = False
         self._frozen = None  # the fit has started: the teachers stay frozen
+
+    def _check_end_of_fit_options(self, ema: ScaledEMA, pl_module: pl.LightningModule) -> None:
+        """``copy_at_end`` and ``update_bn_at_end`` act when training ends: refuse what they cannot do now."""
+        if self.copy_at_end:
+            ema.refuse_writes_under_deepspeed("`copy_at_end=True`")
+        if not self.update_bn_at_end:
+            return
+        if ema.is_sharded:
+            raise NotImplementedError(
+                "`update_bn_at_end=True` is not supported for a sharded module (each rank holds only its shards of"
+                " the EMA): recompute the statistics on one process with `update_bn` after loading the EMA from a"
+                " full checkpoint"
+            )
+        if not is_overridden("forward", pl_module, pl.LightningModule):
+            raise ValueError(
+                f"`update_bn_at_end=True` runs {type(pl_module).__name__}.forward on the first element of each"
+                " training batch, and it defines no `forward`: define one, or call"
+                " `update_bn(loader, callback, forward=...)` yourself when fit ends"
+            )
+
+    def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ema: ScaledEMA) -> None:
+        """``update_bn_at_end``: one pass of the training loader, each batch moved and cast as the Trainer's own
+        (device, precision plugin), then under DDP the mean of the ranks' statistics, so the ranks agree."""
+        precision = trainer.precision_plugin
+
+        def forward(batch: Any) -> None:
+            batch = precision.convert_input(trainer.strategy.batch_to_device(batch))
+            with precision.forward_context():
+                pl_module(*_inputs(batch))
+
+        update_bn(trainer.train_dataloader or [], ema, forward=forward)  # none: update_bn says the loader was empty
+        if trainer.world_size > 1:
+            averages = ema.ema_state_dict()
+            for name, module in pl_module.named_modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                    for key in (f"{name}.running_mean", f"{name}.running_var"):
+                        if key in averages:
+                            averages[key].copy_(trainer.strategy.reduce(averages[key].clone(), reduce_op="mean"))
 
     def _put_ema_into(self, checkpoint: dict[str, Any]) -> None:
         """A weights-only checkpoint (Lightning calls no callback hook for it): its ``state_dict`` is the EMA."""
@@ -503,7 +542,7 @@ class EMAScalingCallback(OptionsView, Callback):
                 )
         if ema is not None and not trainer.interrupted and not getattr(trainer, "fast_dev_run", False):
             if self.update_bn_at_end:
-                update_bn(trainer.train_dataloader or [], ema)  # none: update_bn says the loader was empty
+                self._update_bn(trainer, pl_module, ema)
             if self.copy_at_end:
                 ema.copy_to()
         if ema is not None and ema.ema_updates == 0 and not self._warned_no_update and not self._options.teachers:
@@ -695,3 +734,8 @@ class EMAScalingCallback(OptionsView, Callback):
         ):
             refuse_resume_from_ema(self.state_key, self.state_key, own_state_lacks_weights=True)
         load_ema(ema, pl_module, state, trainer.ckpt_path)
+
+
+def _inputs(batch: Any) -> tuple[Any, ...]:
+    """What ``update_bn_at_end`` gives the module: the first element of a list or tuple batch, or the batch."""
+    return (batch[0],) if isinstance(batch, (list, tuple)) else (batch,)

@@ -64,9 +64,9 @@ class ScaledEMA:
         warmup_gamma: :math:`\gamma` of the inverse-power warm-up (``None``: 1).
         warmup_power: :math:`p` of the inverse-power warm-up (``None``: 2/3).
         min_momentum: a floor under the momentum after the warm-up (the peers' ``min_decay``/``min_value``).
-        start_after_samples: a delayed start: every step that starts at most this many samples into training sets
-            the EMA to the weights (momentum 0); averaging starts with the next (the peers' ``update_after_step``
-            × base batch size).
+        start_after_samples: a delayed start: every step that starts at most this many samples into training has
+            momentum 0, so an update (every step, or every ``update_every``) sets the EMA to the weights; averaging
+            starts with the next step (the peers' ``update_after_step`` × base batch size).
         debias: a zero-initialised EMA divided by its total weight (Adam's bias correction), computed as an
             equivalent momentum per update: the first update copies the weights.
         switch_every_samples: "switch EMA": after the update of the first step that starts at or past each multiple
@@ -208,6 +208,7 @@ class ScaledEMA:
             ('inverse-power', 0)
         """
         options = split_preset_arguments(tool, base_batch_size, total_samples, arguments)
+        options.pop("copy_at_end", None)  # the callback's (Lightning's preset): in a loop, call copy_to() at the end
         return cls(module, optimizers, **options)
 
     def _build(
@@ -248,6 +249,8 @@ class ScaledEMA:
         copy_on_swap = (
             options.copy_on_swap or self.layout.fsdp1_root is not None or self.layout.deepspeed_engine is not None
         )
+        if options.switch_every_samples is not None:  # refused now, not when the first switch comes due
+            self.refuse_writes_under_deepspeed("`switch_every_samples`")
         self.averager = build_averager(self.module, options, copy_on_swap)
         #: Whether the optimizer's pre-step hook waits for the side stream. An adapter whose loop runs the closure
         #: (forward and backward) inside ``optimizer.step()`` sets it False and calls :meth:`wait` after the
@@ -352,12 +355,20 @@ class ScaledEMA:
             CenterUpdate.resolve(self.module, path, base) for path, base in (self.options.center_momenta or {}).items()
         ]
         owners: dict[int, str] = {}
+        scaled = {(id(attribute.owner), attribute.attribute): attribute.path for attribute in attributes}
         for center in centers:  # one interception per centre, checked before anything is attached
             first = owners.setdefault(id(center.owner), center.path)
             if first != center.path:
                 raise ValueError(
                     f"`center_momenta` names {center.path!r}, the same {type(center.owner).__name__} as {first!r}:"
                     " name each centre once"
+                )
+            both = scaled.get((id(center.owner), center.momentum))
+            if both is not None:
+                raise ValueError(
+                    f"`momentum_attributes` scales {both!r}, the momentum of the centre `center_momenta` updates at"
+                    f" {center.path!r}: a centre is either scaled per micro-batch or updated once per step, so drop"
+                    f" {both!r} from `momentum_attributes`"
                 )
         return unwrapped, attributes, centers
 
@@ -518,8 +529,19 @@ class ScaledEMA:
         if self.options.switch_every_samples is not None:
             due = (self._samples_seen - self._step_batch) // self.options.switch_every_samples
             if due > self._switches:  # the step started at or past a multiple not switched for yet
-                self._switches = due
-                self._write_into_module(self.options.switch_momentum)
+                self._write_into_module(self.options.switch_momentum, "the switch due (`switch_every_samples`)")
+                self._switches = due  # only once written: a refused switch is made at the next step
+
+    def refuse_writes_under_deepspeed(self, what: str) -> None:
+        """Raise ``RuntimeError`` under DeepSpeed for ``what`` (an option or call) that writes the EMA into the
+        model: the optimizer's fp32 masters would not follow (an adapter checks its own options with it early)."""
+        if self.layout.deepspeed_engine is not None:
+            raise RuntimeError(
+                f"{what} is not supported under DeepSpeed: its optimizer keeps fp32 master weights that writing the"
+                " EMA into the model would not reach, so the next `engine.step()` would overwrite it. Save a"
+                " checkpoint, consolidate it (`lightning_emascale.consolidate_deepspeed_checkpoint`, whose"
+                " `state_dict` is the EMA) and load that instead"
+            )
 
     def _debiased(self, decay: float) -> float:
         """The momentum that makes this EMA equal a zero-initialised one divided by its total weight: with
@@ -535,20 +557,16 @@ class ScaledEMA:
 
         Training may go on from them ("switch EMA" does this every ``switch_every_samples``). Under DeepSpeed the
         optimizer's fp32 master weights would not follow: consolidate the checkpoint and load it instead."""
-        self._write_into_module(0.0)
+        self._write_into_module(0.0, "copy_to()")
 
-    def _write_into_module(self, keep: float) -> None:
+    def _write_into_module(self, keep: float, what: str) -> None:
         if not self.averager.swappable:
             raise self.averager.no_copy()
         if self.is_swapped:
-            raise RuntimeError("copy_to() while the EMA is swapped into the model: call swap_out() first")
-        if self.layout.deepspeed_engine is not None:
             raise RuntimeError(
-                "copy_to() and `switch_every_samples` are not supported under DeepSpeed: its optimizer keeps fp32"
-                " master weights this write would not reach, so the next `engine.step()` would overwrite it. Save a"
-                " checkpoint, consolidate it (`lightning_emascale.consolidate_deepspeed_checkpoint`, whose"
-                " `state_dict` is the EMA) and load that instead"
+                f"{what} writes the EMA into the model, which holds the EMA now (swapped in): call swap_out() first"
             )
+        self.refuse_writes_under_deepspeed(what)
         self.averager.join()
         self.reshard()  # a module left gathered by a no-grad forward would keep its gathered copy
         self.averager.write_into_module(keep)
@@ -819,6 +837,7 @@ class ScaledEMA:
             state["debias_weight"] = self._debias_weight
         if self.options.switch_every_samples is not None:
             state["switches"] = self._switches
+            state["switch_every_samples"] = self.options.switch_every_samples
         state.update(self.averager.state_dict())
         return state
 

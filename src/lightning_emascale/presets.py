@@ -1,10 +1,13 @@
 r"""Presets: the options of :class:`~lightning_emascale.ScaledEMA` that reproduce another EMA tool's configuration.
 
 Each preset takes the tool's own constructor arguments, under the tool's names and with its defaults, and returns
-this library's options, on the sample clock: at the base batch size (κ = 1) the EMA equals the tool's
-(``tests/unit/test_presets.py`` and ``tests/lightning/test_presets_in_the_trainer.py`` run each tool, or its
-documented formula, beside ours), and at any other batch size it keeps the tool's horizon in samples, which none of
-them does. ``ScaledEMA.from_preset`` and
+this library's options, on the sample clock: at the base batch size (κ = 1) the EMA equals the tool's where the
+tool updates at every step (``tests/unit/test_presets.py`` and ``tests/lightning/test_presets_in_the_trainer.py``
+run each tool, or its documented formula, beside ours), and at any other batch size it keeps the tool's horizon in
+samples, which none of them does. A tool that updates every n > 1 steps (ema-pytorch's default ``update_every=10``,
+Lightning's ``update_every_n_steps``, composer's ``update_interval``) is mapped to ``update_every=n`` with the same
+horizon, updating at other steps: not equal. The tool's arguments keep the tool's meaning where a name is also this
+library's (ema-pytorch's ``update_every``). ``ScaledEMA.from_preset`` and
 ``EMAScalingCallback.from_preset`` build an EMA from a preset in one line. Pure Python, no torch.
 
 The tools, and what their steps become here (:math:`B` the base batch size):
@@ -95,6 +98,8 @@ def split_preset_arguments(
     names = tool_arguments(tool)
     options = preset_options(tool, base_batch_size, total_samples, **{k: v for k, v in arguments.items() if k in names})
     ours = {key: value for key, value in arguments.items() if key not in names}
+    if "copy_at_end" in ours:  # not derived from the tool's arguments: the caller's choice wins
+        options.pop("copy_at_end", None)
     clash = sorted(set(options) & set(ours))
     if clash:
         raise ValueError(
@@ -144,8 +149,9 @@ def _ema_pytorch(
         "momentum": momentum,
         "start_after_samples": _start(update_after_step, base, "update_after_step"),
         "warmup": "inverse-power",
-        # 1 - (1 + t/γ)^-p per `update_every` steps is about 1 - (1 + t/(γ·U^(1/p)))^-p per step (exact at U = 1)
-        "warmup_gamma": check_positive(inv_gamma, "inv_gamma") * every ** (1.0 / check_positive(power, "power")),
+        # d = 1 - (1 + t/γ)^-p once per U steps is d^(1/U) ≈ 1 - (1 + t/γ)^-p / U per step for large t, which is
+        # 1 - (1 + t/γ')^-p with γ' = γ / U^(1/p) (exact at U = 1)
+        "warmup_gamma": check_positive(inv_gamma, "inv_gamma") / every ** (1.0 / check_positive(power, "power")),
         "warmup_power": power,
     }
     if every > 1:
@@ -191,6 +197,7 @@ def _lightning(
     options: dict[str, Any] = {
         "momentum": check_momentum(decay, "decay") ** (1.0 / every),  # `decay` once per update: per step
         "start_after_samples": _start(update_starting_at_step or 0, base, "update_starting_at_step"),
+        "copy_at_end": True,  # Lightning leaves the EMA in the model when training ends (the callback's option)
     }
     if every > 1:
         options["update_every"] = every
@@ -280,10 +287,13 @@ def _composer(
     if start_unit == "dur":
         if start > 0 and total is None:
             raise ValueError(f"`ema_start`={ema_start!r} is a fraction of the run: give `total_samples`")
-        samples_at_start = round(check_fraction(start, "ema_start") * (total or 0))
+        samples = check_fraction(start, "ema_start") * (total or 0)
     else:
-        samples_at_start = round(start * (base if start_unit == "ba" else 1))
-    options: dict[str, Any] = {"momentum": per_step, "start_after_samples": samples_at_start}
+        samples = start * (base if start_unit == "ba" else 1)
+    # composer counts the batch before its BATCH_END event and starts at the first batch whose count reaches the
+    # start: that batch copies the weights, the next ones average
+    first = max(math.ceil(samples / base - 1e-9), 1)
+    options: dict[str, Any] = {"momentum": per_step, "start_after_samples": (first - 1) * base}
     if every > 1:
         options["update_every"] = every
     return options

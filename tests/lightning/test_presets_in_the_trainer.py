@@ -12,7 +12,7 @@ import torch
 from helpers import PAIRS, TinyBYOL, TinyModel, make_trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from lightning_emascale import EMAScalingCallback
+from lightning_emascale import EMAScalingCallback, ScaledEMA
 
 BATCH = 4
 
@@ -149,3 +149,41 @@ def test_copy_at_end_and_update_bn_at_end():
         EMAScalingCallback(teachers=PAIRS, copy_at_end=True)
     with pytest.raises(ValueError, match=r"`update_bn_at_end` must be True or False, got 'yes'"):
         EMAScalingCallback(update_bn_at_end="yes")
+
+
+def test_update_bn_at_end_runs_batches_as_training_does_and_refuses_early_what_it_cannot_do():
+    """bf16-true: the batches are cast by the precision plugin, as in training (a raw float32 batch would not run
+    through bf16 weights). A module without `forward` is refused when fit starts, not after the run."""
+    L.seed_everything(0)
+    model = TinyModel(n_samples=16, batch_size=BATCH, lr=0.02)
+    callback = EMAScalingCallback(momentum=0.9, update_bn_at_end=True)
+    make_trainer([callback], max_epochs=1, precision="bf16-true", limit_val_batches=0).fit(model)
+    ema = callback.ema_state_dict()
+    assert ema["net.1.num_batches_tracked"] == 4  # one pass of the 4 training batches, counted afresh
+    assert not torch.equal(ema["net.1.running_mean"].to(model.net[1].running_mean.dtype), model.net[1].running_mean)
+
+    class NoForward(TinyModel):
+        forward = L.LightningModule.forward
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+    trainer = make_trainer([EMAScalingCallback(update_bn_at_end=True)], limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"`update_bn_at_end=True` runs NoForward.forward on the first element of each training batch, and it defines no `forward`",
+    ):
+        trainer.fit(NoForward())
+    assert trainer.global_step == 0  # refused when fit started, before training
+
+
+def test_the_lightning_preset_copies_at_the_end_unless_told_not_to():
+    from lightning_emascale import preset_options
+
+    assert preset_options("lightning", base_batch_size=BATCH)["copy_at_end"] is True  # a LightningCLI config too
+    assert EMAScalingCallback.from_preset("lightning", base_batch_size=BATCH).copy_at_end
+    assert not EMAScalingCallback.from_preset("lightning", base_batch_size=BATCH, copy_at_end=False).copy_at_end
+    model = torch.nn.Linear(2, 1)
+    ema = ScaledEMA.from_preset("lightning", model, base_batch_size=BATCH, decay=0.99)  # a loop: copy_to() yourself
+    assert ema.options.start_after_samples == 0

@@ -118,7 +118,13 @@ def test_switch_momentum_keeps_that_share_of_the_training_weights_and_copy_to_co
 
 def test_copy_to_is_refused_where_there_is_no_copy_or_it_is_swapped_in():
     ema = next(run([4], momentum=MOMENTUM))[0]
-    with ema.swapped(), pytest.raises(RuntimeError, match=r"copy_to\(\) while the EMA is swapped into the model"):
+    with (
+        ema.swapped(),
+        pytest.raises(
+            RuntimeError,
+            match=r"copy_to\(\) writes the EMA into the model, which holds the EMA now \(swapped in\): call swap_out\(\) first",
+        ),
+    ):
         ema.copy_to()
     pair = torch.nn.ModuleDict({"online": torch.nn.Linear(3, 2), "teacher": torch.nn.Linear(3, 2)})
     pair["teacher"].requires_grad_(False)
@@ -149,6 +155,7 @@ def test_copy_to_is_refused_where_there_is_no_copy_or_it_is_swapped_in():
         ({"center_momenta": {"a": 0.9}, "momentum_attributes": {"a": 0.9}, "base_batch_size": 4}, ValueError, r"\['a'\] are in both `momentum_attributes` and `center_momenta`"),
         ({"center_momenta": {"a": 0.9}}, ValueError, r"`center_momenta` are scaled by the step's global batch over `base_batch_size`: give `base_batch_size`"),
         ({"center_momenta": {"a": 1.5}, "base_batch_size": 4}, ValueError, r"`center_momenta\['a'\]` must be in \[0, 1\), got 1.5"),
+        ({"debias": True, "skip_non_finite": True}, ValueError, r"`debias=True` with `skip_non_finite=True`: a skipped update is decided on the device"),
     ],
 )  # fmt: skip
 def test_errors_name_the_argument_and_what_is_allowed(options, error, match):
@@ -185,3 +192,72 @@ def test_a_state_saved_with_other_clock_options_is_refused_before_anything_loads
         target.load_state_dict(state)
     assert target.samples_seen == 0
     assert all(torch.equal(before[k], v) for k, v in target.ema_state_dict().items())
+
+
+def test_a_switch_refused_while_swapped_in_is_made_at_the_next_step():
+    model = new_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ScaledEMA(model, optimizer, momentum=MOMENTUM, base_batch_size=4, switch_every_samples=4, auto_end_step=False)
+    for _ in range(2):
+        model(torch.ones(4, 3)).sum().backward()
+        ema.count_samples(4)
+        optimizer.step()
+        optimizer.zero_grad()
+    # the second count_samples ended the first step (it starts at 0: no switch); the second starts at 4, so its
+    # switch is due when it ends: swapped in, the write is refused and not counted
+    ema.swap_in()
+    with pytest.raises(
+        RuntimeError,
+        match=r"the switch due \(`switch_every_samples`\) writes the EMA into the model, which holds the EMA now \(swapped in\): call swap_out\(\) first",
+    ):
+        ema.end_step()
+    ema.swap_out()
+    assert ema.state_dict()["switches"] == 0
+    model(torch.ones(4, 3)).sum().backward()
+    ema.count_samples(4)
+    optimizer.step()
+    ema.end_step()
+    assert ema.state_dict()["switches"] == 2  # made now, for both multiples it started past
+    assert all(torch.equal(v, ema.ema_state_dict()[k]) for k, v in weights(model).items())
+
+
+def test_a_resume_with_another_switch_period_is_refused():
+    ema, _, _ = last(run([4, 4, 4], momentum=MOMENTUM, switch_every_samples=4))
+    state = ema.state_dict()
+    target = ScaledEMA(new_model(), momentum=MOMENTUM, base_batch_size=4, switch_every_samples=8)
+    with pytest.raises(
+        ValueError,
+        match=r"was written with `switch_every_samples`=4, and this EMA has 8: the switches made count multiples of the period",
+    ):
+        target.load_state_dict(state)
+    assert target.samples_seen == 0
+
+
+def test_a_centre_cannot_be_both_scaled_per_micro_batch_and_updated_per_step():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    module = torch.nn.Module()
+    module.net = torch.nn.Linear(3, 2)
+    module.criterion = lightly_loss.DINOLoss(output_dim=4)
+    with pytest.raises(
+        ValueError,
+        match=r"`momentum_attributes` scales 'criterion.center_momentum', the momentum of the centre `center_momenta` updates at 'criterion'",
+    ):
+        ScaledEMA(module, momentum=MOMENTUM, base_batch_size=4, center_momenta={"criterion": 0.9},
+                  momentum_attributes={"criterion.center_momentum": 0.9})  # fmt: skip
+    assert module.criterion.center_momentum == 0.9 and "update_center" not in vars(module.criterion)
+
+
+def test_options_with_the_new_fields_survive_being_checked_again():
+    """An adapter rebuilds options with `dataclasses.replace` (the ddp_spawn evaluation), which checks every field
+    again: each new field must hold a value its own check accepts."""
+    import dataclasses
+
+    from lightning_emascale._options import EMAOptions
+
+    for given in ({}, {"warmup": "inverse-power", "min_momentum": 0.1, "start_after_samples": 0, "debias": True,
+                       "switch_every_samples": 4, "switch_momentum": 0.5, "center_momenta": {"c": 0.9}}):  # fmt: skip
+        options = EMAOptions(momentum=0.9, base_batch_size=4, **given)
+        again = dataclasses.replace(options, optimizer_rule=None)
+        assert {f.name: getattr(again, f.name) for f in dataclasses.fields(again)} == {
+            f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+        }

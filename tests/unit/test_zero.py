@@ -241,3 +241,19 @@ def test_the_padding_of_the_last_piece_is_not_averaged_saved_or_checked(monkeypa
     full = torch.arange(63.0).reshape(7, 9)
     (cut,) = local_pieces([net.weight], [full])
     assert torch.equal(cut, full.reshape(-1)[32:])  # rank 1's elements, where ZeRO-3 puts them
+
+
+def test_writing_the_ema_into_a_deepspeed_model_is_refused_before_training():
+    """Switch EMA and copy_to would write the parameters and not DeepSpeed's fp32 masters: refused when built (the
+    switch) or called, with the module untouched."""
+    net = Net()
+    before = net.weight.ds_tensor.clone()
+    with pytest.raises(
+        RuntimeError,
+        match=r"`switch_every_samples` is not supported under DeepSpeed: its optimizer keeps fp32 master weights",
+    ):
+        ScaledEMA(DeepSpeedEngine(net), None, momentum=0.5, switch_every_samples=8)
+    ema = ScaledEMA(DeepSpeedEngine(net), None, momentum=0.5, auto_end_step=False)
+    with pytest.raises(RuntimeError, match=r"copy_to\(\) is not supported under DeepSpeed: .* consolidate it"):
+        ema.copy_to()
+    assert torch.equal(net.weight.ds_tensor, before)
