@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_emascale._checks import check_positive_int
-from lightning_emascale.export import _polyak_of
+from lightning_emascale._ema_of import polyak_of
 
 __all__ = ["update_bn"]
 
@@ -82,7 +82,7 @@ def update_bn(
         >>> int(ema.ema_state_dict()["1.num_batches_tracked"]), int(model[1].num_batches_tracked)  # EMA, training
         (4, 0)
     """
-    scaled, averager = _polyak_of(ema, "update_bn", _SHARDED)
+    scaled, averager = polyak_of(ema, "update_bn", _SHARDED)
     if forward is not None and not callable(forward):
         raise TypeError(f"`forward` must be a callable of one batch that runs the module, or None, got {forward!r}")
     max_batches = check_positive_int(max_batches, "max_batches", allow_none=True)

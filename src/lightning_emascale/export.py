@@ -19,8 +19,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_emascale._ema_of import polyak_of
 from lightning_emascale._polyak import PolyakEMA
-from lightning_emascale.core import ScaledEMA
 
 __all__ = ["load_ema_weights", "save_ema_pretrained", "save_ema_weights"]
 
@@ -78,7 +78,7 @@ def save_ema_weights(
         ...     sorted(load_file(path))
         ['bias', 'weight']
     """
-    _, averager = _polyak_of(ema, "save_ema_weights", _EXPORT_SHARDED)
+    _, averager = polyak_of(ema, "save_ema_weights", _EXPORT_SHARDED)
     save_file = _safetensors().torch.save_file
     header = _checked_metadata(metadata, averager)
     choice = _checked_dtype(dtype)
@@ -146,7 +146,7 @@ def load_ema_weights(ema: Any, path: Union[str, os.PathLike]) -> dict[str, str]:
         >>> torch.equal(fresh.ema_state_dict()["weight"], ema.ema_state_dict()["weight"])
         True
     """
-    scaled, averager = _polyak_of(ema, "load_ema_weights", _EXPORT_SHARDED)
+    scaled, averager = polyak_of(ema, "load_ema_weights", _EXPORT_SHARDED)
     safetensors = _safetensors()
     shown = repr(os.fspath(path))
     if scaled.is_swapped:
@@ -206,7 +206,7 @@ def save_ema_pretrained(ema: Any, directory: Union[str, os.PathLike], **kwargs: 
         ...     os.listdir(directory)
         ['weights.pt']
     """
-    scaled, _ = _polyak_of(ema, "save_ema_pretrained", _EXPORT_SHARDED)
+    scaled, _ = polyak_of(ema, "save_ema_pretrained", _EXPORT_SHARDED)
     save_pretrained = getattr(scaled.module, "save_pretrained", None)
     if not callable(save_pretrained):
         raise TypeError(
@@ -221,38 +221,6 @@ def save_ema_pretrained(ema: Any, directory: Union[str, os.PathLike], **kwargs: 
 
 
 # ---------------------------------------------------------------------------------------------- shared checks
-def _scaled_ema_of(ema: Any) -> ScaledEMA:
-    """The :class:`ScaledEMA` of ``ema``: itself, or its ``scaled_ema`` (an ``EMAScalingCallback``; before fit
-    started, its own error says so)."""
-    if isinstance(ema, ScaledEMA):
-        return ema
-    held = getattr(ema, "scaled_ema", None)  # a callback's property raises its own error before fit
-    if isinstance(held, ScaledEMA):
-        return held
-    raise TypeError(
-        "`ema` must be a ScaledEMA or an object holding one as `scaled_ema` (an EMAScalingCallback), got"
-        f" {type(ema).__name__}"
-    )
-
-
-def _polyak_of(ema: Any, function: str, sharded_why: str = "") -> tuple[ScaledEMA, PolyakEMA]:
-    """The ScaledEMA of ``ema`` and its Polyak averager, refusing another mode and a sharded module (``sharded_why``
-    ends the message)."""
-    scaled = _scaled_ema_of(ema)
-    averager = scaled.averager
-    if not isinstance(averager, PolyakEMA):
-        raise RuntimeError(
-            f"{function} needs a Polyak EMA (one averaged copy of the weights), and this ScaledEMA is"
-            f" {averager.describe()}. {averager.no_copy()}"
-        )
-    if scaled.is_sharded:
-        raise NotImplementedError(
-            f"{function} is not supported for a sharded module (DTensor parameters of FSDP2 or tensor parallelism,"
-            f" FSDP1, DeepSpeed ZeRO-3): each rank holds only its shards of the EMA. {sharded_why}"
-        )
-    return scaled, averager
-
-
 _EXPORT_SHARDED = (
     "Save a full checkpoint instead (`save_distributed_checkpoint=False`; FSDP1 `state_dict_type='full'`), whose"
     " `state_dict` holds the gathered EMA, or under DeepSpeed consolidate the checkpoint directory with"
