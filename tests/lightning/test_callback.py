@@ -444,7 +444,7 @@ def test_manual_optimization():
         ({"optimizer_rule": "lamb"}, r"`optimizer_rule` must be one of \['adam', 'none', 'sgd'\].*got 'lamb'"),
         ({"ema_precision": "fp16"}, r"`ema_precision` must be one of \['fp32', 'model'\], got 'fp16'"),
         ({"name": ""}, r"`name` must be a non-empty string, got ''"),
-        ({"warmup": "yes"}, r"`warmup` must be True or False, got 'yes'"),
+        ({"warmup": "yes"}, r"`warmup` must be True, False or one of \['ratio', 'inverse-power'\], got 'yes'"),
         ({"evaluate_with_ema": 1}, r"`evaluate_with_ema` must be True or False, got 1"),
     ],
 )
