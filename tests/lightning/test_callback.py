@@ -409,7 +409,7 @@ def test_logged_metrics_and_progress_bar():
     assert metrics["ema/half_life"] == pytest.approx(2 * math.log(0.5) / math.log(0.9))
     # the progress bar shows what stays readable when rho-hat rounds to 1.000: kappa and the half-life
     assert set(trainer.progress_bar_metrics) == {"ema/kappa", "ema/half_life"}
-    assert (callback.global_batch_size, callback.ema_updates, callback.momentum_attributes) == (4, 8, {})
+    assert (callback.global_batch_size, callback.ema_updates, callback.momentum_attributes) == (4, 8, None)
 
 
 class _ManualModel(TinyModel):
