@@ -109,6 +109,19 @@ def test_ddp_dino_center_with_accumulation_equals_the_run_without(tmp_path):
     assert gap("plain", "criterion.center") > 1e-3  # lightly alone, accumulating: two centre updates per step
 
 
+def test_ddp_update_bn_at_end_gives_every_rank_the_mean_of_the_ranks_statistics(tmp_path):
+    """Each rank runs its shard of the training data through the EMA weights; the statistics are then averaged over
+    the ranks, so every rank holds the same EMA (each rank's own differ)."""
+    out = tmp_path / "bn.pt"
+    run_script("ddp_update_bn_run.py", out, cwd=tmp_path)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
+    for key in ("net.1.running_mean", "net.1.running_var"):
+        assert torch.equal(ranks[0]["averaged"][key], ranks[1]["averaged"][key]), key
+        assert not torch.equal(ranks[0]["own"][key], ranks[1]["own"][key]), key
+        mean = (ranks[0]["own"][key] + ranks[1]["own"][key]) / 2
+        torch.testing.assert_close(ranks[0]["averaged"][key], mean, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_ddp_teachers_stay_identical_across_ranks(tmp_path):
     out = tmp_path / "teacher.pt"
     run_script("ddp_teacher_run.py", out, cwd=tmp_path)
