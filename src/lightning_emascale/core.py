@@ -546,7 +546,7 @@ class ScaledEMA:
     def _debiased(self, decay: float) -> float:
         """The momentum that makes this EMA equal a zero-initialised one divided by its total weight: with
         :math:`w` the weight of the samples in the average (0 before the first update),
-        :math:`w' = \rho w + 1 - \rho` and the update applies :math:`\rho w / w'`."""
+        :math:`w' = \\rho w + 1 - \\rho` and the update applies :math:`\\rho w / w'`."""
         weight = decay * self._debias_weight + (1.0 - decay)
         applied = decay * self._debias_weight / weight if weight > 0.0 else 1.0  # nothing averaged yet: keep
         self._debias_weight = weight
