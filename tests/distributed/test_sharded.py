@@ -117,6 +117,14 @@ def test_sharded_checkpoint_saved_while_the_ema_is_swapped_in(sharded_fit, tmp_p
     assert_close_all({name: saved[f"_emascale.ema.raw.{name}"] for name in raw_at_4}, raw_at_4, atol=0)
 
 
+def assert_bit_identical_to_the_uninterrupted_run(resumed: dict, full: dict) -> None:
+    """A resumed run's rows (from step 5), EMA and final training weights equal the uninterrupted run's, bit for bit."""
+    assert resumed["rows"] == full["rows"][4:]
+    for name in full["ema"]:
+        assert torch.equal(resumed["ema"][name], full["ema"][name]), name
+        assert torch.equal(resumed["final_raw"][name], full["final_raw"][name]), name
+
+
 @pytest.mark.parametrize("checkpoint", ["full", "distributed"])
 def test_sharded_resume_gives_every_rank_its_own_shards_and_equals_the_uninterrupted_run(
     sharded_fit, tmp_path, checkpoint
@@ -126,10 +134,7 @@ def test_sharded_resume_gives_every_rank_its_own_shards_and_equals_the_uninterru
     run_script("sharded_run.py", mode, tmp_path, "32-true", out / f"{checkpoint}.ckpt", cwd=tmp_path)
     full = torch.load(out / f"{kind}.pt", weights_only=False)
     resumed = torch.load(tmp_path / f"{mode}.pt", weights_only=False)
-    assert resumed["rows"] == full["rows"][4:]
-    for name in full["ema"]:
-        assert torch.equal(resumed["ema"][name], full["ema"][name]), name
-        assert torch.equal(resumed["final_raw"][name], full["final_raw"][name]), name
+    assert_bit_identical_to_the_uninterrupted_run(resumed, full)
     shapes = []
     for rank in (0, 1):  # the shards each rank held when saving are the ones it got back
         saved = torch.load(out / f"saved_shards_rank{rank}.pt", weights_only=False)
@@ -211,10 +216,7 @@ def test_distributed_checkpoint_of_one_process_gives_each_of_2_ranks_its_own_sha
     # and the fit goes on to end bit-identical to the uninterrupted one
     full = torch.load(out / f"{kind}.pt", weights_only=False)
     resumed = torch.load(two / f"resume{suffix(kind)}.pt", weights_only=False)
-    assert resumed["rows"] == full["rows"][4:]
-    for name in full["ema"]:
-        assert torch.equal(resumed["ema"][name], full["ema"][name]), name
-        assert torch.equal(resumed["final_raw"][name], full["final_raw"][name]), name
+    assert_bit_identical_to_the_uninterrupted_run(resumed, full)
 
 
 @pytest.mark.parametrize("sharded_fit", ["fsdp2"], indirect=True)
