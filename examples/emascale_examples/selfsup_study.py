@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from emascale_examples.paired import gap_summary, mean_gap
+from emascale_examples.paired import floor_summary, gap_summary, mean_gap
 from emascale_examples.probes import embed, knn_accuracy, linear_cka, linear_probe, rankme
 from emascale_examples.resnet import small_resnet
 from emascale_examples.shapes import shape_images, view
@@ -153,6 +153,28 @@ def shapes_data(seed: int, size: int, n_train: int, n_val: int) -> tuple[torch.T
     return x, y, x_val, y_val
 
 
+def fashion_mnist_data(folder: str, seed: int, size: int, n_train: int, n_val: int) -> tuple[torch.Tensor, ...]:
+    """A seed's random subset of Fashion-MNIST's training images and of its test images, resized to ``size`` (area
+    averaging) and repeated to three channels (the backbone's stem and the colour augmentations take RGB)."""
+    from emascale_examples import fashion_mnist
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(images, size=(size, size), mode="area").expand(-1, 3, -1, -1).clone()
+
+    x, y, _ = fashion_mnist.subset("train", n_train, seed, folder)
+    x_val, y_val, _ = fashion_mnist.subset("test", n_val, seed, folder)
+    return prepare(x), y, prepare(x_val), y_val
+
+
+def study_data(args: argparse.Namespace, seed: int) -> tuple[torch.Tensor, ...]:
+    """The seed's training and held-out images and labels: Fashion-MNIST, CIFAR-10 or the generated shapes."""
+    if args.fashion_mnist:
+        return fashion_mnist_data(args.fashion_mnist, seed, args.size, args.train_samples, args.val_samples)
+    if args.cifar10:  # pragma: no cover - downloads
+        return cifar10_data(args.cifar10, seed, args.train_samples, args.val_samples)
+    return shapes_data(seed, args.size, args.train_samples, args.val_samples)
+
+
 def cifar10_data(root: str, seed: int, n_train: int, n_val: int) -> tuple[torch.Tensor, ...]:  # pragma: no cover
     """A seed's random subset of CIFAR-10's training and test images (downloads it), as [0, 1] tensors."""
     import torchvision
@@ -192,6 +214,9 @@ def study_arguments(
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds (0: only the --pilot)")
     parser.add_argument("--size", type=int, default=16, help="image side of the generated shapes")
     parser.add_argument("--pilot", action="store_true", help="first measure untrained and supervised backbones")
+    parser.add_argument("--every-growth", action="store_true",
+                        help="at the largest kappa, every growth (from the start, a sharp jump at --grow-at, doubling"
+                             " from --grow-at) both with and without the EMA rule")  # fmt: skip
     return parser
 
 
@@ -204,6 +229,8 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     if not 0 < args.grow_at <= last:
         parser.error(f"--grow-at must be an epoch in [1, {last}] (the progressive arm must reach the largest batch),"
                      f" got {args.grow_at}")  # fmt: skip
+    if args.cifar10 and args.fashion_mnist:
+        parser.error("--cifar10 and --fashion-mnist: choose one data set")
     if args.cifar10:  # pragma: no cover
         args.size = 32
 
@@ -220,8 +247,7 @@ def run_study(args: argparse.Namespace, module_class: type[ShapeSSL], arms: list
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per run is enough
     runs, features = [], {}
     for seed in range(args.seeds):
-        data = cifar10_data(args.cifar10, seed, args.train_samples, args.val_samples) if args.cifar10 else \
-            shapes_data(seed, args.size, args.train_samples, args.val_samples)  # fmt: skip
+        data = study_data(args, seed)
         base = {0: args.base_batch}
         for arm in [Arm("base", 1, base), Arm("floor", 1, base), *arms]:
             order = seed + (1000 if arm.name == "floor" else 0)  # the data order and the augmentations
@@ -289,23 +315,32 @@ def summarize(runs: list[dict], features: dict[tuple[str, int, int], torch.Tenso
     def late(run: dict) -> dict:
         return {key: run[key][shared_records:] for key in ("samples", *metrics)}
 
-    def floor(key: str, cut: Callable[[dict], dict]) -> float:
+    def floor(key: str, cut: Callable[[dict], dict]) -> dict:
         floors = [run for run in runs if run["arm"] == "floor"]
-        return statistics.fmean(mean_gap(cut(run), cut(base[run["seed"]]), key) for run in floors)
+        return floor_summary([mean_gap(cut(run), cut(base[run["seed"]]), key) for run in floors])
 
     for run in runs:
         run["cka_distance"] = 1 - linear_cka(features[run["arm"], run["kappa"], run["seed"]],
                                              features["base", 1, run["seed"]])  # fmt: skip
-    cka_floor = statistics.fmean(run["cka_distance"] for run in runs if run["arm"] == "floor")
-    floors = {key: floor(key, lambda run: run) for key in metrics}
-    late_floors = {key: floor(key, late) for key in metrics}
+    cka_floors = floor_summary([run["cka_distance"] for run in runs if run["arm"] == "floor"])
+    cka_floor = cka_floors["mean"]
+    floor_intervals = {key: floor(key, lambda run: run) for key in metrics}
+    late_intervals = {key: floor(key, late) for key in metrics}
     probes = ("linear_online", "linear_teacher")
-    probe_floors = {
-        key: statistics.fmean(abs(run[key] - base[run["seed"]][key]) for run in runs if run["arm"] == "floor")
+    probe_intervals = {
+        key: floor_summary([abs(run[key] - base[run["seed"]][key]) for run in runs if run["arm"] == "floor"])
         for key in probes
     }
+    floors = {key: value["mean"] for key, value in floor_intervals.items()}
+    late_floors = {key: value["mean"] for key, value in late_intervals.items()}
+    probe_floors = {key: value["mean"] for key, value in probe_intervals.items()}
     summary: dict[str, Any] = {"floor": floors, "late_floor": late_floors, "probe_floor": probe_floors,
-                               "cka_floor": cka_floor, "arms": []}  # fmt: skip
+                               "cka_floor": cka_floor, "floor_interval": floor_intervals,
+                               "late_floor_interval": late_intervals, "probe_floor_interval": probe_intervals,
+                               "cka_floor_interval": cka_floors, "arms": []}  # fmt: skip
+
+    def interval(summaries: dict, key: str) -> tuple[float, float]:
+        return summaries[key]["min"], summaries[key]["max"]
     for kappa, arm in dict.fromkeys((run["kappa"], run["arm"]) for run in runs):
         chosen = [run for run in runs if run["arm"] == arm and run["kappa"] == kappa]
         cell: dict[str, Any] = {"kappa": kappa, "arm": arm, "seeds": len(chosen)}
@@ -316,12 +351,14 @@ def summarize(runs: list[dict], features: dict[tuple[str, int, int], torch.Tenso
             for key in metrics:
                 gaps = [mean_gap(run, base[run["seed"]], key) for run in chosen]
                 late_gaps = [mean_gap(late(run), late(base[run["seed"]]), key) for run in chosen]
-                cell[f"{key}_gap"] = gap_summary(gaps, floors[key])
-                cell[f"{key}_late_gap"] = gap_summary(late_gaps, late_floors[key])
+                cell[f"{key}_gap"] = gap_summary(gaps, floors[key], interval(floor_intervals, key))
+                cell[f"{key}_late_gap"] = gap_summary(late_gaps, late_floors[key], interval(late_intervals, key))
             for key in probes:
                 probe_gaps = [abs(run[key] - base[run["seed"]][key]) for run in chosen]
-                cell[f"{key}_gap"] = gap_summary(probe_gaps, probe_floors[key])
+                cell[f"{key}_gap"] = gap_summary(probe_gaps, probe_floors[key], interval(probe_intervals, key))
             cell["cka_over_floor"] = cell["cka_distance"]["mean"] / cka_floor
+            cell["cka_gap"] = gap_summary([run["cka_distance"] for run in chosen], cka_floor,
+                                          (cka_floors["min"], cka_floors["max"]))  # fmt: skip
             first_batch = chosen[0]["steps_record"][0]["batch"]
             cell["shares_base_prefix"] = (
                 kappa > 1 and first_batch == base[chosen[0]["seed"]]["steps_record"][0]["batch"]
@@ -333,29 +370,35 @@ def summarize(runs: list[dict], features: dict[tuple[str, int, int], torch.Tenso
 def print_summary(summary: dict, metrics: tuple[str, ...]) -> None:
     """The summary as a table: per arm, each metric's gap / F and verdict (all records | late), the final linear
     probes with their gap / F, and the CKA distance over its floor."""
-    floors = ", ".join(f"{key} {summary['floor'][key]:.4f} (late {summary['late_floor'][key]:.4f})" for key in metrics)
-    probes = ", ".join(f"{key} {value:.4f}" for key, value in summary["probe_floor"].items())
-    print(f"\nNoise floors F (mean over seeds of |base - floor run|): {floors}; {probes}; CKA distance"
-          f" {summary['cka_floor']:.4f}")  # fmt: skip
-    print("Kept: gap <= 1.5 F; separated: > 3 F; inconclusive between. Gap / F (verdict): all records | late.")
+    def span(interval: dict) -> str:
+        return f"{interval['mean']:.4f} ({interval['min']:.4f}-{interval['max']:.4f})"
+
+    floors = ", ".join(f"{key} {span(summary['floor_interval'][key])}, late {span(summary['late_floor_interval'][key])}"
+                       for key in metrics)  # fmt: skip
+    probes = ", ".join(f"{key} {span(value)}" for key, value in summary["probe_floor_interval"].items())
+    print(f"\nNoise floors F, the mean over seeds of |base - floor run| (the per-seed range): {floors}; {probes};"
+          f" CKA distance {span(summary['cka_floor_interval'])}")  # fmt: skip
+    print("Kept: gap <= 1.5 F; separated: > 3 F; inconclusive between; '!': the verdict changes within F's range.")
+    print("Gap / F (verdict): all records | late.")
     print("* the arm is the base run until its batch grows, by construction: read its late gap.")
 
     def gap(cell: dict, key: str) -> str:
-        return f"{cell[key]['over_floor']:>5.1f} {cell[key]['verdict'][:4]:>4}"
+        mark = "" if cell[key].get("robust", True) else "!"
+        return f"{cell[key]['over_floor']:>5.1f} {cell[key]['verdict'][:4] + mark:>5}"
 
-    header = f"{'kappa':>5} {'arm':>22} " + " ".join(f"{key + ' gap/F':>19}" for key in metrics)
-    print(header + f" {'lin. online':>17} {'lin. teacher':>17} {'1-CKA / F':>10}")
+    header = f"{'kappa':>5} {'arm':>24} " + " ".join(f"{key + ' gap/F':>21}" for key in metrics)
+    print(header + f" {'lin. online':>18} {'lin. teacher':>18} {'1-CKA / F':>10}")
     for cell in summary["arms"]:
         if cell["arm"] == "base":
-            gaps, cka = " ".join(f"{'':>19}" for _ in metrics), f"{'':>10}"
-            probes = f"{cell['linear_online']['mean']:>17.4f} {cell['linear_teacher']['mean']:>17.4f}"
+            gaps, cka = " ".join(f"{'':>21}" for _ in metrics), f"{'':>10}"
+            probes = f"{cell['linear_online']['mean']:>18.4f} {cell['linear_teacher']['mean']:>18.4f}"
         else:
             gaps = " ".join(f"{gap(cell, key + '_gap')} | {gap(cell, key + '_late_gap')}" for key in metrics)
-            cka = f"{cell['cka_over_floor']:>10.1f}"
+            cka = f"{gap(cell, 'cka_gap'):>10}"
             probes = " ".join(f"{cell[key]['mean']:.4f} {gap(cell, key + '_gap')}"
                               for key in ("linear_online", "linear_teacher"))  # fmt: skip
         name = cell["arm"] + ("*" if cell.get("shares_base_prefix") else "")
-        print(f"{cell['kappa']:>5} {name:>22} {gaps} {probes} {cka}")
+        print(f"{cell['kappa']:>5} {name:>24} {gaps} {probes} {cka}")
 
 
 def cosine(start: float, end: float) -> Callable[[float], float]:
@@ -363,11 +406,12 @@ def cosine(start: float, end: float) -> Callable[[float], float]:
     return lambda progress: end - (end - start) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def pilot(size: int, n_train: int, n_val: int, epochs: int, seed: int = 0) -> dict[str, float]:
-    """How hard the shapes are for features: the kNN and linear-probe accuracy of an untrained backbone, and of one
-    trained with labels (cross-entropy, the same views, ``epochs`` epochs at batch 64). The self-supervised runs
-    are expected to lie between the two."""
-    x, y, x_val, y_val = shapes_data(seed, size, n_train, n_val)
+def pilot(data: tuple[torch.Tensor, ...], size: int, epochs: int, seed: int = 0) -> dict[str, float]:
+    """How hard the images ``data`` (a seed's ``study_data``) are for features: the kNN and linear-probe accuracy of
+    an untrained backbone, and of one trained with labels (cross-entropy, the same views, ``epochs`` epochs at
+    batch 64). The self-supervised runs are expected to lie between the two."""
+    x, y, x_val, y_val = data
+    n_train = len(x)
     torch.manual_seed(seed)
     net = small_resnet()
     features = torch.nn.Sequential(*list(net)[:-1])

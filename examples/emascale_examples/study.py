@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from emascale_examples.fashion_mnist import DEBIAN_FOLDER
+
 
 def kappa_sweep_parser(description: str, epochs: int, lr: float, out_dir: str) -> argparse.ArgumentParser:
     """A parser with the arguments every κ-sweep study takes: ``--base-batch``, ``--kappas``, ``--epochs``,
@@ -25,9 +27,15 @@ def kappa_sweep_parser(description: str, epochs: int, lr: float, out_dir: str) -
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--train-samples``, ``--val-samples`` and ``--cifar10`` of the supervised studies."""
+    """``--train-samples``, ``--val-samples``, ``--fashion-mnist`` and ``--cifar10`` of the image studies."""
     parser.add_argument("--train-samples", type=int, default=4096)
     parser.add_argument("--val-samples", type=int, default=2048)
+    parser.add_argument(
+        "--fashion-mnist", nargs="?", const=str(DEBIAN_FOLDER), metavar="DIR",
+        help=f"real images: Fashion-MNIST's IDX files from DIR (default {DEBIAN_FOLDER}, where `apt-get install"
+             " dataset-fashion-mnist` puts them); training images from its training split, held-out ones from its"
+             " test split",
+    )  # fmt: skip
     parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
 
 
@@ -60,8 +68,35 @@ def ema_and_raw_outputs(ema: Any, module: torch.nn.Module, x: torch.Tensor) -> t
     return averaged, raw
 
 
+def environment() -> dict[str, Any]:
+    """What a recorded result depends on beyond its arguments: the command, the versions, PyTorch's thread count
+    (the convolutions round differently with another) and the machine."""
+    import os
+    import platform
+    import shlex
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "python": platform.python_version(),
+        **{name: installed(name) for name in ("torch", "lightning", "lightly", "lightning-emascale")},
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+
+
 def write_results(args: argparse.Namespace, figure: str, **payload: Any) -> None:
-    """``results.json`` (the arguments and ``payload``) in ``args.out_dir``, and say what was written there."""
-    results = {"args": {**vars(args), "out_dir": str(args.out_dir)}, **payload}
+    """``results.json`` (the arguments, the ``environment()`` and ``payload``) in ``args.out_dir``, and say what was
+    written there."""
+    results = {"args": {**vars(args), "out_dir": str(args.out_dir)}, "environment": environment(), **payload}
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.out_dir}/{figure} and results.json")
+

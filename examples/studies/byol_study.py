@@ -50,6 +50,7 @@ from emascale_examples.selfsup_study import (
     pilot,
     run_study,
     study_arguments,
+    study_data,
 )
 from emascale_examples.shapes import view
 from lightly.loss import NegativeCosineSimilarity
@@ -91,19 +92,24 @@ def arms(args: argparse.Namespace) -> list[Arm]:
     base, top = args.base_batch, max(args.kappas)
     cells = [Arm(arm, k, {0: k * base}, arm == "rule") for k in args.kappas for arm in ("rule", "no EMA rule")]
     grow = {0: base, **{args.grow_at + i: base * 2 ** (i + 1) for i in range(top.bit_length() - 1)}}
-    return [*cells, Arm("progressive", top, grow)]
+    if not args.every_growth:
+        return [*cells, Arm("progressive", top, grow)]
+    sharp = {0: base, args.grow_at: top * base}
+    return [*cells, Arm("sharp, rule", top, sharp), Arm("sharp, no EMA rule", top, sharp, ema_rule=False),
+            Arm("progressive", top, grow), Arm("progressive, no EMA rule", top, grow, ema_rule=False)]  # fmt: skip
 
 
 def main() -> None:
     parser = study_arguments(__doc__, epochs=12, lr=0.1, momentum=0.99, out_dir="byol_study", grow_at=2)
     args = parser.parse_args()
     check_study_arguments(parser, args)
-    hardness = pilot(args.size, args.train_samples, args.val_samples, epochs=40) if args.pilot else None
+    hardness = pilot(study_data(args, 0), args.size, epochs=40) if args.pilot else None
     if hardness:
         print("pilot:", hardness, flush=True)
     if args.seeds:
+        title = "BYOL on Fashion-MNIST" if args.fashion_mnist else "BYOL"
         run_study(args, ShapeBYOL, arms(args), metrics=("knn_teacher", "knn_online"), shared=args.grow_at + 1,
-                  momentum=lambda progress: args.momentum, title="BYOL", figure="byol_study.png", pilot=hardness)  # fmt: skip
+                  momentum=lambda progress: args.momentum, title=title, figure="byol_study.png", pilot=hardness)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def arms(args: argparse.Namespace) -> list[Arm]:
         Arm("sharp, rule", k, sharp),
         Arm("sharp, no EMA rule", k, sharp, ema_rule=False),
         Arm("progressive, rule", k, grow),
+        *([Arm("progressive, no EMA rule", k, grow, ema_rule=False)] if args.every_growth else []),
     ]
 
 
@@ -147,7 +148,7 @@ def main() -> None:
     check_study_arguments(parser, args)
     metrics = ("knn_teacher", "rankme", "entropy", "mean_entropy")
     run_study(args, ShapeDINO, arms(args), metrics, shared=args.grow_at + 1, momentum=cosine(args.momentum, 1.0),
-              title="DINO", figure="dino_study.png")  # fmt: skip
+              title="DINO on Fashion-MNIST" if args.fashion_mnist else "DINO", figure="dino_study.png")  # fmt: skip
 
 
 if __name__ == "__main__":
