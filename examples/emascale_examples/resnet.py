@@ -29,19 +29,22 @@ class Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def small_resnet(classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Sequential:
-    """A ResNet-8 for 32x32 images: a stem, one basic block per stage, global pooling, a linear head."""
-    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+def small_resnet(classes: int = 10, widths: tuple[int, ...] = (16, 32, 64), channels: int = 3) -> nn.Sequential:
+    """A ResNet-8 for small images (32x32, or Fashion-MNIST's 28x28 with ``channels=1``): a stem, one basic block per
+    stage, global pooling, a linear head."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+    ]  # fmt: skip
     for index, width in enumerate(widths):
         layers.append(Block(widths[max(index - 1, 0)], width, stride=1 if index == 0 else 2))
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes))
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, lr: float, weight_decay: float = 5e-4, warmup: float = 0.1) -> None:
+    def __init__(self, lr: float, weight_decay: float = 5e-4, warmup: float = 0.1, channels: int = 3) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.warmup = lr, weight_decay, warmup
-        self.net = small_resnet()
+        self.net = small_resnet(channels=channels)
 
     def forward(self, x):
         return self.net(x)
