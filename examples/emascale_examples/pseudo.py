@@ -34,6 +34,30 @@ def few_label_clusters(
     return draw(labels_per_class * classes, balanced=True), draw(unlabeled), draw(2048)
 
 
+def few_label_fashion_mnist(
+    seed: int, labeled: int = 1000, unlabeled: int = 8192, val: int = 2048, folder: Optional[str] = None
+) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """Fashion-MNIST as flat, standardized pixel vectors: ``labeled`` training images (the same number per class),
+    a pool of ``unlabeled`` other training images (their labels are kept for scoring only) and ``val`` test
+    images, each drawn at random by ``seed``."""
+    from emascale_examples import fashion_mnist
+
+    classes = len(fashion_mnist.CLASSES)
+    if labeled % classes:
+        raise ValueError(f"labeled must be a multiple of the {classes} classes, got {labeled}")
+    images, labels = fashion_mnist.load("train", folder)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    chosen = torch.cat([order[labels[order] == c][: labeled // classes] for c in range(classes)])
+    rest = order[~torch.isin(order, chosen)][:unlabeled]
+    x_val, y_val, _ = fashion_mnist.subset("test", val, seed, folder)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return ((x - 0.2860) / 0.3530).flatten(1)  # the training split's pixel mean and standard deviation
+
+    return (TensorDataset(flat(images[chosen]), labels[chosen]), TensorDataset(flat(images[rest]), labels[rest]),
+            TensorDataset(flat(x_val), y_val))  # fmt: skip
+
+
 class PseudoLabeler(L.LightningModule):
     """A student MLP trained on the labelled batch plus the unlabelled batch's confident pseudo-labels.
 
