@@ -195,6 +195,23 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path, title)
 
 
+def print_milestones(runs: list[dict], marks: tuple[int, ...], level: float) -> None:
+    """Per run, read off its records (and stored in it): the EMA's and the raw model's accuracy at each of the
+    ``marks`` (samples seen; each must be a record), and the samples seen at the first record where the EMA's and the
+    raw model's accuracy reach ``level`` (None: never)."""
+    print(f"\nAt {', '.join(map(str, marks))} samples, and the samples seen until the accuracy first reaches {level}:")
+    for run in runs:
+        index = [run["samples"].index(mark) for mark in marks]
+        run["ema_accuracy_at"] = {str(mark): run["ema_accuracy"][i] for mark, i in zip(marks, index)}
+        run["raw_accuracy_at"] = {str(mark): run["raw_accuracy"][i] for mark, i in zip(marks, index)}
+        for key in ("ema_accuracy", "raw_accuracy"):
+            reached = next((s for s, a in zip(run["samples"], run[key]) if a >= level), None)
+            run[f"{key.split('_')[0]}_samples_to_{level}"] = reached
+        at = " ".join(f"EMA {run['ema_accuracy_at'][str(m)]:.3f} raw {run['raw_accuracy_at'][str(m)]:.3f}" for m in marks)
+        print(f"{run['name']:>18}: {at}; to {level}: EMA {run[f'ema_samples_to_{level}']},"
+              f" raw {run[f'raw_samples_to_{level}']}")
+
+
 def main() -> None:
     parser = kappa_sweep_parser(__doc__, epochs=16, lr=0.05, out_dir="supervised")
     add_data_arguments(parser)
@@ -232,6 +249,8 @@ def main() -> None:
             f" {run['raw_accuracy'][-1]:>8.4f} {run['mean_accuracy_gap']:>16.4f} {run['mean_disagreement']:>9.4f}"
             f" {run['mean_lag']:>8.3f} {run['mean_distance']:>11.4f}"
         )
+    total = runs[0]["samples"][-1]  # a quarter and half of the run, where those are records (16384 and 32768 by default)
+    print_milestones(runs, tuple(m for m in (total // 4, total // 2) if m in runs[0]["samples"]), level=0.5)
     data = "CIFAR-10" if args.cifar10 else "generated patterns"
     title = f"ResNet-8 on {data}: Polyak EMA, base batch {args.base_batch}, rho {args.momentum}"
     plot(runs, args.out_dir / "supervised.png", title)

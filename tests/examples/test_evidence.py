@@ -116,6 +116,10 @@ def test_supervised_script_runs_every_arm(tmp_path):
     assert runs[0]["distance"] == [0.0, 0.0, 0.0] and runs[0]["disagreement"] == [0.0, 0.0, 0.0]
     assert all(d > 0 for d in runs[1]["distance"][1:])  # another data order: another trajectory
     assert "kappa 2, no rule" in proc.stdout
+    for run in runs:  # read off the records by code: the accuracy at half the run, the samples until it reaches 0.5
+        assert run["ema_accuracy_at"] == {"128": run["ema_accuracy"][1]}
+        reached = next((s for s, a in zip(run["samples"], run["ema_accuracy"]) if a >= 0.5), None)
+        assert run["ema_samples_to_0.5"] == reached
     assert (tmp_path / "out" / "supervised.png").read_bytes()[:4] == b"\x89PNG"
 
 
