@@ -120,3 +120,41 @@ def test_the_polyak_study_runs_on_fashion_mnist_with_paired_seeds(tmp_path, monk
                                       if gap["mean"] > 3 * floor["mean"] else "inconclusive")  # fmt: skip
     assert result["environment"]["torch_threads"] == 1 and "polyak_paired.py" in result["environment"]["command"]
     assert (tmp_path / "out" / "polyak_paired.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_pseudo_labelling_split_is_balanced_and_keeps_the_pool_apart():
+    from emascale_examples.pseudo import few_label_fashion_mnist
+
+    labeled, pool, held_out = few_label_fashion_mnist(seed=0, labeled=100, unlabeled=500, val=64)
+    assert labeled.tensors[1].bincount().tolist() == [10] * 10 and labeled.tensors[0].shape == (100, 784)
+    assert len(pool) == 500 and len(held_out) == 64
+    rows = {tuple(row.tolist()) for row in labeled.tensors[0]}
+    assert not rows & {tuple(row.tolist()) for row in pool.tensors[0]}  # no labelled image in the pool
+    assert abs(float(pool.tensors[0].mean())) < 0.2  # standardized with the training split's statistics
+    again = few_label_fashion_mnist(seed=0, labeled=100, unlabeled=500, val=64)
+    assert torch.equal(again[0].tensors[0], labeled.tensors[0])
+    assert not torch.equal(few_label_fashion_mnist(seed=1, labeled=100, unlabeled=500, val=64)[0].tensors[0],
+                           labeled.tensors[0])  # fmt: skip
+    with pytest.raises(ValueError, match="labeled must be a multiple of the 10 classes, got 105"):
+        few_label_fashion_mnist(seed=0, labeled=105)
+
+
+def test_byol_runs_every_growth_with_and_without_the_rule_on_fashion_mnist(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ("--fashion-mnist --every-growth --seeds 1 --epochs 3 --train-samples 64 --val-samples 32 --kappas 4"
+            " --base-batch 8 --grow-at 1 --out-dir out")  # fmt: skip
+    run_example("studies/byol_study.py", args, tmp_path, timeout=900)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    batches = {run["arm"]: [step["batch"] for step in run["steps_record"]] for run in result["runs"]}
+    assert batches == {
+        "base": [8] * 24, "floor": [8] * 24, "rule": [32] * 6, "no EMA rule": [32] * 6,
+        "sharp, rule": [8] * 8 + [32] * 4, "sharp, no EMA rule": [8] * 8 + [32] * 4,
+        "progressive": [8] * 8 + [16] * 4 + [32] * 2, "progressive, no EMA rule": [8] * 8 + [16] * 4 + [32] * 2,
+    }  # fmt: skip
+    for run in result["runs"]:  # the teacher's momentum: rho^kappa with the EMA rule, rho per step without it
+        for step in run["steps_record"]:
+            kappa = 1 if "no EMA rule" in run["arm"] else step["batch"] / 8
+            assert step["rho_hat"] == pytest.approx(0.99**kappa)
+    cells = {cell["arm"]: cell for cell in result["summary"]["arms"]}
+    assert cells["sharp, rule"]["shares_base_prefix"] and not cells["rule"]["shares_base_prefix"]
+    assert "robust" in cells["sharp, rule"]["knn_teacher_late_gap"]

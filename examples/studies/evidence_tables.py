@@ -1,0 +1,167 @@
+"""The Markdown tables of docs/results.md, written from recorded ``results.json`` files (not read off a figure).
+
+    python examples/studies/evidence_tables.py docs/evidence/fashion-mnist/polyak [more study folders ...]
+
+Each folder holds one study's ``results.json``; the study is recognised by its arguments. The test suite checks
+that every table printed here for the committed results appears in docs/results.md as printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def ratio(gap: dict) -> str:
+    """``1.3 (0.9–2.1), kept``; a verdict that changes within F's interval reads ``kept, fragile``."""
+    low, high = gap["over_floor_range"]
+    fragile = "" if gap["robust"] else ", fragile"
+    return f"{gap['over_floor']:.1f} ({low:.1f}–{high:.1f}), {gap['verdict']}{fragile}"
+
+
+def span(values: dict, digits: int = 4) -> str:
+    """``mean (min–max)`` of a ``{"mean", "min", "max"}`` record."""
+    return f"{values['mean']:.{digits}f} ({values['min']:.{digits}f}–{values['max']:.{digits}f})"
+
+
+def _gap(run: dict, base: dict, key: str) -> float:
+    return sum(abs(a - b) for a, b in zip(run[key], base[key])) / len(run[key])
+
+
+def rule_against_no_rule(result: dict, key: str, closer: bool = True) -> str:
+    """Per pair of arms that differ only in the EMA rule (``X, no EMA rule`` and its partner), on how many seeds the
+    arm with the rule is closer to the base run in ``key`` (the mean over records of |arm - base|), or with
+    ``closer=False`` has the higher final ``key``. Counted from the recorded runs."""
+    runs = {(run["seed"], run["kappa"], run["arm"]): run for run in result["runs"]}
+    seeds = sorted({run["seed"] for run in result["runs"]})
+    counts = []
+    for kappa, arm in dict.fromkeys((run["kappa"], run["arm"]) for run in result["runs"]):
+        if "no EMA rule" not in arm:
+            continue
+        partner = next(name for name in (arm.replace("no EMA rule", "rule"), arm.replace(", no EMA rule", ""))
+                       if (seeds[0], kappa, name) in runs)  # fmt: skip
+        wins = 0
+        for seed in seeds:
+            rule, plain, base = runs[seed, kappa, partner], runs[seed, kappa, arm], runs[seed, 1, "base"]
+            if closer:
+                wins += _gap(rule, base, key) < _gap(plain, base, key)
+            else:
+                wins += rule[key] > plain[key]
+        counts.append(f"{partner} (κ = {kappa}) {wins} of {len(seeds)}")
+    return "; ".join(counts)
+
+
+def polyak(result: dict) -> str:
+    summary = result["summary"]
+    floor = summary["floor"]
+    lines = [
+        "F (the per-seed range): EMA accuracy " + span(floor["ema_accuracy"]) + "; raw accuracy "
+        + span(floor["raw_accuracy"]) + "; disagreement with the base EMA " + span(summary["disagreement_floor"]) + ".",
+        "",
+        "| κ | arm | ρ̂ | EMA acc. gap / F | raw acc. gap / F | disagreement / F | lag / base lag | final EMA acc. | final raw acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for cell in summary["arms"]:
+        gaps = ["", "", ""] if cell["arm"] == "base" else [
+            ratio(cell[key]) for key in ("ema_accuracy_gap", "raw_accuracy_gap", "disagreement")
+        ]  # fmt: skip
+        lines.append(f"| {cell['kappa']} | {cell['arm']} | {cell['rho_hat']:.4f} | {' | '.join(gaps)} |"
+                     f" {span(cell['lag_over_base'], 2)} | {span(cell['ema_accuracy_final'])} |"
+                     f" {span(cell['raw_accuracy_final'])} |")  # fmt: skip
+    closer = ", ".join(f"κ = {kappa}: {sum(seeds)} of {len(seeds)}" for kappa, seeds in
+                       summary["rule_closer_per_seed"].items())  # fmt: skip
+    lines += ["", f"Seeds on which the rule's EMA accuracy gap is smaller than the no-rule arm's: {closer}."]
+    return "\n".join(lines)
+
+
+def pseudo_label(result: dict) -> str:
+    summary, target = result["summary"], result["args"]["target"]
+    lines = [
+        "F (the per-seed range): " + span(summary["floor_interval"]) + " over every record; "
+        + span(summary["late_floor_interval"]) + " after the first epoch (late).",
+        "",
+        f"| κ | arm | ρ̂ | gap (min–max) | gap / F | late gap / F | area | samples to {target} (per seed) |"
+        " final teacher acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for cell in summary["arms"]:
+        reached = ", ".join("never" if s is None else f"{s / 1000:.1f}k" for s in cell["samples_to_target"])
+        if "gap" in cell:
+            gap = cell["gap"]
+            gaps = f"{gap['mean']:.4f} ({gap['min']:.4f}–{gap['max']:.4f}) | {ratio(gap)} | {ratio(cell['late_gap'])}"
+        else:
+            gaps = " | | "
+        lines.append(f"| {cell['kappa']} | {cell['arm']} | {cell['rho_hat']:.4f} | {gaps} | {cell['area']:.3f} |"
+                     f" {reached} | {cell['final_teacher_acc']:.4f} |")  # fmt: skip
+    lines += ["", "Seeds on which the arm with the EMA rule is closer to the base run than the same arm without it:"
+              f" {rule_against_no_rule(result, 'pseudo_acc')}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def self_supervised(result: dict, metrics: tuple[str, ...], names: dict[str, str]) -> str:
+    summary = result["summary"]
+    floors = "; ".join(
+        f"{names[key]} {span(summary['floor_interval'][key])} (late {span(summary['late_floor_interval'][key])})"
+        for key in metrics
+    )
+    probes = "; ".join(f"{key.replace('_', ' ')} probe {span(value)}"
+                       for key, value in summary["probe_floor_interval"].items())  # fmt: skip
+    lines = [
+        f"F (the per-seed range): {floors}; {probes}; 1 − CKA {span(summary['cka_floor_interval'])}.",
+        "",
+        "| κ | arm | " + " | ".join(f"{names[key]} gap / F" for key in metrics)
+        + " | linear probe, online | linear probe, teacher | teacher probe gap / F | 1 − CKA / F |",
+        "|---|---|" + "---|" * (len(metrics) + 4),
+    ]  # fmt: skip
+    for cell in summary["arms"]:
+        probes = f"{span(cell['linear_online'])} | {span(cell['linear_teacher'])}"
+        if cell["arm"] == "base":
+            lines.append(f"| {cell['kappa']} | base | " + " | " * len(metrics) + f"{probes} | | |")
+            continue
+        late = cell["shares_base_prefix"]  # the base run until it grows: judged on the records after that
+        gaps = " | ".join(ratio(cell[f"{key}_late_gap" if late else f"{key}_gap"]) for key in metrics)
+        name = cell["arm"] + (" (late)" if late else "")
+        lines.append(f"| {cell['kappa']} | {name} | {gaps} | {probes} | {ratio(cell['linear_teacher_gap'])} |"
+                     f" {ratio(cell['cka_gap'])} |")  # fmt: skip
+    lines += ["", "Seeds on which the arm with the EMA rule, against the same arm without it, has the teacher's kNN"
+              f" accuracy closer to the base run's: {rule_against_no_rule(result, 'knn_teacher')}; the higher"
+              f" teacher linear probe: {rule_against_no_rule(result, 'linear_teacher', closer=False)}; the higher"
+              f" online linear probe: {rule_against_no_rule(result, 'linear_online', closer=False)}."]  # fmt: skip
+    if result.get("pilot"):
+        pilot = result["pilot"]
+        lines += ["", f"Pilot (seed 0): untrained backbone kNN {pilot['untrained_knn']:.4f}, linear probe"
+                      f" {pilot['untrained_linear']:.4f}; trained with labels kNN {pilot['supervised_knn']:.4f},"
+                      f" linear probe {pilot['supervised_linear']:.4f}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(folder: Path) -> str:
+    """The Markdown table(s) of the study recorded in ``folder``."""
+    result: dict[str, Any] = json.loads((folder / "results.json").read_text())
+    figure = result["args"]["out_dir"]
+    keys = set(result["summary"]["arms"][0])
+    if "lag_over_base" in keys:
+        return polyak(result)
+    if "samples_to_target" in keys:
+        return pseudo_label(result)
+    if "rankme_gap" in {key for cell in result["summary"]["arms"] for key in cell}:
+        return self_supervised(result, ("knn_teacher", "rankme", "entropy", "mean_entropy"),
+                               {"knn_teacher": "kNN teacher", "rankme": "RankMe", "entropy": "entropy",
+                                "mean_entropy": "batch-mean entropy"})  # fmt: skip
+    if "knn_teacher_gap" in {key for cell in result["summary"]["arms"] for key in cell}:
+        return self_supervised(result, ("knn_teacher", "knn_online"),
+                               {"knn_teacher": "kNN teacher", "knn_online": "kNN online"})  # fmt: skip
+    raise ValueError(f"{folder}/results.json ({figure}) is not a study these tables know")
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for folder in sys.argv[1:]:
+        print(f"<!-- {folder} -->\n{table(Path(folder))}\n")
+
+
+if __name__ == "__main__":
+    main()
