@@ -1,6 +1,7 @@
 """The Markdown tables of docs/results.md, written from recorded ``results.json`` files (not read off a figure).
 
     python examples/studies/evidence_tables.py docs/evidence/fashion-mnist/polyak [more study folders ...]
+    python examples/studies/evidence_tables.py --summary docs/evidence/fashion-mnist/{polyak,pseudo-label,byol,dino}
 
 Each folder holds one study's ``results.json``; the study is recognised by its arguments. The test suite checks
 that every table printed here for the committed results appears in docs/results.md as printed.
@@ -137,6 +138,72 @@ def self_supervised(result: dict, metrics: tuple[str, ...], names: dict[str, str
     return "\n".join(lines)
 
 
+def _verdict(gap: dict) -> str:
+    """``kept (1.3)``, or ``kept (1.3, fragile)``."""
+    return f"{gap['verdict']} ({gap['over_floor']:.1f}{'' if gap['robust'] else ', fragile'})"
+
+
+#: The summary's rows per study: (use, the arm's description, its arm name, the metric's summary key, the metric).
+SUMMARY_ROWS = {
+    "polyak": [
+        ("Polyak EMA, SGD", "lr × κ and ρ^κ", "rule", "ema_accuracy_gap", "EMA test acc."),
+        ("Polyak EMA, SGD", "lr × κ, ρ per step", "no rule", "ema_accuracy_gap", "EMA test acc."),
+    ],
+    "pseudo-label": [
+        ("pseudo-labelling teacher", "lr × κ and ρ^κ", "rule", "gap", "pseudo-label acc."),
+        ("pseudo-labelling teacher", "lr × κ, ρ per step", "no EMA rule", "gap", "pseudo-label acc."),
+        ("pseudo-labelling teacher", "grown to 8B, the rule", "progressive", "late_gap", "pseudo-label acc., late"),
+    ],
+    "byol": [
+        ("BYOL teacher", f"{name}", arm, key, metric)
+        for name, arm in (
+            ("16B from the start, rule", "rule"),
+            ("16B from the start, no EMA rule", "no EMA rule"),
+            ("sharp jump to 16B, rule", "sharp, rule"),
+            ("sharp jump to 16B, no EMA rule", "sharp, no EMA rule"),
+            ("grown to 16B, rule", "progressive"),
+            ("grown to 16B, no EMA rule", "progressive, no EMA rule"),
+        )
+        for key, metric in (("knn_teacher_gap", "teacher kNN"), ("linear_teacher_gap", "teacher linear probe"))
+    ],
+    "dino": [
+        ("DINO teacher", f"{name}", arm, key, metric)
+        for name, arm in (
+            ("16B from the start, rule", "16B, rule"),
+            ("16B from the start, no EMA rule", "16B, no EMA rule"),
+            ("sharp jump to 16B, rule", "sharp, rule"),
+            ("sharp jump to 16B, no EMA rule", "sharp, no EMA rule"),
+            ("grown to 16B, rule", "progressive, rule"),
+            ("grown to 16B, no EMA rule", "progressive, no EMA rule"),
+        )
+        for key, metric in (("linear_teacher_gap", "teacher linear probe"), ("rankme_gap", "RankMe"))
+    ],
+}
+
+
+def summary(folders: list[Path]) -> str:
+    """One table of the headline verdicts of the studies in ``folders`` (named as under docs/evidence/fashion-mnist).
+    An arm that is the base run until its batch grows is judged on its late gap, as in its study's table."""
+    kappas = [2, 4, 8, 16]
+    lines = ["| use | arm | metric | " + " | ".join(f"κ = {k}" for k in kappas) + " |",
+             "|---|---|---|" + "---|" * len(kappas)]  # fmt: skip
+    for folder in folders:
+        result = json.loads((folder / "results.json").read_text())
+        cells = {(cell["kappa"], cell["arm"]): cell for cell in result["summary"]["arms"]}
+        for use, name, arm, key, metric in SUMMARY_ROWS[folder.name]:
+            row, metric_name = [], metric
+            for kappa in kappas:
+                cell = cells.get((kappa, arm))
+                if cell is None:
+                    row.append("")
+                    continue
+                late = cell.get("shares_base_prefix") and key.replace("_gap", "_late_gap") in cell
+                row.append(_verdict(cell[key.replace("_gap", "_late_gap") if late else key]))
+                metric_name = metric + (", late" if late and "late" not in metric else "")
+            lines.append(f"| {use} | {name} | {metric_name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def table(folder: Path) -> str:
     """The Markdown table(s) of the study recorded in ``folder``."""
     result: dict[str, Any] = json.loads((folder / "results.json").read_text())
@@ -159,6 +226,9 @@ def table(folder: Path) -> str:
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
+    if sys.argv[1] == "--summary":
+        print(summary([Path(folder) for folder in sys.argv[2:]]))
+        return
     for folder in sys.argv[1:]:
         print(f"<!-- {folder} -->\n{table(Path(folder))}\n")
 

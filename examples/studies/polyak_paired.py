@@ -42,7 +42,13 @@ import lightning as L
 import torch
 from emascale_examples.paired import floor_summary, gap_summary, mean_gap, verdict_text
 from emascale_examples.resnet import Classifier, generated_data
-from emascale_examples.study import add_data_arguments, ema_and_raw_outputs, kappa_sweep_parser, save_figure, write_results
+from emascale_examples.study import (
+    add_data_arguments,
+    ema_and_raw_outputs,
+    kappa_sweep_parser,
+    save_figure,
+    write_results,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import EMAScalingCallback
@@ -171,9 +177,11 @@ def print_summary(summary: dict, records: int) -> None:
     def span(interval: dict) -> str:
         return f"{interval['mean']:.4f} ({interval['min']:.4f}-{interval['max']:.4f})"
 
-    print(f"\nNoise floors F, the mean over seeds of the floor run's gap (per-seed range): EMA accuracy"
-          f" {span(floor['ema_accuracy'])}, raw accuracy {span(floor['raw_accuracy'])}, disagreement with the base"
-          f" EMA {span(summary['disagreement_floor'])}. Gaps are means over the {records} records of |arm - base|.")
+    print(
+        f"\nNoise floors F, the mean over seeds of the floor run's gap (per-seed range): EMA accuracy"
+        f" {span(floor['ema_accuracy'])}, raw accuracy {span(floor['raw_accuracy'])}, disagreement with the base"
+        f" EMA {span(summary['disagreement_floor'])}. Gaps are means over the {records} records of |arm - base|."
+    )
     print("Kept: gap <= 1.5 F; separated: > 3 F; inconclusive between; 'fragile': the verdict changes within F's"
           " range. Gap / F (range over F's interval) verdict.")  # fmt: skip
     header = ("kappa", "arm", "rho-hat", "EMA acc gap / F", "raw acc gap / F", "disagree / F", "lag / base",

@@ -67,9 +67,9 @@ def test_bad_files_and_splits_are_refused_with_what_was_found(tmp_path):
     (tmp_path / "short").write_bytes(raw)
     with pytest.raises(ValueError, match=r"holds 13 bytes, but its header \[9\] needs 17"):
         fashion_mnist.read_idx(tmp_path / "short", 1)
-    images, _ = fake_split(tmp_path, "test", 6)
+    fake_split(tmp_path, "test", 6)
     write_idx(tmp_path / fashion_mnist.FILES["test"][1], torch.arange(5), 0x0801)
-    with pytest.raises(ValueError, match="holds 6 images but .* 5 labels"):
+    with pytest.raises(ValueError, match=r"holds 6 images but .* 5 labels"):
         fashion_mnist.load("test", tmp_path)
 
 
@@ -105,7 +105,9 @@ def test_the_polyak_study_runs_on_fashion_mnist_with_paired_seeds(tmp_path, monk
     ]  # fmt: skip
     by = {(run["seed"], run["kappa"], run["arm"]): run for run in runs}
     for seed in range(2):
-        assert {run["raw_accuracy"][0] for run in runs if run["seed"] == seed} == {by[seed, 1, "base"]["raw_accuracy"][0]}
+        assert {run["raw_accuracy"][0] for run in runs if run["seed"] == seed} == {
+            by[seed, 1, "base"]["raw_accuracy"][0]
+        }
         for kappa in (2, 4):  # both arms train the same raw model: only the EMA differs
             assert by[seed, kappa, "rule"]["raw_accuracy"] == by[seed, kappa, "no rule"]["raw_accuracy"]
             assert by[seed, kappa, "rule"]["rho_hat"] == pytest.approx(0.99**kappa)

@@ -74,6 +74,11 @@ def test_results_md_shows_the_tables_written_from_the_recorded_results(folder):
     assert figures and all(f"evidence/{_name(folder)}/{figure.name}" in page for figure in figures)
 
 
+def test_results_md_shows_the_summary_written_from_the_recorded_results():
+    folders = [EVIDENCE / "fashion-mnist" / name for name in ("polyak", "pseudo-label", "byol", "dino")]
+    assert evidence_tables.summary(folders) in (ROOT / "docs" / "results.md").read_text()
+
+
 def _rerun_seed_zero(folder: Path, tmp_path: Path) -> dict:
     """The recorded command again, for seed 0 only where the study has seeds, with the recorded thread count."""
     recorded = json.loads((folder / "results.json").read_text())
