@@ -46,6 +46,10 @@ def few_label_fashion_mnist(
     if labeled % classes:
         raise ValueError(f"labeled must be a multiple of the {classes} classes, got {labeled}")
     images, labels = fashion_mnist.load("train", folder)
+    smallest = int(labels.bincount().min())
+    if not 0 < labeled // classes <= smallest or not 0 < unlabeled <= len(labels) - labeled:
+        raise ValueError(f"labeled must be in [{classes}, {classes * smallest}] and unlabeled in [1, {len(labels)} -"
+                         f" labeled], got {labeled} and {unlabeled}")  # fmt: skip
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     chosen = torch.cat([order[labels[order] == c][: labeled // classes] for c in range(classes)])
     rest = order[~torch.isin(order, chosen)][:unlabeled]

@@ -1,5 +1,5 @@
 """What the BYOL and DINO studies (studies/byol_study.py, studies/dino_study.py) share: the self-supervised module
-on the generated shapes, the arms' teacher-momentum schedules, the probe that measures every run, one fit, and
+on the generated shapes or Fashion-MNIST (``--fashion-mnist``), the arms' teacher-momentum schedules, the probe that measures every run, one fit, and
 the paired-seed summary.
 
 An arm is a batch schedule (epoch -> global batch; κ = batch / B per step) and whether the EMA rule is applied.
@@ -29,6 +29,7 @@ from emascale_examples.resnet import small_resnet
 from emascale_examples.shapes import shape_images, view
 from emascale_examples.study import (
     add_data_arguments,
+    check_fashion_mnist_sizes,
     check_train_samples,
     kappa_sweep_parser,
     save_figure,
@@ -212,7 +213,8 @@ def study_arguments(
     parser.set_defaults(momentum=momentum, val_samples=1024)
     parser.add_argument("--grow-at", type=int, default=grow_at, help="the epoch where the batch starts to grow")
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds (0: only the --pilot)")
-    parser.add_argument("--size", type=int, default=16, help="image side of the generated shapes")
+    parser.add_argument("--size", type=int, default=16,
+                        help="image side of the generated shapes, or the side Fashion-MNIST is resized to")  # fmt: skip
     parser.add_argument("--pilot", action="store_true", help="first measure untrained and supervised backbones")
     parser.add_argument("--every-growth", action="store_true",
                         help="at the largest kappa, every growth (from the start, a sharp jump at --grow-at, doubling"
@@ -231,6 +233,7 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
                      f" got {args.grow_at}")  # fmt: skip
     if args.cifar10 and args.fashion_mnist:
         parser.error("--cifar10 and --fashion-mnist: choose one data set")
+    check_fashion_mnist_sizes(parser, args)
     if args.cifar10:  # pragma: no cover
         args.size = 32
 

@@ -26,17 +26,30 @@ def kappa_sweep_parser(description: str, epochs: int, lr: float, out_dir: str) -
     return parser
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--train-samples``, ``--val-samples``, ``--fashion-mnist`` and ``--cifar10`` of the image studies."""
+def add_data_arguments(parser: argparse.ArgumentParser, fashion_mnist: bool = True) -> None:
+    """``--train-samples``, ``--val-samples``, ``--cifar10`` and (where the study reads it) ``--fashion-mnist`` of
+    the image studies."""
     parser.add_argument("--train-samples", type=int, default=4096)
     parser.add_argument("--val-samples", type=int, default=2048)
+    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+    if not fashion_mnist:
+        return
     parser.add_argument(
         "--fashion-mnist", nargs="?", const=str(DEBIAN_FOLDER), metavar="DIR",
         help=f"real images: Fashion-MNIST's IDX files from DIR (default {DEBIAN_FOLDER}, where `apt-get install"
              " dataset-fashion-mnist` puts them); training images from its training split, held-out ones from its"
              " test split",
     )  # fmt: skip
-    parser.add_argument("--cifar10", metavar="ROOT", help="train on CIFAR-10 from ROOT (downloads it)")
+
+
+def check_fashion_mnist_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With ``--fashion-mnist``: at most the 60,000 training and 10,000 test images."""
+    if not args.fashion_mnist:
+        return
+    for name, split, size in (("train_samples", "training", 60_000), ("val_samples", "test", 10_000)):
+        if not 0 < getattr(args, name) <= size:
+            parser.error(f"--{name.replace('_', '-')} must be in [1, {size}] (Fashion-MNIST's {split} split holds"
+                         f" {size} images), got {getattr(args, name)}")  # fmt: skip
 
 
 def check_train_samples(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

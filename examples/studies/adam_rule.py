@@ -248,7 +248,7 @@ def plot(runs: list[dict], kappas: list[int], path: Path, title: str) -> None:
 def main() -> None:
     parser = kappa_sweep_parser(__doc__, epochs=10, lr=2e-3, out_dir="adam_rule")
     parser.add_argument("--seeds", type=int, default=3)
-    add_data_arguments(parser)
+    add_data_arguments(parser, fashion_mnist=False)
     args = parser.parse_args()
     check_train_samples(parser, args)
     if args.seeds < 1:

@@ -2,7 +2,7 @@
 
     python examples/studies/byol_study.py [--base-batch 32] [--kappas 2,4,8] [--seeds 3] [--epochs 12]
         [--momentum 0.99] [--lr 0.1] [--size 16] [--train-samples 4096] [--val-samples 1024] [--grow-at 2]
-        [--out-dir byol_study] [--pilot] [--cifar10 ROOT]
+        [--out-dir byol_study] [--pilot] [--every-growth] [--fashion-mnist [DIR] | --cifar10 ROOT]
 
 The data (``emascale_examples.shapes``): ten shapes, each image with random colours, position, scale and a
 distractor, so that an untrained backbone scores near chance in kNN; ``--pilot`` measures that and a supervised
@@ -21,7 +21,13 @@ and at every kappa K, batch K x B from the start:
   training, as the pseudo-labelling study checks);
 
 and at the largest K ``progressive``: the rule, batch B until epoch ``--grow-at``, then doubling every epoch up to
-K x B. Its first records are the base run's by construction; the *late* gaps leave them out.
+K x B. With ``--every-growth`` also, at the largest K: ``sharp, rule`` and ``sharp, no EMA rule`` (batch B until
+``--grow-at``, then K x B) and ``progressive, no EMA rule``. The growing arms' first records are the base run's by
+construction; the *late* gaps leave them out.
+
+``--fashion-mnist [DIR]`` trains on a seed's random ``--train-samples`` of Fashion-MNIST's training images and
+measures on ``--val-samples`` of its test images, resized to ``--size`` and repeated to three channels; the pilot
+then measures the same images.
 
 Measured at the start and after every epoch: the kNN accuracy (k = 20) of the online and teacher backbones on the
 held-out images, the teacher's RankMe; at the end: linear probes of both backbones, and the CKA of the teacher's

@@ -3,7 +3,7 @@ expected to collapse, to show that the metrics can see it.
 
     python examples/studies/dino_study.py [--base-batch 32] [--kappas 8] [--seeds 3] [--epochs 12]
         [--momentum 0.99] [--lr 0.1] [--size 16] [--train-samples 4096] [--val-samples 1024] [--grow-at 3]
-        [--out-dir dino_study] [--cifar10 ROOT]
+        [--out-dir dino_study] [--every-growth] [--fashion-mnist [DIR] | --cifar10 ROOT]
 
 The data are the BYOL study's generated shapes (``emascale_examples.shapes``). The model: a CIFAR-stem ResNet-8
 with lightly's DINO head (64 -> 128 -> 32 -> 256 prototypes, with batch norm) and loss (teacher temperature 0.04, student 0.1),
@@ -22,7 +22,10 @@ and at K = ``max(--kappas)`` (8 by default):
   and centre momenta raised to K, or kept per step;
 * ``sharp, rule`` / ``sharp, no EMA rule``: batch B until epoch ``--grow-at`` (a quarter of the run by
   default), then K x B;
-* ``progressive, rule``: batch B until epoch ``--grow-at``, then doubling every epoch up to K x B.
+* ``progressive, rule``: batch B until epoch ``--grow-at``, then doubling every epoch up to K x B;
+* with ``--every-growth``, ``progressive, no EMA rule`` too.
+
+``--fashion-mnist [DIR]`` trains on Fashion-MNIST instead of the shapes, as ``byol_study.py`` does.
 
 The sharp and progressive runs are the base run until ``--grow-at`` by construction: judge them by the *late*
 gaps, which leave those records out. Measured at the start and after every epoch: the teacher's per-image entropy
@@ -146,6 +149,8 @@ def main() -> None:
     parser.set_defaults(kappas=[8])
     args = parser.parse_args()
     check_study_arguments(parser, args)
+    if args.pilot:
+        parser.error("--pilot is byol_study.py's (the same backbone, views and data): run it there")
     metrics = ("knn_teacher", "rankme", "entropy", "mean_entropy")
     run_study(args, ShapeDINO, arms(args), metrics, shared=args.grow_at + 1, momentum=cosine(args.momentum, 1.0),
               title="DINO on Fashion-MNIST" if args.fashion_mnist else "DINO", figure="dino_study.png")  # fmt: skip

@@ -143,7 +143,17 @@ def _verdict(gap: dict) -> str:
     return f"{gap['verdict']} ({gap['over_floor']:.1f}{'' if gap['robust'] else ', fragile'})"
 
 
-#: The summary's rows per study: (use, the arm's description, its arm name, the metric's summary key, the metric).
+#: The growths of the self-supervised studies at their largest κ = K: (description, BYOL's arm, DINO's arm).
+GROWTHS = (
+    ("KB from the start, rule", "rule", "KB, rule"),
+    ("KB from the start, no EMA rule", "no EMA rule", "KB, no EMA rule"),
+    ("sharp jump to KB, rule", "sharp, rule", "sharp, rule"),
+    ("sharp jump to KB, no EMA rule", "sharp, no EMA rule", "sharp, no EMA rule"),
+    ("grown to KB, rule", "progressive", "progressive, rule"),
+    ("grown to KB, no EMA rule", "progressive, no EMA rule", "progressive, no EMA rule"),
+)
+#: The summary's rows per study: (use, the arm's description, its arm name, the metric's summary key, the metric);
+#: K in a description or an arm name stands for the study's largest κ.
 SUMMARY_ROWS = {
     "polyak": [
         ("Polyak EMA, SGD", "lr × κ and ρ^κ", "rule", "ema_accuracy_gap", "EMA test acc."),
@@ -152,30 +162,16 @@ SUMMARY_ROWS = {
     "pseudo-label": [
         ("pseudo-labelling teacher", "lr × κ and ρ^κ", "rule", "gap", "pseudo-label acc."),
         ("pseudo-labelling teacher", "lr × κ, ρ per step", "no EMA rule", "gap", "pseudo-label acc."),
-        ("pseudo-labelling teacher", "grown to 8B, the rule", "progressive", "late_gap", "pseudo-label acc., late"),
+        ("pseudo-labelling teacher", "grown to KB, rule", "progressive", "late_gap", "pseudo-label acc., late"),
     ],
     "byol": [
-        ("BYOL teacher", f"{name}", arm, key, metric)
-        for name, arm in (
-            ("16B from the start, rule", "rule"),
-            ("16B from the start, no EMA rule", "no EMA rule"),
-            ("sharp jump to 16B, rule", "sharp, rule"),
-            ("sharp jump to 16B, no EMA rule", "sharp, no EMA rule"),
-            ("grown to 16B, rule", "progressive"),
-            ("grown to 16B, no EMA rule", "progressive, no EMA rule"),
-        )
+        ("BYOL teacher", name, arm, key, metric)
+        for name, arm, _ in GROWTHS
         for key, metric in (("knn_teacher_gap", "teacher kNN"), ("linear_teacher_gap", "teacher linear probe"))
     ],
     "dino": [
-        ("DINO teacher", f"{name}", arm, key, metric)
-        for name, arm in (
-            ("16B from the start, rule", "16B, rule"),
-            ("16B from the start, no EMA rule", "16B, no EMA rule"),
-            ("sharp jump to 16B, rule", "sharp, rule"),
-            ("sharp jump to 16B, no EMA rule", "sharp, no EMA rule"),
-            ("grown to 16B, rule", "progressive, rule"),
-            ("grown to 16B, no EMA rule", "progressive, no EMA rule"),
-        )
+        ("DINO teacher", name, arm, key, metric)
+        for name, _, arm in GROWTHS
         for key, metric in (("linear_teacher_gap", "teacher linear probe"), ("rankme_gap", "RankMe"))
     ],
 }
@@ -183,14 +179,17 @@ SUMMARY_ROWS = {
 
 def summary(folders: list[Path]) -> str:
     """One table of the headline verdicts of the studies in ``folders`` (named as under docs/evidence/fashion-mnist).
-    An arm that is the base run until its batch grows is judged on its late gap, as in its study's table."""
+    An arm that is the base run until its batch grows is judged on its late gap, as in its study's table; a row
+    whose arm the study did not run raises."""
     kappas = [2, 4, 8, 16]
     lines = ["| use | arm | metric | " + " | ".join(f"κ = {k}" for k in kappas) + " |",
              "|---|---|---|" + "---|" * len(kappas)]  # fmt: skip
     for folder in folders:
         result = json.loads((folder / "results.json").read_text())
+        top = max(result["args"]["kappas"])
         cells = {(cell["kappa"], cell["arm"]): cell for cell in result["summary"]["arms"]}
-        for use, name, arm, key, metric in SUMMARY_ROWS[folder.name]:
+        for use, name, arm, key, metric in SUMMARY_ROWS[kind(result)]:
+            arm, name = arm.replace("KB", f"{top}B"), name.replace("KB", f"{top}B" if "KB" in arm else "κB")
             row, metric_name = [], metric
             for kappa in kappas:
                 cell = cells.get((kappa, arm))
@@ -200,27 +199,37 @@ def summary(folders: list[Path]) -> str:
                 late = cell.get("shares_base_prefix") and key.replace("_gap", "_late_gap") in cell
                 row.append(_verdict(cell[key.replace("_gap", "_late_gap") if late else key]))
                 metric_name = metric + (", late" if late and "late" not in metric else "")
+            if not any(row):
+                raise ValueError(f"{folder}/results.json has no arm {arm!r} at any of κ = {kappas}")
             lines.append(f"| {use} | {name} | {metric_name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def kind(result: dict) -> str:
+    """Which study wrote ``result``: "polyak", "pseudo-label", "dino" or "byol" (by the keys of its summary)."""
+    keys = {key for cell in result["summary"]["arms"] for key in cell}
+    for name, key in (("polyak", "lag_over_base"), ("pseudo-label", "samples_to_target"), ("dino", "rankme_gap"),
+                      ("byol", "knn_online_gap")):  # fmt: skip
+        if key in keys:
+            return name
+    raise ValueError(f"a results.json of {result['args'].get('out_dir')} is not a study these tables know")
 
 
 def table(folder: Path) -> str:
     """The Markdown table(s) of the study recorded in ``folder``."""
     result: dict[str, Any] = json.loads((folder / "results.json").read_text())
-    figure = result["args"]["out_dir"]
-    keys = set(result["summary"]["arms"][0])
-    if "lag_over_base" in keys:
+    study = kind(result)
+    if study == "polyak":
         return polyak(result)
-    if "samples_to_target" in keys:
+    if study == "pseudo-label":
         return pseudo_label(result)
-    if "rankme_gap" in {key for cell in result["summary"]["arms"] for key in cell}:
+    if study == "dino":
         return self_supervised(result, ("knn_teacher", "rankme", "entropy", "mean_entropy"),
                                {"knn_teacher": "kNN teacher", "rankme": "RankMe", "entropy": "entropy",
                                 "mean_entropy": "batch-mean entropy"})  # fmt: skip
-    if "knn_teacher_gap" in {key for cell in result["summary"]["arms"] for key in cell}:
-        return self_supervised(result, ("knn_teacher", "knn_online"),
-                               {"knn_teacher": "kNN teacher", "knn_online": "kNN online"})  # fmt: skip
-    raise ValueError(f"{folder}/results.json ({figure}) is not a study these tables know")
+    return self_supervised(
+        result, ("knn_teacher", "knn_online"), {"knn_teacher": "kNN teacher", "knn_online": "kNN online"}
+    )
 
 
 def main() -> None:

@@ -6,9 +6,9 @@
 
 The paired-seed version of ``supervised.py``, for real images: Fashion-MNIST with ``--fashion-mnist`` (a seed's
 random subset of the training split to train on, and of the test split to measure on), else the generated
-patterns. The model is the ResNet-8 of ``supervised.py`` (one input channel on Fashion-MNIST), SGD with momentum,
-a warm-up and a cosine on samples seen; EMA momentum rho at the base batch B. A seed fixes the data, the initial
-weights and the data order of every arm. Per seed:
+patterns (the same images for every seed). The model is the ResNet-8 of ``supervised.py`` (one input channel on
+Fashion-MNIST), SGD with momentum, a warm-up and a cosine on samples seen; EMA momentum rho at the base batch B. A
+seed fixes the initial weights, the data order and (on Fashion-MNIST) the images of every arm. Per seed:
 
 * ``base``: batch B; ``floor``: the base with another data order;
 
@@ -16,7 +16,7 @@ and at every kappa K, batch K x B:
 
 * ``rule``: ``EMAScalingCallback(base_batch_size=B, optimizer_rule="sgd")``: lr x K and rho^K;
 * ``no rule``: lr x K set by hand and rho per step (what an EMA tool that ignores the batch size does). Both arms
-  train the same raw model bit for bit: only the EMA differs.
+  train the same raw model (bit for bit with K a power of two, which the script requires): only the EMA differs.
 
 Recorded at the start and every ``--record-every`` samples (the same samples seen in every arm), on the held-out
 images: the EMA's and the raw model's accuracy, the EMA's predictions, and its lag ||EMA - raw weights||. Per arm,
@@ -44,6 +44,7 @@ from emascale_examples.paired import floor_summary, gap_summary, mean_gap, verdi
 from emascale_examples.resnet import Classifier, generated_data
 from emascale_examples.study import (
     add_data_arguments,
+    check_fashion_mnist_sizes,
     ema_and_raw_outputs,
     kappa_sweep_parser,
     save_figure,
@@ -237,8 +238,15 @@ def main() -> None:
         if getattr(args, name) % largest:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of the largest batch {largest},"
                          f" got {getattr(args, name)}")  # fmt: skip
+    if any(k < 1 or k & (k - 1) for k in args.kappas):
+        parser.error(f"--kappas must be powers of two (every arm then sees whole batches and the same records),"
+                     f" got {args.kappas}")  # fmt: skip
+    if (args.epochs * args.train_samples) % args.record_every:
+        parser.error(f"--record-every must divide the run's {args.epochs * args.train_samples} samples"
+                     f" (--epochs x --train-samples), got {args.record_every}")  # fmt: skip
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    check_fashion_mnist_sizes(parser, args)
     if args.cifar10:
         parser.error("--cifar10: this study takes --fashion-mnist or the generated patterns")
     args.out_dir.mkdir(parents=True, exist_ok=True)

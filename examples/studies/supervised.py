@@ -214,7 +214,7 @@ def print_milestones(runs: list[dict], marks: tuple[int, ...], level: float) -> 
 
 def main() -> None:
     parser = kappa_sweep_parser(__doc__, epochs=16, lr=0.05, out_dir="supervised")
-    add_data_arguments(parser)
+    add_data_arguments(parser, fashion_mnist=False)
     args = parser.parse_args()
     check_train_samples(parser, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)

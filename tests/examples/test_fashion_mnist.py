@@ -3,6 +3,7 @@ errors, and one tiny study on the real images."""
 
 import gzip
 import json
+import math
 import sys
 
 import pytest
@@ -115,11 +116,12 @@ def test_the_polyak_study_runs_on_fashion_mnist_with_paired_seeds(tmp_path, monk
     assert all(run["samples"] == [0, 64, 128, 192, 256] for run in runs)
     floor = summary["floor"]["ema_accuracy"]
     assert floor["min"] <= floor["mean"] <= floor["max"] and len(floor["per_seed"]) == 2
-    for cell in summary["arms"]:
+    for cell in summary["arms"]:  # against F and each end of its per-seed interval
         if cell["arm"] != "base":
             gap = cell["ema_accuracy_gap"]
-            assert gap["verdict"] == ("kept" if gap["mean"] <= 1.5 * floor["mean"] else "separated"
-                                      if gap["mean"] > 3 * floor["mean"] else "inconclusive")  # fmt: skip
+            assert gap["over_floor"] == pytest.approx(gap["mean"] / floor["mean"])
+            ends = [gap["mean"] / f if f else math.inf for f in (floor["max"], floor["min"])]
+            assert gap["over_floor_range"] == pytest.approx(ends)
     assert result["environment"]["torch_threads"] == 1 and "polyak_paired.py" in result["environment"]["command"]
     assert (tmp_path / "out" / "polyak_paired.png").read_bytes()[:4] == b"\x89PNG"
 
