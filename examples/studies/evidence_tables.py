@@ -61,12 +61,12 @@ def polyak(result: dict) -> str:
         "F (the per-seed range): EMA accuracy " + span(floor["ema_accuracy"]) + "; raw accuracy "
         + span(floor["raw_accuracy"]) + "; disagreement with the base EMA " + span(summary["disagreement_floor"]) + ".",
         "",
-        "| κ | arm | ρ̂ | EMA acc. gap / F | raw acc. gap / F | disagreement / F | lag / base lag | final EMA acc. | final raw acc. |",
+        "| κ | arm | ρ̂ | EMA acc.: gap, gap / F | raw acc.: gap, gap / F | disagreement, / F | lag / base lag | final EMA acc. | final raw acc. |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for cell in summary["arms"]:
         gaps = ["", "", ""] if cell["arm"] == "base" else [
-            ratio(cell[key]) for key in ("ema_accuracy_gap", "raw_accuracy_gap", "disagreement")
+            f"{cell[key]['mean']:.3f}: {ratio(cell[key])}" for key in ("ema_accuracy_gap", "raw_accuracy_gap", "disagreement")
         ]  # fmt: skip
         lines.append(f"| {cell['kappa']} | {cell['arm']} | {cell['rho_hat']:.4f} | {' | '.join(gaps)} |"
                      f" {span(cell['lag_over_base'], 2)} | {span(cell['ema_accuracy_final'])} |"
