@@ -113,19 +113,27 @@ def self_supervised(result: dict, metrics: tuple[str, ...], names: dict[str, str
         f"F (the per-seed range): {floors}; {probes}; 1 − CKA {span(summary['cka_floor_interval'])}.",
         "",
         "| κ | arm | " + " | ".join(f"{names[key]} gap / F" for key in metrics)
-        + " | linear probe, online | linear probe, teacher | teacher probe gap / F | 1 − CKA / F |",
-        "|---|---|" + "---|" * (len(metrics) + 4),
+        + " | linear probe, online | linear probe, teacher | teacher probe gap / F | 1 − CKA / F |"
+        + (" RankMe / entropy / batch-mean entropy at the end |" if "rankme" in metrics else ""),
+        "|---|---|" + "---|" * (len(metrics) + 4 + ("rankme" in metrics)),
     ]  # fmt: skip
     for cell in summary["arms"]:
         probes = f"{span(cell['linear_online'])} | {span(cell['linear_teacher'])}"
+        ends = (
+            " "
+            + " / ".join(f"{cell[f'{key}_final']['mean']:.2f}" for key in ("rankme", "entropy", "mean_entropy"))
+            + " |"
+            if "rankme" in metrics
+            else ""
+        )
         if cell["arm"] == "base":
-            lines.append(f"| {cell['kappa']} | base | " + " | " * len(metrics) + f"{probes} | | |")
+            lines.append(f"| {cell['kappa']} | base | " + " | " * len(metrics) + f"{probes} | | |{ends}")
             continue
         late = cell["shares_base_prefix"]  # the base run until it grows: judged on the records after that
         gaps = " | ".join(ratio(cell[f"{key}_late_gap" if late else f"{key}_gap"]) for key in metrics)
         name = cell["arm"] + (" (late)" if late else "")
         lines.append(f"| {cell['kappa']} | {name} | {gaps} | {probes} | {ratio(cell['linear_teacher_gap'])} |"
-                     f" {ratio(cell['cka_gap'])} |")  # fmt: skip
+                     f" {ratio(cell['cka_gap'])} |{ends}")  # fmt: skip
     lines += ["", "Seeds on which the arm with the EMA rule, against the same arm without it, has the teacher's kNN"
               f" accuracy closer to the base run's: {rule_against_no_rule(result, 'knn_teacher')}; the higher"
               f" teacher linear probe: {rule_against_no_rule(result, 'linear_teacher', closer=False)}; the higher"
