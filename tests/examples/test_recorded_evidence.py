@@ -23,7 +23,11 @@ RECORDED = sorted(path.parent for path in EVIDENCE.glob("*/*/results.json"))
 #: The paired-seed studies (a floor run per seed and verdicts).
 PAIRED = [folder for folder in RECORDED if "seeds" in json.loads((folder / "results.json").read_text())["args"]]
 #: The studies whose tables docs/results.md shows as evidence_tables.py writes them.
-TABULATED = sorted(path.parent for path in EVIDENCE.glob("fashion-mnist/*/results.json"))
+TABULATED = sorted(
+    path.parent
+    for path in EVIDENCE.glob("*/*/results.json")
+    if path.parent.parent.name == "fashion-mnist" or path.parent.name in ("pseudo-label", "byol", "dino")
+)
 
 
 def _name(folder: Path) -> str:
