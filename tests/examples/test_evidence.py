@@ -371,14 +371,17 @@ def test_byol_study_supports_what_results_md_claims(tmp_path, monkeypatch):
     assert cells[(1, "base")]["linear_teacher"]["min"] > pilot["untrained_linear"] + 0.1  # BYOL learned
     assert cells[(2, "rule")]["knn_teacher_gap"]["verdict"] == "kept"
     assert cells[(2, "rule")]["linear_teacher_gap"]["verdict"] == "kept"
-    for kappa in (4, 8):
-        for arm in ("rule", "no EMA rule"):
-            assert cells[(kappa, arm)]["linear_teacher_gap"]["verdict"] == "separated"  # the optimizer's rule fails
-        for seed in range(3):  # paired, rho^kappa against rho per step: closer on every seed
+    for arm in ("rule", "no EMA rule"):  # the optimizer's rule fails at 8B, with or without rho^kappa
+        assert cells[(8, arm)]["linear_teacher_gap"]["verdict"] == "separated"
+    assert cells[(4, "no EMA rule")]["linear_teacher_gap"]["verdict"] == "separated"
+    assert cells[(4, "rule")]["linear_teacher_gap"]["verdict"] == "inconclusive"
+    for kappa, seeds in ((4, 3), (8, 2)):  # paired, rho^kappa against rho per step: closer on 3 of 3, 2 of 3 seeds
+        closer = 0
+        for seed in range(3):
             rule, plain, base = runs[(seed, kappa, "rule")], runs[(seed, kappa, "no EMA rule")], runs[(seed, 1, "base")]
             gaps = [sum(abs(a - b) for a, b in zip(run["knn_teacher"], base["knn_teacher"])) for run in (rule, plain)]
-            assert gaps[0] < gaps[1]
-            assert rule["linear_teacher"] > plain["linear_teacher"] and rule["cka_distance"] < plain["cka_distance"]
+            closer += gaps[0] < gaps[1] and rule["linear_teacher"] > plain["linear_teacher"]
+        assert closer == seeds
     progressive = cells[(8, "progressive")]
     assert progressive["shares_base_prefix"] and progressive["knn_teacher_late_gap"]["verdict"] == "kept"
     assert progressive["linear_teacher_gap"]["verdict"] == progressive["linear_online_gap"]["verdict"] == "kept"
