@@ -81,6 +81,15 @@ def ema_and_raw_outputs(ema: Any, module: torch.nn.Module, x: torch.Tensor) -> t
     return averaged, raw
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), which decides how convolutions round; "unknown" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def environment() -> dict[str, Any]:
     """What a recorded result depends on beyond its arguments: the command, the versions, PyTorch's thread count
     (the convolutions round differently with another) and the machine."""
@@ -103,6 +112,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": _cpu_model(),
     }
 
 
