@@ -77,6 +77,23 @@ def polyak(result: dict) -> str:
     return "\n".join(lines)
 
 
+def adam_rule(result: dict) -> str:
+    summary = result["summary"]
+    floor = summary["floor_interval"]
+    lines = [
+        f"F (the per-seed range): EMA CE {span(floor['ema_ce'])}; raw CE {span(floor['raw_ce'])}. Base peak EMA"
+        f" accuracy {summary['base_peak_ema_acc']:.3f}.",
+        "",
+        "| κ | arm | ρ̂ | EMA CE gap, mean (min–max over seeds) | EMA CE gap / F | raw CE gap / F | peak EMA acc. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell in summary["arms"]:
+        ema = cell["ema_ce"]
+        lines.append(f"| {cell['kappa']} | {cell['arm']} | {cell['rho_hat']:.4f} | {ema['mean']:.3f} ({ema['min']:.3f}–"
+                     f"{ema['max']:.3f}) | {ratio(ema)} | {ratio(cell['raw_ce'])} | {cell['peak_ema_acc']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def pseudo_label(result: dict) -> str:
     summary, target = result["summary"], result["args"]["target"]
     lines = [
@@ -217,7 +234,7 @@ def kind(result: dict) -> str:
     """Which study wrote ``result``: "polyak", "pseudo-label", "dino" or "byol" (by the keys of its summary)."""
     keys = {key for cell in result["summary"]["arms"] for key in cell}
     for name, key in (("polyak", "lag_over_base"), ("pseudo-label", "samples_to_target"), ("dino", "rankme_gap"),
-                      ("byol", "knn_online_gap")):  # fmt: skip
+                      ("byol", "knn_online_gap"), ("adam-rule", "ema_ce")):  # fmt: skip
         if key in keys:
             return name
     raise ValueError(f"a results.json of {result['args'].get('out_dir')} is not a study these tables know")
@@ -231,6 +248,8 @@ def table(folder: Path) -> str:
         return polyak(result)
     if study == "pseudo-label":
         return pseudo_label(result)
+    if study == "adam-rule":
+        return adam_rule(result)
     if study == "dino":
         return self_supervised(result, ("knn_teacher", "rankme", "entropy", "mean_entropy"),
                                {"knn_teacher": "kNN teacher", "rankme": "RankMe", "entropy": "entropy",
