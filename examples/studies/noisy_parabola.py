@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -425,6 +426,10 @@ def main() -> None:
             f" max |mean difference| {row['max_abs_mean_difference']:.2e}, max relative variance difference"
             f" {row['max_rel_var_difference']:.2e}"
         )
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: the helper package
+    from emascale_examples.study import environment
+
+    results = {"args": {**vars(args), "out_dir": str(args.out_dir)}, "environment": environment(), **results}
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.out_dir}/parabola_moments.png, parabola_best_momentum.png, results.json")
 

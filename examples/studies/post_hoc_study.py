@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 import torch
 from emascale_examples.resnet import Classifier, generated_data
+from emascale_examples.study import write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_emascale import EMAScalingCallback, PostHocEMACallback, half_life_from_momentum, reconstruct_post_hoc
@@ -160,9 +160,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     train, val = generated_data(args.train_samples, args.val_samples)
     results = [run(kappa, train, val, args, args.out_dir / f"snapshots_kappa{kappa}") for kappa in (1, args.kappa)]
-    (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out_dir / "post_hoc_study.png")
-    print(f"wrote {args.out_dir / 'results.json'} and {args.out_dir / 'post_hoc_study.png'}")
+    write_results(args, "post_hoc_study.png", runs=results)
 
 
 if __name__ == "__main__":

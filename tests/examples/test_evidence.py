@@ -296,7 +296,7 @@ def test_post_hoc_study_runs_end_to_end_tiny(tmp_path):
         "--epochs 2 --train-samples 256 --val-samples 128 --base-batch 16 --kappa 4 --snapshot-every 128 --out-dir out"
     )
     proc = run_example("studies/post_hoc_study.py", args, tmp_path, timeout=TINY_TIMEOUT)
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [(r["kappa"], r["batch"], r["samples"]) for r in results] == [(1, 16, 512), (4, 64, 512)]
     for result in results:
         assert [row["momentum"] for row in result["parallel"]] == [0.968, 0.984, 0.992, 0.996, 0.998]
@@ -418,7 +418,7 @@ def test_dino_study_supports_what_results_md_claims(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_post_hoc_study_supports_what_results_md_claims(tmp_path):
     run_example("studies/post_hoc_study.py", "--out-dir out", tmp_path, timeout=3600)
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["batch"] for r in results] == [32, 256]
     for result in results:
         pairs = list(zip(result["parallel"], result["post_hoc_half_lives"]))
