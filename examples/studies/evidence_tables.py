@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# examples/ on the path, so that `python examples/studies/evidence_tables.py` finds the helper package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emascale_examples.paired import mean_gap
+
 
 def ratio(gap: dict) -> str:
     """``1.3 (0.9–2.1), kept``; a verdict that changes within F's interval reads ``kept, fragile``."""
@@ -25,10 +30,6 @@ def ratio(gap: dict) -> str:
 def span(values: dict, digits: int = 4) -> str:
     """``mean (min–max)`` of a ``{"mean", "min", "max"}`` record."""
     return f"{values['mean']:.{digits}f} ({values['min']:.{digits}f}–{values['max']:.{digits}f})"
-
-
-def _gap(run: dict, base: dict, key: str) -> float:
-    return sum(abs(a - b) for a, b in zip(run[key], base[key])) / len(run[key])
 
 
 def rule_against_no_rule(result: dict, key: str, closer: bool = True) -> str:
@@ -47,7 +48,7 @@ def rule_against_no_rule(result: dict, key: str, closer: bool = True) -> str:
         for seed in seeds:
             rule, plain, base = runs[seed, kappa, partner], runs[seed, kappa, arm], runs[seed, 1, "base"]
             if closer:
-                wins += _gap(rule, base, key) < _gap(plain, base, key)
+                wins += mean_gap(rule, base, key) < mean_gap(plain, base, key)
             else:
                 wins += rule[key] > plain[key]
         counts.append(f"{partner} (κ = {kappa}) {wins} of {len(seeds)}")
